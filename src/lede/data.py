@@ -683,3 +683,21 @@ def prompt_pool(
         group = _ordered([p for p in selected if p.category == category])
         out.extend(group if per_category is None else group[:per_category])
     return out
+
+
+def load_prompt_file(path: str | PathLike[str]) -> list[Prompt]:
+    """A user's own prompts: JSONL, one object per line with ``prompt`` (a string) or ``turns`` (a list
+    of strings, Spec-Bench style), and optionally ``id`` and ``category``. Malformed lines raise
+    :class:`DataError` naming the line."""
+    path = _as_path(path)
+    prompts = []
+    for lineno, obj in _iter_jsonl(path):
+        if "prompt" in obj:
+            turns = (_nonempty_str(obj, "prompt", path, lineno),)
+        elif "turns" in obj:
+            turns = _str_list(obj["turns"], "turns", path, lineno)
+        else:
+            raise DataError(f"{path}:{lineno}: needs a 'prompt' string or a 'turns' list; add one of them")
+        uid = str(obj.get("id", obj.get("question_id", lineno)))
+        prompts.append(Prompt(f"file/{uid}", "file", str(obj.get("category", "file")), None, turns, (), "eval"))
+    return prompts

@@ -93,7 +93,8 @@ class Sampling:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution sampled from: softmax(logits / T), restricted to the top-p nucleus."""
-        p = torch.softmax(logits.float() / self.temperature, dim=-1)
+        x = logits if logits.dtype == torch.float64 else logits.float()
+        p = torch.softmax(x / self.temperature, dim=-1)
         if self.top_p < 1:
             sorted_p, idx = torch.sort(p, dim=-1, descending=True)
             # keep the smallest prefix whose mass reaches top_p (the top token always stays)
@@ -260,7 +261,9 @@ class Decoder:
 
     def _round(self, state: DecodeState, policy: Policy, cache: KVCache, sampling: Sampling, gen) -> list[int]:
         """One draft→verify round; returns the emitted tokens (accepted drafts + one from the full model)."""
-        start = cache.lengths[-1]  # == prompt_len + len(tokens) - 1: the pending token is tokens[-1]
+        start = state.position - 1  # the cache holds prompt + tokens[:-1]; tokens[-1] is pending
+        if any(n != start for n in cache.lengths):  # cheap, always on: a broken cache is silent garbage
+            raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, expected {start} each")
         budget = state.max_new_tokens - len(state.tokens)  # tokens we may still emit
         t = time.perf_counter()
         layer = policy.choose_exit(state)

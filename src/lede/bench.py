@@ -1,0 +1,183 @@
+"""Side-by-side speed benchmark: plain decoding vs. policies, interleaved so that drift cancels.
+
+    lede bench --model smollm2-135m --per-category 2 --configs 8:4,20:2 --max-new-tokens 64
+
+For every prompt, every configuration runs once per repeat, in an order rotated from prompt to prompt
+(A B C, B C A, ...), so slow phases of a shared machine hit every configuration alike. The summary
+quotes medians over prompts: tokens/s, the per-prompt ratio to plain decoding (paired), mean tokens
+per round, and whether the greedy output equals plain decoding's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lede.engine import Decoder, Generation
+from lede.policy import Autoregressive, Policy
+
+PLAIN = "plain"
+HF_GENERATE = "hf_generate"
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    uid: str
+    category: str
+    ids: tuple[int, ...]
+
+
+@dataclass
+class BenchRecord:
+    prompt: str
+    category: str
+    config: str
+    repeat: int
+    new_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    rounds: int
+    mean_accepted: float
+    identical: bool  # token ids equal plain decoding's (same prompt, same repeat)
+    overhead_frac: float  # loop time outside forwards and policy / decode time
+    policy_frac: float
+
+
+@dataclass
+class ConfigSummary:
+    config: str
+    prompts: int
+    median_tokens_per_s: float
+    median_ratio: float  # median over prompts of tokens/s ÷ plain's tokens/s
+    ratio_q25: float
+    ratio_q75: float
+    mean_accepted: float
+    identity_rate: float
+    median_overhead_frac: float
+    median_policy_frac: float
+
+
+def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int) -> Generation:
+    """transformers' own greedy generate, timed the same way (reference for the plain path)."""
+    model = decoder.lm.model
+    x = torch.tensor([list(ids)], device=decoder.lm.device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=next(iter(decoder.lm.eos_token_ids), 0))
+    wall = time.perf_counter() - t
+    toks = out[0, len(ids):].tolist()
+    return Generation(len(ids), toks, "", [], 0.0, wall, "length", HF_GENERATE)
+
+
+def run_bench(
+    decoder: Decoder,
+    prompts: Sequence[BenchPrompt],
+    configs: dict[str, Policy | str],
+    max_new_tokens: int = 128,
+    repeats: int = 1,
+    warmup: int = 1,
+    progress: bool = True,
+) -> list[BenchRecord]:
+    """Run every config on every prompt, interleaved. ``configs`` maps a name to a policy or to the
+    string ``"hf_generate"``; a plain (Autoregressive) config named ``"plain"`` is added if absent."""
+    if not prompts:
+        raise ValueError("no prompts to benchmark: check the prompt file / categories / per_category")
+    configs = {PLAIN: Autoregressive(), **configs}
+    names = list(configs)
+
+    def run(name: str, ids) -> Generation:
+        cfg = configs[name]
+        if cfg == HF_GENERATE:
+            return _hf_generate(decoder, ids, max_new_tokens)
+        return decoder.generate(list(ids), cfg, max_new_tokens=max_new_tokens)
+
+    for _ in range(warmup):
+        for name in names:
+            run(name, prompts[0].ids)
+
+    records: list[BenchRecord] = []
+    bar = tqdm(total=len(prompts) * repeats * len(names), desc="bench", disable=not progress, mininterval=5)
+    for rep in range(repeats):
+        for i, p in enumerate(prompts):
+            shift = (i + rep) % len(names)
+            outs = {name: run(name, p.ids) for name in names[shift:] + names[:shift]}
+            ref = outs[PLAIN].token_ids
+            for name, g in outs.items():
+                dec = g.decode_s or 1e-12
+                records.append(BenchRecord(
+                    prompt=p.uid, category=p.category, config=name, repeat=rep, new_tokens=g.new_tokens,
+                    wall_s=g.wall_s, tokens_per_s=g.tokens_per_s, rounds=len(g.rounds),
+                    mean_accepted=g.mean_accepted if g.rounds else float("nan"),
+                    identical=g.token_ids == ref,
+                    overhead_frac=g.overhead_s / dec if g.rounds else float("nan"),
+                    policy_frac=sum(r.policy_s for r in g.rounds) / dec if g.rounds else float("nan"),
+                ))
+                bar.update()
+    bar.close()
+    return records
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(records: Sequence[BenchRecord], group: Callable[[BenchRecord], str] = lambda r: "all") -> dict[str, list[ConfigSummary]]:
+    """Per group (e.g. task category), per config: medians over (prompt, repeat) pairs."""
+    plain = {(r.prompt, r.repeat): r.tokens_per_s for r in records if r.config == PLAIN}
+    out: dict[str, list[ConfigSummary]] = {}
+    for g in sorted({group(r) for r in records}):
+        rows = []
+        for cfg in dict.fromkeys(r.config for r in records):
+            rs = [r for r in records if r.config == cfg and group(r) == g]
+            if not rs:
+                continue
+            ratios = [r.tokens_per_s / plain[(r.prompt, r.repeat)] for r in rs]
+            finite = lambda xs: [x for x in xs if x == x]  # drop NaN (hf_generate has no rounds)
+            rows.append(ConfigSummary(
+                config=cfg, prompts=len(rs),
+                median_tokens_per_s=statistics.median(r.tokens_per_s for r in rs),
+                median_ratio=statistics.median(ratios), ratio_q25=_quantile(ratios, 0.25),
+                ratio_q75=_quantile(ratios, 0.75),
+                mean_accepted=statistics.fmean(finite([r.mean_accepted for r in rs]) or [float("nan")]),
+                identity_rate=sum(r.identical for r in rs) / len(rs),
+                median_overhead_frac=statistics.median(finite([r.overhead_frac for r in rs]) or [float("nan")]),
+                median_policy_frac=statistics.median(finite([r.policy_frac for r in rs]) or [float("nan")]),
+            ))
+        out[g] = rows
+    return out
+
+
+def format_summary(summary: dict[str, list[ConfigSummary]]) -> str:
+    lines = []
+    head = f"{'config':<22} {'n':>4} {'tok/s':>8} {'ratio':>7} {'[q25, q75]':>15} {'acc/rnd':>8} {'ident':>6} {'ovh%':>6}"
+    for g, rows in summary.items():
+        lines += [f"== {g}", head]
+        for s in rows:
+            lines.append(
+                f"{s.config:<22} {s.prompts:>4} {s.median_tokens_per_s:>8.2f} {s.median_ratio:>6.3f}x "
+                f"[{s.ratio_q25:>5.3f}, {s.ratio_q75:>5.3f}] {s.mean_accepted:>8.2f} {s.identity_rate:>6.1%} "
+                f"{100 * s.median_overhead_frac:>5.2f}"
+            )
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Atomic write: the file is complete or absent, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    tmp.replace(path)

@@ -1,0 +1,150 @@
+"""Command line: ``lede generate`` and ``lede bench``.
+
+    lede generate --model smollm2-135m --prompt "Why is the sky blue?" --exit-layer 8 --draft-len 4
+    lede generate --model smollm2-135m --prompt "Why is the sky blue?" --autoregressive
+    lede bench --model smollm2-135m --data-dir ../shared/data --per-category 2 --configs 8:4,20:2,hf
+    lede bench --prompt-file my_prompts.jsonl --configs 12:3 --out results/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+import torch
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias smollm2-135m, a local path or a Hugging Face id")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, and recorded, for benchmarks)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-draft-len", type=int, default=16, help="the loop's hard cap on drafted tokens per round")
+
+
+def _parse_configs(spec: str):
+    """'8:4,20:2,hf' -> {'static_L8_K4': Static(8, 4), ..., 'hf_generate': 'hf_generate'}."""
+    from lede.bench import HF_GENERATE
+    from lede.policy import Static
+
+    out: dict = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in ("hf", HF_GENERATE):
+            out[HF_GENERATE] = HF_GENERATE
+            continue
+        try:
+            layer, k = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"error: bad --configs item {item!r}: use EXIT_LAYER:DRAFT_LEN (e.g. 8:4) or 'hf'")
+        policy = Static(layer, k)
+        out[policy.name] = policy
+    return out
+
+
+def cmd_generate(args) -> int:
+    from lede.engine import Decoder, Sampling
+    from lede.model import load_model
+    from lede.policy import Autoregressive, Static
+
+    if not args.prompt or not args.prompt.strip():
+        raise SystemExit("error: empty prompt: pass --prompt 'some text'")
+    if not args.autoregressive and (args.exit_layer is None or args.draft_len is None):
+        raise SystemExit("error: pass --exit-layer and --draft-len, or --autoregressive for plain decoding")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    policy = Autoregressive() if args.autoregressive else Static(args.exit_layer, args.draft_len)
+    dec = Decoder(lm, max_draft_len=args.max_draft_len)
+    ids = lm.encode_chat(args.prompt) if not args.raw else lm.tokenizer(args.prompt)["input_ids"]
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    out = dec.generate(ids, policy, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    print(out.text)
+    print(
+        f"[{policy.name}] {out.new_tokens} tokens in {out.wall_s:.2f} s = {out.tokens_per_s:.2f} tok/s, "
+        f"{len(out.rounds)} rounds, mean accepted length {out.mean_accepted:.2f}, finish={out.finish_reason}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lede.bench import BenchPrompt, format_summary, run_bench, summarize, write_json
+    from lede.data import load_prompt_file, prompt_pool
+    from lede.engine import Decoder
+    from lede.model import load_model
+
+    configs = _parse_configs(args.configs)
+    if args.prompt_file:
+        prompts = load_prompt_file(args.prompt_file)
+    else:
+        cats = args.categories.split(",") if args.categories else None
+        prompts = prompt_pool(args.data_dir, args.split, categories=cats, per_category=args.per_category,
+                              include_extra=False)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    dec = Decoder(lm, max_draft_len=args.max_draft_len)
+    for policy in configs.values():  # fail before any timing, not in the middle of it
+        if hasattr(policy, "exit_layer"):
+            dec._check_exit(policy.exit_layer)
+    bench_prompts = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.text))) for p in prompts]
+    records = run_bench(dec, bench_prompts, configs, max_new_tokens=args.max_new_tokens,
+                        repeats=args.repeats, warmup=args.warmup)
+    overall = summarize(records)
+    per_cat = summarize(records, group=lambda r: r.category)
+    print(f"model={args.model} dtype={lm.dtype} device={lm.device} threads={torch.get_num_threads()} "
+          f"prompts={len(prompts)} max_new_tokens={args.max_new_tokens} repeats={args.repeats}")
+    print(format_summary(overall))
+    if len(per_cat) > 1:
+        print(format_summary(per_cat))
+    if args.out:
+        write_json(args.out, {
+            "settings": {k: v for k, v in vars(args).items() if k != "func"} | {"torch_threads": torch.get_num_threads(), "dtype_resolved": str(lm.dtype)},
+            "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
+            "records": [asdict(r) for r in records],
+        })
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lede", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with plain or self-speculative decoding")
+    _common(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--exit-layer", type=int)
+    g.add_argument("--draft-len", type=int)
+    g.add_argument("--autoregressive", action="store_true", help="plain decoding (no drafts)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="interleaved speed benchmark of plain decoding vs static configurations")
+    _common(b)
+    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN, and 'hf' for transformers' generate")
+    b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
+    b.add_argument("--data-dir", default="../shared/data", help="folder with spec_bench/, gsm8k/, nq_open/")
+    b.add_argument("--split", default="eval", choices=["train", "eval"])
+    b.add_argument("--categories", default="", help="comma-separated categories (default: all Spec-Bench)")
+    b.add_argument("--per-category", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--out", help="write records and summary as JSON here")
+    b.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads={args.threads} must be >= 1")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except ValueError as err:  # our input errors (ModelError, DataError, ...) carry the fix in the message
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Exactness and cache correctness of self-speculative decoding on tiny random models (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import Scripted, tiny
+from lede import Autoregressive, Decoder, RandomSchedule, Static
+from lede.exits import ExitHead, LinearResidual
+
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def hf_greedy(lm, prompt, n):
+    out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_autoregressive_equals_transformers_generate(model_type):
+    lm = tiny(model_type)
+    dec = Decoder(lm)
+    for prompt in ([3], [5, 17, 33, 2, 9], list(range(1, 40))):
+        assert dec.generate(prompt, Autoregressive(), max_new_tokens=30).token_ids == hf_greedy(lm, prompt, 30)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_static_configurations_are_exact_and_sometimes_accept(model_type):
+    lm = tiny(model_type)
+    dec = Decoder(lm)
+    prompt = [5, 17, 33, 2, 9]
+    ref = dec.generate(prompt, Autoregressive(), max_new_tokens=40).token_ids
+    accepted = 0
+    for layer in range(1, lm.num_layers):
+        for k in (1, 3, 8):
+            out = dec.generate(prompt, Static(layer, k), max_new_tokens=40)
+            assert out.token_ids == ref, (layer, k)
+            assert all(r.exit_layer == layer and 1 <= r.drafted <= k for r in out.rounds[:-1])
+            accepted += sum(r.accepted for r in out.rounds)
+            rejected = sum(r.drafted - r.accepted for r in out.rounds)
+    # the test is only meaningful if both acceptance and rejection happen
+    assert accepted > 0 and rejected > 0
+
+
+schedules = st.lists(
+    st.tuples(st.one_of(st.none(), st.integers(1, 5)), st.integers(1, 9)), min_size=1, max_size=12
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    model_type=st.sampled_from(MODEL_TYPES),
+    prompt=st.lists(st.integers(0, 95), min_size=1, max_size=24),
+    schedule=schedules,
+    max_new=st.integers(1, 40),
+)
+def test_any_schedule_is_exact(model_type, prompt, schedule, max_new):
+    """Any sequence of exit layers and draft lengths gives plain greedy's tokens. The engine checks the
+    cache invariant (every layer holds prompt + tokens[:-1]) at the start of every round."""
+    lm = tiny(model_type)
+    dec = Decoder(lm, max_draft_len=8)
+    ref = dec.generate(prompt, Autoregressive(), max_new_tokens=max_new)
+    out = dec.generate(prompt, Scripted(schedule), max_new_tokens=max_new)
+    assert out.token_ids == ref.token_ids
+    assert len(out.token_ids) == max_new
+    assert sum(r.emitted for r in out.rounds) + 1 >= max_new  # +1: the prefill's token
+    assert all(r.drafted <= 8 and 0 <= r.accepted <= r.drafted for r in out.rounds)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_policy_exact_with_adapters(seed):
+    """Exit heads with (random, untrained) adapters change the drafts, never the output."""
+    lm = tiny("llama")
+    torch.manual_seed(seed)
+    heads = {}
+    for layer in (1, 3, 5):
+        adapter = LinearResidual(lm.hidden_size).double()
+        torch.nn.init.normal_(adapter.proj.weight, std=0.1)
+        heads[layer] = ExitHead(lm.model.model.norm, lm.model.lm_head, adapter)
+    dec = Decoder(lm, exit_heads=heads)
+    prompt = [seed + 1, 40, 7]
+    ref = dec.generate(prompt, Autoregressive(), max_new_tokens=50).token_ids
+    out = dec.generate(prompt, RandomSchedule([1, 2, 3, 4, 5], 6, seed=seed), max_new_tokens=50)
+    assert out.token_ids == ref
+    assert {r.exit_layer for r in out.rounds} - {None}, "the random schedule drafted nothing"
+
+
+def test_cache_invariant_is_enforced(monkeypatch):
+    """The always-on check fires if a round leaves the cache out of sync (guards the guard): here a
+    cache that forgets to crop rejected drafts."""
+    from lede.engine import KVCache
+
+    crop = KVCache.crop
+    # forget the crop after verification (the one over all layers)
+    monkeypatch.setattr(KVCache, "crop", lambda self, n, layers=None: crop(self, n, layers) if layers else None)
+    with pytest.raises(RuntimeError, match="out of sync"):
+        Decoder(tiny("llama")).generate([1, 2, 3], Static(2, 2), max_new_tokens=20)
+
+
+def test_records_and_timing_fields():
+    lm = tiny("llama")
+    out = Decoder(lm).generate([1, 2, 3], Static(3, 4), max_new_tokens=25)
+    assert out.new_tokens == 25 and out.finish_reason == "length"
+    assert out.policy == "static_L3_K4"
+    assert all(r.draft_s > 0 and r.verify_s > 0 and r.policy_s >= 0 for r in out.rounds)
+    assert 0 <= out.overhead_s < out.decode_s
+    assert out.mean_accepted >= 1.0
+    assert isinstance(out.text, str) and len(out.text) == 25
+
+
+def test_eos_stops_generation():
+    lm = tiny("llama")
+    dec = Decoder(lm)
+    ref = dec.generate([4, 5, 6], Autoregressive(), max_new_tokens=30).token_ids
+    eos = ref[10]
+    dec._eos = {eos}
+    first = ref.index(eos)
+    for policy in (Autoregressive(), Static(2, 5), Static(4, 3)):
+        out = dec.generate([4, 5, 6], policy, max_new_tokens=30)
+        assert out.finish_reason == "eos"
+        assert out.token_ids == ref[: first + 1]
+
+
+@pytest.mark.parametrize("layer", [0, -1, 6, 7])
+def test_exit_layer_out_of_range(layer):
+    lm = tiny("llama")  # 6 layers: valid exits are 1..5
+    with pytest.raises(ValueError, match=r"exit layer .* outside 1\.\.5"):
+        Decoder(lm).generate([1, 2], Scripted([(layer, 2)]), max_new_tokens=5)
+
+
+def test_bad_arguments():
+    lm = tiny("llama")
+    dec = Decoder(lm)
+    with pytest.raises(ValueError, match="draft_len=0"):
+        Static(2, 0)
+    with pytest.raises(ValueError, match="exit_layer=0"):
+        Static(0, 2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        dec.generate([], Autoregressive())
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        dec.generate([1], Autoregressive(), max_new_tokens=0)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        dec.generate([1] * 500, Autoregressive(), max_new_tokens=100)
+    with pytest.raises(ValueError, match="exit layer 9"):
+        Decoder(lm, exit_heads={9: dec.plain_head})
