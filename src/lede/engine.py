@@ -207,6 +207,13 @@ class Decoder:
         h = self._layers(h, 0, self.n_layers, cache)
         return self.lm_head(self.norm(h[0]))
 
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty cache for sequences up to ``max_len`` tokens (also sets up the rotary table)."""
+        self._device = self.lm.device
+        positions = torch.arange(max_len, device=self._device)[None]
+        self._rope = self.rotary(self.embed.weight[:1][None], positions)  # cos, sin: [1, max_len, hd]
+        return KVCache(self.n_layers, self._kv_heads, self._head_dim, max_len, self.lm.dtype, self._device)
+
     # ---- the loop -------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
@@ -222,16 +229,12 @@ class Decoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sampling = sampling or Sampling()
-        self._device = self.lm.device
-        total = len(prompt_ids) + max_new_tokens + self.max_draft_len + 1
         if self._max_positions and len(prompt_ids) + max_new_tokens > self._max_positions:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {self._max_positions} positions: shorten the prompt or lower max_new_tokens"
             )
-        cache = KVCache(self.n_layers, self._kv_heads, self._head_dim, total, self.lm.dtype, self._device)
-        positions = torch.arange(total, device=self._device)[None]
-        self._rope = self.rotary(self.embed.weight[:1][None], positions)  # cos, sin: [1, total, hd]
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens + self.max_draft_len + 1)
         gen = torch.Generator(device=self._device).manual_seed(sampling.seed) if not sampling.greedy else None
         policy.reset()
 

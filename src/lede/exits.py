@@ -104,15 +104,44 @@ def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int
 
 
 class ExitHead(nn.Module):
-    """Draft logits from a layer-L hidden state: lm_head(norm(adapter(h)))."""
+    """Draft logits from a layer-L hidden state: lm_head(norm(adapter(h))).
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, adapter: nn.Module | None = None):
+    With ``vocab`` (token ids), only those rows of the LM head are computed (a reduced-vocabulary
+    draft head: the full 49k-row head of a small model costs as much as several layers); the other
+    logits are -inf, so drafts come from the set and the draft distribution q is zero outside it.
+    Verification always uses the full head.
+    """
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, adapter: nn.Module | None = None,
+                 vocab: torch.Tensor | None = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
         self.adapter = adapter
+        self.vocab = vocab
+        if vocab is not None:
+            self.register_buffer("sub_weight", lm_head.weight[vocab].detach().clone(), persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
         if self.adapter is not None:
             h = self.adapter(h)
-        return self.lm_head(self.norm(h))
+        h = self.norm(h)
+        if self.vocab is None:
+            return self.lm_head(h)
+        sub = h @ self.sub_weight.T  # [..., |vocab|]
+        full = sub.new_full((*sub.shape[:-1], self.lm_head.weight.shape[0]), float("-inf"))
+        return full.index_copy_(-1, self.vocab, sub)
+
+
+def build_exit_heads(
+    lm, adapters: dict[int, nn.Module | None], vocab: torch.Tensor | None = None
+) -> dict[int, ExitHead]:
+    """One ExitHead per exit layer, sharing the model's norm and LM head; adapters are cast to the
+    model's dtype and device. ``adapters`` may map a layer to None (plain head, maybe reduced vocab)."""
+    heads = {}
+    for layer, adapter in adapters.items():
+        if adapter is not None:
+            adapter = adapter.to(device=lm.device, dtype=lm.dtype).eval().requires_grad_(False)
+        v = vocab.to(lm.device) if vocab is not None else None
+        heads[layer] = ExitHead(lm.model.model.norm, lm.model.lm_head, adapter, v)
+    return heads
