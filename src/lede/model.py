@@ -141,43 +141,65 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(
-    spec: str = SMOLLM2_ALIAS,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
-) -> LoadedModel:
-    """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
-
-    ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict = {}
+def _resolve(spec: str) -> tuple[str, dict]:
+    """(source, extra from_pretrained kwargs) for an alias, a local path or a hub id."""
     if spec == SMOLLM2_ALIAS:
         gguf = smollm2_gguf_path()
-        source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
-    elif Path(spec).exists():
-        source = spec
-    elif _HUB_ID.match(spec):
-        source = spec
-    else:
-        raise ModelError(
-            f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, not an existing local path, "
-            "and not a Hugging Face id (owner/name). Pass one of these."
-        )
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    if Path(spec).exists() or _HUB_ID.match(spec):
+        return spec, {}
+    raise ModelError(
+        f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, not an existing local path, "
+        "and not a Hugging Face id (owner/name). Pass one of these."
+    )
+
+
+def load_config(spec: str):
+    """The model's transformers config (no weights loaded); refuses unsupported architectures."""
+    from transformers import AutoConfig
+
+    source, kwargs = _resolve(spec)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
         raise ModelError(
-            f"could not load model {spec!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f"could not load model {spec!r}: {err.__class__.__name__}: {first}. "
             f"Pass the alias {SMOLLM2_ALIAS!r}, a local directory with config.json and weights, or a Hugging Face "
             "id reachable from this machine (weights are never downloaded where there is no network)."
         ) from err
     check_supported(config)
+    return config
+
+
+def model_depth(spec: str) -> int:
+    """The number of decoder layers of a model, from its config alone."""
+    return int(load_config(spec).num_hidden_layers)
+
+
+def load_model(
+    spec: str = SMOLLM2_ALIAS,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    fast_linear: bool = True,
+) -> LoadedModel:
+    """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
+
+    ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
+    ``fast_linear``: on CPU in float32, use ``lede.kernels.CpuLinear`` (faster small-batch kernels).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    load_config(spec)  # clear errors for unknown or unsupported models before loading weights
+    source, kwargs = _resolve(spec)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model.to(dev).eval()
     model.requires_grad_(False)
+    if fast_linear and dev.type == "cpu" and torch_dtype == torch.float32:
+        from lede.kernels import use_cpu_linears
+
+        use_cpu_linears(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)

@@ -1,0 +1,16 @@
+# lede: the reproducible study. Run `snakemake --cores all` (see README); `--configfile .test/config.yaml`
+# for the tiny CI run. Every generated file goes under config["results_dir"] (default results/).
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/exits.smk"
+include: "workflow/rules/bench.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{R}/exits/report.md",
+        f"{R}/sweep/best_static.json",
+        f"{R}/bench/eval.md",

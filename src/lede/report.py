@@ -1,0 +1,128 @@
+"""The per-layer exit report and the replayed static sweep.
+
+For every candidate exit layer and head (``plain``: final norm + full LM head; ``plain_V``: the same on
+the reduced draft vocabulary; ``<design>_V``: a trained adapter on it) this computes, per category,
+the agreement of the exit head's greedy draft with the model's greedy token, and for every draft
+length K the replay of Static(L, K) over the model's own greedy continuations (exact for greedy
+decoding, see ``lede.distill``): mean tokens per round and speedup over plain decoding under the
+measured cost model. Heads are *selected* per layer and the best static cells are *chosen* on the
+training data only; the evaluation data only reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lede.adapters import exit_agreement
+from lede.costs import CostModel
+from lede.distill import DistillSet, accepted_runs, replay_static
+
+ALL = "all"
+
+
+@dataclass
+class ReportRow:
+    split: str  # train | eval
+    category: str
+    layer: int
+    head: str
+    agreement: float
+    positions: int
+    draft_len: int
+    tokens_per_round: float
+    replay_speedup: float
+
+
+def _by_category(data: DistillSet) -> dict[str, list[int]]:
+    cats: dict[str, list[int]] = {ALL: sorted(set(data.seq.tolist()))}
+    for i in cats[ALL]:
+        cats.setdefault(data.categories[i], []).append(i)
+    return cats
+
+
+def exit_rows(
+    lm, data: DistillSet, split: str, heads: dict[str, tuple[nn.Module | None, torch.Tensor | None]],
+    layers: list[int], draft_lens: list[int], costs: CostModel,
+) -> list[ReportRow]:
+    """``heads`` maps a head name to (adapter per layer or None, vocab or None); adapters are looked up
+    as ``adapter[layer]`` when a dict is given."""
+    rows = []
+    groups = _by_category(data)
+    for layer in layers:
+        for head, (adapters, vocab) in heads.items():
+            adapter = adapters.get(layer) if isinstance(adapters, dict) else adapters
+            if isinstance(adapters, dict) and adapter is None:
+                continue
+            agree = exit_agreement(lm, data, layer, adapter, vocab)
+            for cat, seq_ids in groups.items():
+                mask = torch.isin(data.seq, torch.tensor(seq_ids))
+                a, s = agree[mask], data.seq[mask]
+                for k in draft_lens:
+                    rep = replay_static(accepted_runs(a, s, k), s, k)
+                    time_ms = _replay_ms(rep, layer, k, costs, plain_head=(head == "plain"))
+                    speedup = rep.tokens * costs.plain_ms / time_ms if time_ms else float("nan")
+                    rows.append(ReportRow(split, cat, layer, head, float(a.float().mean()), int(a.numel()), k,
+                                          rep.tokens / max(rep.rounds, 1), speedup))
+    return rows
+
+
+def _replay_ms(rep, layer: int, k: int, costs: CostModel, plain_head: bool) -> float:
+    """Time of the replayed rounds: the drafted tokens, and a (K+1)-token verification per round (a
+    short final round is charged a full verification: a small, conservative overestimate)."""
+    draft_ms = costs.draft_plain_ms if plain_head else costs.draft_ms
+    return rep.drafted * draft_ms[layer] + rep.rounds * costs.verify_ms[k + 1]
+
+
+def select_heads(rows: list[ReportRow]) -> dict[int, str]:
+    """Per layer, the head with the best replayed speedup (at its best K) on the training data."""
+    best: dict[int, tuple[float, str]] = {}
+    for r in rows:
+        if r.split == "train" and r.category == ALL and r.replay_speedup > best.get(r.layer, (-1.0, ""))[0]:
+            best[r.layer] = (r.replay_speedup, r.head)
+    return {layer: head for layer, (_, head) in best.items()}
+
+
+def best_cells(rows: list[ReportRow], selected: dict[int, str], top: int) -> list[dict]:
+    cells = [r for r in rows if r.split == "train" and r.category == ALL and selected.get(r.layer) == r.head]
+    cells.sort(key=lambda r: -r.replay_speedup)
+    return [{"exit_layer": r.layer, "draft_len": r.draft_len, "head": r.head,
+             "train_replay_speedup": round(r.replay_speedup, 4), "train_agreement": round(r.agreement, 4)}
+            for r in cells[:top]]
+
+
+def markdown(rows: list[ReportRow], selected: dict[int, str], costs: CostModel) -> str:
+    """Agreement per layer and head on held-out prompts (overall and per category), and the best K."""
+    ev = [r for r in rows if r.split == "eval"]
+    heads = list(dict.fromkeys(r.head for r in ev))
+    cats = sorted({r.category for r in ev} - {ALL})
+    out = [f"# Exit heads ({costs.model}, {costs.dtype}, {costs.device}, {costs.threads} threads)", "",
+           f"Plain step {costs.plain_ms:.1f} ms; verifying K+1 tokens: "
+           + ", ".join(f"{t - 1}:{v / costs.plain_ms:.2f}x" for t, v in sorted(costs.verify_ms.items())), "",
+           "## Agreement with the model's greedy token, held-out prompts (all categories)", "",
+           "| layer | draft ms (plain / adapted) | " + " | ".join(heads) + " | selected (on train) |",
+           "|---|---|" + "---|" * len(heads) + "---|"]
+    agree = {(r.layer, r.head, r.category): r.agreement for r in ev if r.draft_len == ev[0].draft_len}
+    for layer in sorted({r.layer for r in ev}):
+        cells = [f"{agree[(layer, h, ALL)]:.3f}" if (layer, h, ALL) in agree else "–" for h in heads]
+        out.append(f"| {layer} | {costs.draft_plain_ms.get(layer, float('nan')):.1f} / {costs.draft_ms.get(layer, float('nan')):.1f} | "
+                   + " | ".join(cells) + f" | {selected.get(layer, '–')} |")
+    out += ["", "## Agreement per category (held-out): plain head → selected head", "",
+            "| layer | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    for layer in sorted({r.layer for r in ev}):
+        sel = selected.get(layer)
+        cells = [f"{agree.get((layer, 'plain', c), float('nan')):.2f} → {agree.get((layer, sel, c), float('nan')):.2f}" for c in cats]
+        out.append(f"| {layer} | " + " | ".join(cells) + " |")
+    out += ["", "## Replayed static speedup over plain decoding, held-out prompts (selected head per layer)", "",
+            "| layer | " + " | ".join(f"K={k}" for k in sorted({r.draft_len for r in ev})) + " |",
+            "|---|" + "---|" * len({r.draft_len for r in ev})]
+    for layer in sorted({r.layer for r in ev}):
+        vals = {r.draft_len: r.replay_speedup for r in ev if r.layer == layer and r.head == selected.get(layer) and r.category == ALL}
+        out.append(f"| {layer} | " + " | ".join(f"{vals[k]:.3f}" for k in sorted(vals)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def rows_as_dicts(rows: list[ReportRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

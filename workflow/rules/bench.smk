@@ -1,0 +1,28 @@
+# Stage 5 (speed part): plain decoding, transformers' generate and the best static cells, measured
+# interleaved with the real engine on held-out prompts.
+
+
+rule bench_eval:
+    input:
+        selected=f"{R}/exits/selected.json",
+        best=f"{R}/sweep/best_static.json",
+        costs=f"{R}/costs.json",
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
+        vocab=f"{R}/exits/distill_train.pt",
+        code=src("bench", "engine", "exits", "policy", "data", "model"),
+    output:
+        json=f"{R}/bench/eval.json",
+        md=report(f"{R}/bench/eval.md", caption="../report/bench.rst", category="Speed"),
+    params:
+        **common_params(),
+        data_dir=config["data_dir"],
+        per_category=config["bench"]["per_category"],
+        max_new_tokens=config["bench"]["max_new_tokens"],
+    log:
+        f"{R}/bench/eval.log",
+    benchmark:
+        f"{R}/bench/eval.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/bench_eval.py"

@@ -1,0 +1,108 @@
+# Stage 1: make the model draftable (exit adapters by self-distillation) and measure the cost model.
+
+
+rule distill_data:
+    """The model's own greedy continuations of the {split} prompts, teacher-forced, with the hidden
+    state after every candidate exit layer (split=train: training half + GSM8K train + NQ-open;
+    split=eval: the evaluation half of Spec-Bench)."""
+    input:
+        src("data", "model", "distill"),
+    output:
+        f"{R}/exits/distill_{{split}}.pt",
+    params:
+        **common_params(),
+        data_dir=config["data_dir"],
+        layers=LAYERS,
+        train=EXITS["train"],
+        eval=EXITS["eval"],
+    wildcard_constraints:
+        split="train|eval",
+    log:
+        f"{R}/exits/distill_{{split}}.log",
+    benchmark:
+        f"{R}/exits/distill_{{split}}.benchmark.tsv"
+    resources:
+        gpu=0,
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/distill_data.py"
+
+
+rule train_adapter:
+    """One exit adapter (layer, design), trained on the training distillation data only."""
+    input:
+        data=f"{R}/exits/distill_train.pt",
+        code=src("adapters", "distill", "exits", "model"),
+    output:
+        f"{R}/exits/adapters/L{{layer}}_{{design}}.pt",
+    params:
+        **common_params(),
+        loss=EXITS["loss"],
+        epochs=EXITS["epochs"],
+        lr=EXITS["lr"],
+        rank=EXITS["lowrank_rank"],
+        vocab_size=EXITS["vocab_size"],
+    wildcard_constraints:
+        layer=r"\d+",
+        design="linear|lowrank",
+    log:
+        f"{R}/exits/adapters/L{{layer}}_{{design}}.log",
+    benchmark:
+        f"{R}/exits/adapters/L{{layer}}_{{design}}.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/train_adapter.py"
+
+
+rule cost_model:
+    """Time of a draft step per exit layer (with its adapter and draft vocabulary) and of verifying
+    K+1 tokens, on the machine that runs this rule."""
+    input:
+        data=f"{R}/exits/distill_train.pt",
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{DESIGNS[0]}.pt", layer=LAYERS),
+        code=src("costs", "engine", "exits", "model"),
+    output:
+        f"{R}/costs.json",
+    params:
+        **common_params(),
+        layers=LAYERS,
+        max_draft_len=max(config["sweep"]["draft_lens"]),
+        context_len=config["costs"]["context_len"],
+        repeats=config["costs"]["repeats"],
+        vocab_size=EXITS["vocab_size"],
+    log:
+        f"{R}/costs.log",
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/cost_model.py"
+
+
+rule exit_report:
+    """Per layer and head design: agreement with the full model per category (held-out prompts),
+    accepted run lengths and replayed speedup for every K; picks the head per layer by replayed speedup
+    on the *training* data, and the best static (L, K) cell."""
+    input:
+        train=f"{R}/exits/distill_train.pt",
+        eval=f"{R}/exits/distill_eval.pt",
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
+        costs=f"{R}/costs.json",
+        code=src("report", "adapters", "distill", "costs"),
+    output:
+        csv=f"{R}/exits/report.csv",
+        md=report(f"{R}/exits/report.md", caption="../report/exits.rst", category="Exit adapters"),
+        selected=f"{R}/exits/selected.json",
+        sweep=f"{R}/sweep/replay_train.csv",
+        best=f"{R}/sweep/best_static.json",
+    params:
+        **common_params(),
+        draft_lens=config["sweep"]["draft_lens"],
+        top=config["bench"]["static_configs"],
+    log:
+        f"{R}/exits/report.log",
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/exit_report.py"

@@ -1,0 +1,24 @@
+"""Rule cost_model: time draft steps (per exit layer, with adapter and draft vocabulary) and
+verification passes (per K) on this machine."""
+
+import logging
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.costs import measure_costs  # noqa: E402
+from lede.engine import Decoder  # noqa: E402
+from lede.exits import build_exit_heads, load_adapter  # noqa: E402
+from lede.model import load_model  # noqa: E402
+
+lm = load_model(p.model, dtype=p.dtype, device=p.device)
+adapters = {}
+for path, layer in zip(snakemake.input.adapters, p.layers):  # noqa: F821
+    adapters[layer] = load_adapter(path, lm.name, layer, lm.hidden_size)
+vocab = next(iter(adapters.values())).vocab
+dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters, vocab), max_draft_len=p.max_draft_len)
+costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len, repeats=p.repeats)
+logging.info("plain step %.2f ms; draft %s; verify %s; spread %s", costs.plain_ms, costs.draft_ms, costs.verify_ms, costs.spread)
+costs.save(snakemake.output[0])  # noqa: F821

@@ -1,0 +1,89 @@
+"""Rule exit_report: agreement and replayed speedups per layer/head; head selection and the best static
+cells, both chosen on training data."""
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.costs import CostModel  # noqa: E402
+from lede.distill import load_distill  # noqa: E402
+from lede.exits import load_adapter  # noqa: E402
+from lede.model import load_model  # noqa: E402
+from lede.report import best_cells, exit_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
+
+inp, out = snakemake.input, snakemake.output  # noqa: F821
+_, train, _ = load_distill(inp.train)
+_, evald, _ = load_distill(inp.eval)
+costs = CostModel.load(inp.costs)
+lm = load_model(p.model, dtype=p.dtype, device="cpu")
+layers = sorted(train.layers)
+
+adapters: dict[str, dict] = {}
+paths: dict[tuple[int, str], str] = {}
+vocab = None
+for path in inp.adapters:
+    layer, design = Path(path).stem[1:].split("_")
+    a = load_adapter(path, lm.name, int(layer), lm.hidden_size)
+    vocab = a.vocab
+    adapters.setdefault(design, {})[int(layer)] = a
+    paths[(int(layer), design)] = path
+suffix = f"_V{len(vocab)}" if vocab is not None else ""
+heads = {"plain": (None, None)}
+if vocab is not None:
+    heads["plain" + suffix] = (None, vocab)
+heads.update({d + suffix: (a, vocab) for d, a in adapters.items()})
+
+rows = []
+for split, data in (("train", train), ("eval", evald)):
+    rows += exit_rows(lm, data, split, heads, layers, p.draft_lens, costs)
+    logging.info("%s rows done", split)
+selected = select_heads(rows)
+cells = best_cells(rows, selected, p.top)
+logging.info("selected heads %s; best cells %s", selected, cells)
+
+
+def atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def as_csv(dict_rows):
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict_rows[0]))
+    w.writeheader()
+    w.writerows(dict_rows)
+    return buf.getvalue()
+
+
+def design_of(head):
+    return head.removesuffix(suffix) if suffix else head
+
+
+selection = {
+    "model": p.model, "dtype": p.dtype,
+    "vocab": vocab.tolist() if vocab is not None and selected and any(h != "plain" for h in selected.values()) else None,
+    "layers": {str(l): (paths[(l, design_of(h))] if design_of(h) in adapters else None) for l, h in selected.items()},
+    "heads": {str(l): h for l, h in selected.items()},
+}
+# a layer whose best head is the full plain head keeps the full vocabulary only if no layer uses V
+if selection["vocab"] is not None and any(h == "plain" for h in selected.values()):
+    logging.info("some layers select the full plain head; they draft with the shared draft vocabulary in the engine")
+atomic(out.csv, as_csv(rows_as_dicts(rows)))
+sweep = [r for r in rows_as_dicts(rows) if r["split"] == "train" and r["head"] == selected.get(r["layer"])]
+atomic(out.sweep, as_csv(sweep))
+atomic(out.selected, json.dumps(selection, indent=1))
+atomic(out.best, json.dumps({"cells": cells, "chosen_on": "train (replay)"}, indent=1))
+atomic(out.md, markdown(rows, selected, costs) + "\n## Best static cells (chosen on training data)\n\n"
+       + "\n".join(f"- L={c['exit_layer']} K={c['draft_len']} head={c['head']}: replayed {c['train_replay_speedup']:.3f}x on train"
+                   for c in cells) + "\n")

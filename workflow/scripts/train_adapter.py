@@ -1,0 +1,28 @@
+"""Rule train_adapter: one exit adapter (layer, design) on the training distillation data."""
+
+import logging
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from dataclasses import asdict  # noqa: E402
+
+from lede.adapters import exit_agreement, train_adapter  # noqa: E402
+from lede.distill import load_distill, top_vocab  # noqa: E402
+from lede.exits import AdapterFile, save_adapter  # noqa: E402
+from lede.model import load_model  # noqa: E402
+
+layer, design = int(snakemake.wildcards.layer), snakemake.wildcards.design  # noqa: F821
+seqs, data, meta = load_distill(snakemake.input.data)  # noqa: F821
+lm = load_model(p.model, dtype=p.dtype, device="cpu")  # training runs on CPU copies of norm + head
+vocab = top_vocab(seqs, p.vocab_size) if 0 < p.vocab_size < lm.config.vocab_size else None
+options = {"rank": p.rank} if design == "lowrank" else {}
+adapter, log = train_adapter(lm, data, layer, design, vocab=vocab, loss=p.loss, epochs=p.epochs, lr=p.lr,
+                             seed=p.seed, **options)
+agree = float(exit_agreement(lm, data, layer, adapter, vocab).float().mean())
+logging.info("layer %d %s: train agreement %.4f, losses %s, %.1f s", layer, design, agree, log.epoch_loss, log.seconds)
+save_adapter(snakemake.output[0], adapter, AdapterFile(  # noqa: F821
+    model=p.model, layer=layer, hidden_size=lm.hidden_size, design=design, options=options,
+    data_hash=meta["data_hash"], metrics=asdict(log) | {"train_agreement": agree}), vocab=vocab)
