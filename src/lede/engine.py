@@ -242,7 +242,7 @@ class Decoder:
         h = self._layers(self.embed(torch.tensor([prompt_ids], device=self._device)), 0, self.n_layers, cache)
         first_logits = self.lm_head(self.norm(h[0, -1]))
         first = self._pick(first_logits, sampling, gen)
-        state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first])
+        state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids))
         state.last_verify = Confidence(first_logits)
         prefill_s = time.perf_counter() - t0
 

@@ -73,6 +73,7 @@ class DecodeState:
     prompt_len: int
     max_new_tokens: int
     tokens: list[int] = field(default_factory=list)  # generated so far
+    prompt_ids: list[int] = field(default_factory=list)
     rounds: list[RoundRecord] = field(default_factory=list)
     last_verify: Confidence | None = None  # full model, at the last accepted position
     # the current round

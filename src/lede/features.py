@@ -1,0 +1,210 @@
+"""The LEDE decision process: state features, the action encoding and the reward, in one place.
+
+Decisions. At the start of a round the agent picks "plain step" or an exit layer from the candidate set
+C = (L_1, ..., L_m); after every drafted token it picks "stop and verify" or "draft one more" (the loop
+also stops at the maximum draft length and the token budget). One discrete action space covers both,
+with disjoint ids (``ActionSpace``):
+
+    0          plain step (no draft this round)        valid at a round start
+    1 .. m     draft from exit layer C[i-1]             valid at a round start
+    m + 1      stop drafting, verify                    valid after a drafted token
+    m + 2      draft one more token                     valid after a drafted token
+
+The phase is a state feature, and a learned policy takes the argmax over the valid ids only.
+
+Reward (per decision; w = ``reward_weight``, costs from the measured cost model in units of one plain
+step, c_L = draft_ms[L] / plain_ms, v_T = verify_ms[T] / plain_ms):
+
+    plain step           r = 1 − w                        (one token for one plain step)
+    choose layer L       r = − w · c_L                    (the first draft is paid)
+    draft one more       r = − w · c_L
+    stop, verify K       r = (A + 1) − w · v_{K+1}        (A accepted drafts + the bonus token)
+
+so a round's return is (tokens emitted) − w · (round time / plain step time): with w = 1 the return of a
+generation is the number of tokens gained over plain decoding in the same time, and maximising it
+minimises the time to produce the budget. w < 1 favours tokens per round over time (ablation).
+
+State (``FeatureTracker.features``; cheap, computed inside the loop, names in ``feature_names``):
+phase; position and prompt length (scaled); the previous round (plain/layer one-hot, drafted and accepted
+as a fraction of the maximum, all-accepted flag); running (EMA) acceptance rate per candidate layer and
+EMA of tokens per round; the full model's confidence on the last verified token (max probability,
+entropy, top-1/top-2 margin); in a draft: the current layer (one-hot), drafted so far, and the exit
+head's confidence for the token just drafted; copy signals from the recent tokens (does the last
+bigram / trigram occur earlier in prompt + output, as prompt lookup would find).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lede.costs import CostModel
+from lede.policy import DecodeState, RoundRecord
+
+PLAIN = 0
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    exit_layers: tuple[int, ...]
+    max_draft_len: int
+
+    @property
+    def size(self) -> int:
+        return len(self.exit_layers) + 3
+
+    @property
+    def stop(self) -> int:
+        return len(self.exit_layers) + 1
+
+    @property
+    def more(self) -> int:
+        return len(self.exit_layers) + 2
+
+    def start_action(self, layer: int | None) -> int:
+        if layer is None:
+            return PLAIN
+        if layer not in self.exit_layers:
+            raise ValueError(f"exit layer {layer} is not a candidate ({list(self.exit_layers)})")
+        return 1 + self.exit_layers.index(layer)
+
+    def layer_of(self, action: int) -> int | None:
+        if action == PLAIN:
+            return None
+        if 1 <= action <= len(self.exit_layers):
+            return self.exit_layers[action - 1]
+        raise ValueError(f"action {action} is not a round-start action")
+
+    def valid_mask(self, start_of_round: bool) -> np.ndarray:
+        mask = np.zeros(self.size, dtype=bool)
+        if start_of_round:
+            mask[: len(self.exit_layers) + 1] = True
+        else:
+            mask[[self.stop, self.more]] = True
+        return mask
+
+
+def feature_names(space: ActionSpace) -> list[str]:
+    layers = space.exit_layers
+    return (
+        ["phase_start", "position", "log_prompt_len"]
+        + ["prev_plain"] + [f"prev_L{l}" for l in layers]
+        + ["prev_drafted", "prev_accepted", "prev_all_accepted"]
+        + [f"ema_accept_L{l}" for l in layers]
+        + ["ema_tokens_per_round", "ema_plain_share"]
+        + ["verify_top_prob", "verify_entropy", "verify_margin"]
+        + [f"cur_L{l}" for l in layers]
+        + ["drafted", "draft_top_prob", "draft_entropy", "draft_margin"]
+        + ["copy_bigram", "copy_trigram"]
+    )
+
+
+class FeatureTracker:
+    """Computes the state vector at each decision; keeps running statistics over the rounds of one
+    generation (it resets itself when it sees a new generation's state). Incremental: O(1) work per round."""
+
+    def __init__(self, space: ActionSpace, ema: float = 0.8):
+        self.space = space
+        self.ema = ema
+        self.names = feature_names(space)
+        self._idx = {l: i for i, l in enumerate(space.exit_layers)}
+        self._state = None
+        self.reset([])
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        m = len(self.space.exit_layers)
+        self.prompt = list(prompt_ids)
+        self.seen_rounds = 0
+        self.accept = np.full(m, 0.5, dtype=np.float32)  # EMA acceptance per layer (prior 0.5)
+        self.tokens_per_round = 1.0
+        self.plain_share = 0.0
+        self._ngrams2: set[tuple[int, ...]] = set()
+        self._ngrams3: set[tuple[int, ...]] = set()
+        self._indexed = 0  # tokens of prompt + output already added to the n-gram sets
+        self._seq: list[int] = list(prompt_ids)
+
+    def _update(self, state: DecodeState) -> None:
+        for r in state.rounds[self.seen_rounds:]:
+            self._observe(r)
+        self.seen_rounds = len(state.rounds)
+
+    def _observe(self, r: RoundRecord) -> None:
+        a = self.ema
+        self.tokens_per_round = a * self.tokens_per_round + (1 - a) * r.emitted
+        self.plain_share = a * self.plain_share + (1 - a) * (r.exit_layer is None)
+        if r.exit_layer is not None and r.drafted and r.exit_layer in self._idx:
+            i = self._idx[r.exit_layer]
+            self.accept[i] = a * self.accept[i] + (1 - a) * (r.accepted / r.drafted)
+
+    def _copy_signals(self, state: DecodeState) -> tuple[float, float]:
+        """Does the last bigram/trigram of the context occur earlier (prompt-lookup's signal)?"""
+        seq = self._seq
+        seq.extend(state.tokens[len(seq) - len(self.prompt):])
+        # index every n-gram that ends before the last token, so the current one is not found in itself
+        while self._indexed + 3 < len(seq):
+            i = self._indexed
+            self._ngrams2.add(tuple(seq[i : i + 2]))
+            self._ngrams3.add(tuple(seq[i : i + 3]))
+            self._indexed += 1
+        if len(seq) < 3:
+            return 0.0, 0.0
+        return float(tuple(seq[-2:]) in self._ngrams2), float(tuple(seq[-3:]) in self._ngrams3)
+
+    def features(self, state: DecodeState, start_of_round: bool) -> np.ndarray:
+        if state is not self._state:  # a new generation
+            self._state = state
+            self.reset(state.prompt_ids)
+        self._update(state)
+        space, m = self.space, len(self.space.exit_layers)
+        kmax = float(space.max_draft_len)
+        prev = np.zeros(m + 1, dtype=np.float32)
+        p_drafted = p_accepted = p_all = 0.0
+        if state.rounds:
+            r = state.rounds[-1]
+            prev[0 if r.exit_layer is None else 1 + self._idx.get(r.exit_layer, 0)] = 1.0
+            p_drafted, p_accepted = r.drafted / kmax, r.accepted / kmax
+            p_all = float(r.drafted > 0 and r.accepted == r.drafted)
+        v = state.last_verify
+        cur = np.zeros(m, dtype=np.float32)
+        drafted = d_top = d_ent = d_margin = 0.0
+        if not start_of_round:
+            if state.exit_layer in self._idx:
+                cur[self._idx[state.exit_layer]] = 1.0
+            drafted = state.drafted / kmax
+            d = state.draft
+            d_top, d_ent, d_margin = d.top_prob, d.entropy / 10.0, d.margin
+        c2, c3 = self._copy_signals(state)
+        return np.concatenate([
+            [float(start_of_round), state.position / 4096.0, math.log1p(state.prompt_len) / 10.0],
+            prev, [p_drafted, p_accepted, p_all],
+            self.accept, [self.tokens_per_round / kmax, self.plain_share],
+            [v.top_prob, v.entropy / 10.0, v.margin] if v is not None else [0.0, 0.0, 0.0],
+            cur, [drafted, d_top, d_ent, d_margin], [c2, c3],
+        ]).astype(np.float32)
+
+
+def decision_rewards(
+    actions: list[int], rounds: list[RoundRecord], space: ActionSpace, costs: CostModel, weight: float = 1.0
+) -> list[float]:
+    """Rewards for the decisions of one generation (see the module docstring), given its rounds.
+
+    A round that drafted K tokens has exactly 1 + K decisions: its round-start action and one decision
+    after each draft (K − 1 "more", then "stop" — or a "more" the loop ignored at the maximum draft
+    length or the budget). The verification reward goes on the last one."""
+    plain = costs.plain_ms
+    out: list[float] = []
+    i = 0
+    for r in rounds:
+        if r.drafted == 0:  # a plain step (or a layer chosen with no budget left to draft)
+            out.append(1.0 - weight)
+            i += 1
+            continue
+        c = costs.draft_ms[r.exit_layer] / plain
+        out += [-weight * c] * r.drafted  # the round-start action and K − 1 "more" each pay one draft
+        out.append((r.accepted + 1) - weight * costs.verify_ms[r.drafted + 1] / plain)
+        i += 1 + r.drafted
+    if i != len(actions):
+        raise ValueError(f"{len(actions)} logged decisions but the rounds account for {i}")
+    return out

@@ -1,0 +1,375 @@
+"""LEDE's offline RL: log experience from behaviour policies, train a Q-function with d3rlpy, decode with it.
+
+    from lede.rl import collect_experience, train_policy, RLPolicy
+    exp = collect_experience(decoder, prompts, behaviours, space, costs, max_new_tokens=128)
+    exp.save("results/rl/experience")                    # .parquet (tabular) + .h5 (d3rlpy ReplayBuffer)
+    result = train_policy(exp, algo="DiscreteCQL", seed=0, n_steps=20000, log_dir="results/rl/logs")
+    result.policy.save("results/rl/policy_cql_s0.pt")
+    out = decoder.generate(ids, RLPolicy.load("results/rl/policy_cql_s0.pt", lm_name=lm.name), 128)
+
+The decision process, features and rewards are defined in ``lede.features``. Experience is logged by
+``Recorder``, a wrapper that passes a behaviour policy's decisions through unchanged and records the
+state features and action of each. Rewards are computed after each generation from its rounds and the
+measured cost model. ``RLPolicy`` evaluates the trained Q-network once per decision, as one small batched
+forward over all actions, and takes the argmax over the actions valid in that phase.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lede.costs import CostModel
+from lede.features import ActionSpace, FeatureTracker, decision_rewards, feature_names
+from lede.policy import DecodeState, Policy
+
+POLICY_FORMAT = "lede-rl-policy/1"
+ALGOS = ("DiscreteCQL", "DiscreteBCQ", "DoubleDQN", "DiscreteBC")
+
+
+class PolicyError(ValueError):
+    """A policy file or dataset that does not fit the model, candidate layers or feature layout."""
+
+
+class Recorder:
+    """Wraps a behaviour policy; records (features, action) at every decision it makes."""
+
+    def __init__(self, policy: Policy, space: ActionSpace):
+        self.policy, self.space = policy, space
+        self.tracker = FeatureTracker(space)
+        self.name = policy.name
+        self.obs: list[np.ndarray] = []
+        self.actions: list[int] = []
+
+    def reset(self) -> None:
+        self.policy.reset()
+        self.obs, self.actions = [], []
+
+    def choose_exit(self, state: DecodeState) -> int | None:
+        self.obs.append(self.tracker.features(state, start_of_round=True))
+        layer = self.policy.choose_exit(state)
+        self.actions.append(self.space.start_action(layer))
+        return layer
+
+    def keep_drafting(self, state: DecodeState) -> bool:
+        self.obs.append(self.tracker.features(state, start_of_round=False))
+        more = self.policy.keep_drafting(state)
+        self.actions.append(self.space.more if more else self.space.stop)
+        return more
+
+
+class EpsilonPerturbed:
+    """A base policy whose every decision is replaced, with probability ε, by a random valid one."""
+
+    def __init__(self, base: Policy, space: ActionSpace, epsilon: float, seed: int = 0):
+        self.base, self.space, self.epsilon, self.seed = base, space, epsilon, seed
+        self.name = f"eps{epsilon:g}_{base.name}"
+        self.reset()
+
+    def reset(self) -> None:
+        self.base.reset()
+        self._rng = random.Random(self.seed)
+
+    def choose_exit(self, state: DecodeState) -> int | None:
+        layer = self.base.choose_exit(state)
+        if self._rng.random() < self.epsilon:
+            return self._rng.choice([None, *self.space.exit_layers])
+        return layer
+
+    def keep_drafting(self, state: DecodeState) -> bool:
+        more = self.base.keep_drafting(state)
+        return (self._rng.random() < 0.5) if self._rng.random() < self.epsilon else more
+
+
+@dataclass
+class Experience:
+    """Logged transitions, one row per decision, episodes (generations) consecutive."""
+
+    space: ActionSpace
+    names: list[str]
+    obs: np.ndarray  # [N, F] float32
+    actions: np.ndarray  # [N] int64
+    rewards: np.ndarray  # [N] float32
+    terminals: np.ndarray  # [N] float32: 1 at the last decision of a generation
+    episode: np.ndarray  # [N] int64
+    behaviour: list[str]  # per episode
+    prompt: list[str]  # per episode
+    category: list[str]  # per episode
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def check(self) -> None:
+        if len(self) == 0:
+            raise PolicyError("the experience dataset is empty: collect experience first (no transitions)")
+        if self.obs.shape[1] != len(self.names):
+            raise PolicyError(f"feature layout mismatch: {self.obs.shape[1]} columns, {len(self.names)} names")
+        if self.names != feature_names(self.space):
+            raise PolicyError("the dataset's feature names do not match this version's feature layout: recollect it")
+
+    def mdp_dataset(self):
+        import d3rlpy
+
+        return d3rlpy.dataset.MDPDataset(self.obs, self.actions, self.rewards, self.terminals,
+                                         action_size=self.space.size)
+
+    def save(self, stem: str | Path) -> None:
+        """``stem.parquet`` (one row per decision, for analysis) and ``stem.h5`` (d3rlpy ReplayBuffer),
+        plus ``stem.json`` (layout); each written atomically."""
+        import json
+
+        import pandas as pd
+
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        df = pd.DataFrame(self.obs, columns=self.names)
+        df.insert(0, "episode", self.episode)
+        df.insert(1, "behaviour", [self.behaviour[e] for e in self.episode])
+        df.insert(2, "prompt", [self.prompt[e] for e in self.episode])
+        df.insert(3, "category", [self.category[e] for e in self.episode])
+        df["action"], df["reward"], df["terminal"] = self.actions, self.rewards, self.terminals
+        tmp = stem.with_name(stem.name + ".parquet.tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(stem.with_suffix(".parquet"))
+        tmp = stem.with_name(stem.name + ".h5.tmp")
+        with open(tmp, "w+b") as f:
+            self.mdp_dataset().dump(f)
+        tmp.replace(stem.with_suffix(".h5"))
+        layout = {"exit_layers": list(self.space.exit_layers), "max_draft_len": self.space.max_draft_len,
+                  "features": self.names, "meta": self.meta}
+        tmp = stem.with_name(stem.name + ".json.tmp")
+        tmp.write_text(json.dumps(layout, indent=1))
+        tmp.replace(stem.with_suffix(".json"))
+
+    @classmethod
+    def load(cls, stem: str | Path) -> "Experience":
+        import json
+
+        import pandas as pd
+
+        stem = Path(stem)
+        layout = json.loads(stem.with_suffix(".json").read_text())
+        df = pd.read_parquet(stem.with_suffix(".parquet"))
+        space = ActionSpace(tuple(layout["exit_layers"]), layout["max_draft_len"])
+        names = layout["features"]
+        episodes = df.groupby("episode", sort=True).first()
+        exp = cls(space, names, df[names].to_numpy(np.float32), df["action"].to_numpy(np.int64),
+                  df["reward"].to_numpy(np.float32), df["terminal"].to_numpy(np.float32),
+                  df["episode"].to_numpy(np.int64), episodes["behaviour"].tolist(), episodes["prompt"].tolist(),
+                  episodes["category"].tolist(), layout.get("meta", {}))
+        exp.check()
+        return exp
+
+
+def collect_experience(
+    decoder, prompts: Sequence[tuple[str, str, list[int]]], behaviours: Sequence[Policy], space: ActionSpace,
+    costs: CostModel, max_new_tokens: int, reward_weight: float = 1.0, progress: bool = True,
+) -> Experience:
+    """Run every behaviour policy on every prompt (uid, category, ids) with the real engine (greedy) and
+    log each decision."""
+    obs, actions, rewards, terminals, episode = [], [], [], [], []
+    beh, pr, cat = [], [], []
+    bar = tqdm(total=len(prompts) * len(behaviours), desc="experience", disable=not progress, mininterval=10)
+    for uid, category, ids in prompts:
+        for policy in behaviours:
+            rec = Recorder(policy, space)
+            out = decoder.generate(ids, rec, max_new_tokens=max_new_tokens)
+            if not rec.actions:
+                bar.update()
+                continue  # a generation that ended at the prefill: no decision was made
+            r = decision_rewards(rec.actions, out.rounds, space, costs, reward_weight)
+            e = len(beh)
+            obs += rec.obs
+            actions += rec.actions
+            rewards += r
+            terminals += [0.0] * (len(r) - 1) + [1.0]
+            episode += [e] * len(r)
+            beh.append(policy.name)
+            pr.append(uid)
+            cat.append(category)
+            bar.update()
+    bar.close()
+    exp = Experience(space, feature_names(space), np.asarray(obs, np.float32).reshape(-1, len(feature_names(space))),
+                     np.asarray(actions, np.int64), np.asarray(rewards, np.float32), np.asarray(terminals, np.float32),
+                     np.asarray(episode, np.int64), beh, pr, cat,
+                     {"model": decoder.lm.name, "reward_weight": reward_weight, "max_new_tokens": max_new_tokens})
+    exp.check()
+    return exp
+
+
+# ---- the learned policy -------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyFile:
+    model: str
+    exit_layers: list[int]
+    max_draft_len: int
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    algo: str
+    seed: int
+    q_net: nn.Module  # maps standardised features [B, F] -> Q-values [B, A]
+    info: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": POLICY_FORMAT, **{k: v for k, v in self.__dict__.items() if k != "q_net"},
+                    "q_net": self.q_net.state_dict(), "arch": _arch(self.q_net)}, tmp)
+        tmp.replace(path)
+
+
+def _arch(net: nn.Sequential) -> list[int]:
+    return [net[0].in_features] + [m.out_features for m in net if isinstance(m, nn.Linear)]
+
+
+def _mlp(arch: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(arch) - 1):
+        layers.append(nn.Linear(arch[i], arch[i + 1]))
+        if i < len(arch) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class RLPolicy:
+    """The learned policy: argmax of Q over the valid actions at each decision."""
+
+    def __init__(self, pf: PolicyFile):
+        self.pf = pf
+        self.space = ActionSpace(tuple(pf.exit_layers), pf.max_draft_len)
+        if feature_names(self.space) != pf.features:
+            raise PolicyError("the policy's feature layout differs from this version's: retrain the policy")
+        self.tracker = FeatureTracker(self.space)
+        self.name = f"lede_{pf.algo}_s{pf.seed}"
+        self.mean = torch.tensor(pf.mean, dtype=torch.float32)
+        self.inv_std = 1.0 / torch.tensor(pf.std, dtype=torch.float32)
+        self.net = pf.q_net.eval()
+        big = torch.finfo(torch.float32).max
+        self._mask = {s: torch.tensor(np.where(self.space.valid_mask(s), 0.0, -big), dtype=torch.float32)
+                      for s in (True, False)}
+
+    @classmethod
+    def load(cls, path: str | Path, lm_name: str | None = None, exit_layers: Sequence[int] | None = None) -> "RLPolicy":
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict) or blob.get("format") != POLICY_FORMAT:
+            raise PolicyError(f"{path} is not a lede policy file ({POLICY_FORMAT})")
+        if lm_name is not None and blob["model"] != lm_name:
+            raise PolicyError(f"policy {path} was trained for model {blob['model']!r}, not {lm_name!r}: retrain it")
+        if exit_layers is not None and list(exit_layers) != blob["exit_layers"]:
+            raise PolicyError(f"policy {path} was trained for candidate layers {blob['exit_layers']}, "
+                              f"not {list(exit_layers)}: retrain it for this candidate set")
+        net = _mlp(blob.pop("arch"))
+        net.load_state_dict(blob.pop("q_net"))
+        blob.pop("format")
+        return cls(PolicyFile(q_net=net, **blob))
+
+    def reset(self) -> None:
+        pass  # the feature tracker resets itself at a new generation
+
+    @torch.inference_mode()
+    def _act(self, state: DecodeState, start: bool) -> int:
+        x = torch.from_numpy(self.tracker.features(state, start))
+        q = self.net(((x - self.mean) * self.inv_std)[None])[0] + self._mask[start]  # [A]
+        return int(q.argmax())
+
+    def choose_exit(self, state: DecodeState) -> int | None:
+        return self.space.layer_of(self._act(state, True))
+
+    def keep_drafting(self, state: DecodeState) -> bool:
+        return self._act(state, False) == self.space.more
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    policy: PolicyFile
+    history: list[dict]  # per epoch: td_error, initial_state_value, loss
+    fqe_value: float | None
+
+
+def _algo_config(algo: str, batch_size: int, gamma: float, lr: float):
+    import d3rlpy
+
+    if algo not in ALGOS:
+        raise PolicyError(f"unknown RL algorithm {algo!r}: use one of {', '.join(ALGOS)}")
+    common = dict(batch_size=batch_size)
+    if algo == "DiscreteBC":
+        return d3rlpy.algos.DiscreteBCConfig(learning_rate=lr, **common)
+    cls = getattr(d3rlpy.algos, f"{algo}Config")
+    return cls(learning_rate=lr, gamma=gamma, **common)
+
+
+def train_policy(
+    exp: Experience, algo: str = "DiscreteCQL", seed: int = 0, n_steps: int = 20000, n_steps_per_epoch: int = 2000,
+    log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
+    lr: float = 3e-4, fqe_steps: int = 5000, progress: bool = False,
+) -> TrainResult:
+    """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
+    evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
+    with FQE (``DiscreteFQE``)."""
+    import d3rlpy
+    from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
+
+    exp.check()
+    d3rlpy.seed(seed)
+    mean = exp.obs.mean(0)
+    std = exp.obs.std(0) + 1e-6
+    scaled = Experience(exp.space, exp.names, (exp.obs - mean) / std, exp.actions, exp.rewards, exp.terminals,
+                        exp.episode, exp.behaviour, exp.prompt, exp.category, exp.meta)
+    dataset = scaled.mdp_dataset()
+    model = _algo_config(algo, batch_size, gamma, lr).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
+    run_name = run_name or f"{algo}_s{seed}"
+    logger = d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir))
+    evaluators = {"td_error": TDErrorEvaluator(dataset.episodes),
+                  "initial_state_value": InitialStateValueEstimationEvaluator(dataset.episodes)}
+    if algo == "DiscreteBC":
+        evaluators = {}  # BC has no Q-function
+    history = []
+    for epoch, metrics in model.fitter(dataset, n_steps=n_steps, n_steps_per_epoch=n_steps_per_epoch,
+                                       experiment_name=run_name, with_timestamp=False, logger_adapter=logger,
+                                       show_progress=progress, evaluators=evaluators, save_interval=10**9):
+        history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+    fqe_value = None
+    if algo != "DiscreteBC":
+        fqe = d3rlpy.ope.DiscreteFQE(algo=model, config=d3rlpy.ope.FQEConfig(learning_rate=1e-4, gamma=gamma))
+        fqe.fit(dataset, n_steps=fqe_steps, n_steps_per_epoch=fqe_steps, experiment_name=f"{run_name}_fqe",
+                with_timestamp=False, logger_adapter=logger, show_progress=progress, save_interval=10**9,
+                evaluators={"fqe_initial_state_value": InitialStateValueEstimationEvaluator(dataset.episodes)})
+        fqe_value = float(InitialStateValueEstimationEvaluator(dataset.episodes)(fqe, dataset))
+    net = _export_q_net(model, is_bc=(algo == "DiscreteBC"))
+    pf = PolicyFile(model=exp.meta.get("model", ""), exit_layers=list(exp.space.exit_layers),
+                    max_draft_len=exp.space.max_draft_len, features=exp.names, mean=mean.tolist(), std=std.tolist(),
+                    algo=algo, seed=seed, q_net=net,
+                    info={"transitions": len(exp), "episodes": len(exp.behaviour), "n_steps": n_steps, "gamma": gamma,
+                          "fqe_initial_state_value": fqe_value})
+    return TrainResult(pf, history, fqe_value)
+
+
+def _export_q_net(model, is_bc: bool) -> nn.Sequential:
+    """A plain torch MLP equal to d3rlpy's Q-function (or BC's logits), for fast per-decision inference."""
+    impl = model.impl
+    if is_bc:  # DiscreteBC: a categorical policy; its logits rank the actions the same way
+        encoder, fc = impl.modules.imitator._encoder, impl.modules.imitator._fc
+    else:
+        q = impl.q_function[0] if isinstance(impl.q_function, nn.ModuleList) else impl.q_function
+        encoder, fc = q._encoder, q._fc
+    linears = [m for m in encoder._layers if isinstance(m, nn.Linear)] + [fc]
+    net = _mlp([linears[0].in_features] + [l.out_features for l in linears])
+    for dst, src in zip([m for m in net if isinstance(m, nn.Linear)], linears):
+        dst.load_state_dict(src.state_dict())
+    return net.cpu().eval()

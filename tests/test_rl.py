@@ -1,0 +1,142 @@
+"""LEDE's decision process, experience logging, d3rlpy training and the learned policy (tiny models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny
+from lede import Autoregressive, Decoder, RandomSchedule, Static
+from lede.costs import CostModel
+from lede.features import ActionSpace, FeatureTracker, decision_rewards, feature_names
+from lede.oracle import Oracle, oracle_runs
+from lede.policy import RoundRecord
+from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, collect_experience, train_policy
+
+LAYERS = (1, 3, 5)
+SPACE = ActionSpace(LAYERS, 6)
+PROMPTS = [("p0", "a", [5, 17, 33, 2, 9]), ("p1", "b", [40, 41, 42, 43]), ("p2", "a", [7, 7, 7, 90, 3])]
+
+
+def costs(draft=0.2, name="tiny-llama-s0"):
+    return CostModel(model=name, dtype="float64", device="cpu", threads=1, context_len=8,
+                     draft_ms={l: draft * l for l in LAYERS}, verify_ms={t: 1.0 + 0.05 * (t - 1) for t in range(1, 8)},
+                     draft_plain_ms={l: draft * l for l in LAYERS})
+
+
+def test_action_space_round_trip_and_masks():
+    assert SPACE.size == 6 and SPACE.stop == 4 and SPACE.more == 5
+    assert [SPACE.layer_of(SPACE.start_action(l)) for l in (None, *LAYERS)] == [None, *LAYERS]
+    assert SPACE.valid_mask(True).tolist() == [True, True, True, True, False, False]
+    assert SPACE.valid_mask(False).tolist() == [False, False, False, False, True, True]
+    with pytest.raises(ValueError, match="not a candidate"):
+        SPACE.start_action(2)
+
+
+def test_round_returns_are_tokens_minus_weighted_cost():
+    c = costs()
+    rounds = [RoundRecord(None, 0, 0, 0, 0, 0), RoundRecord(3, 4, 2, 0, 0, 0), RoundRecord(1, 1, 1, 0, 0, 0)]
+    actions = [0, 2, 5, 5, 5, 4, 1, 5]  # plain; L3 + 3 more + stop; L1 + an ignored "more" at the cap
+    for w in (1.0, 0.5):
+        r = decision_rewards(actions, rounds, SPACE, c, w)
+        assert len(r) == len(actions)
+        assert r[0] == pytest.approx(1 - w)
+        assert sum(r[1:6]) == pytest.approx(3 - w * (4 * c.draft_ms[3] + c.verify_ms[5]) / c.plain_ms)
+        assert sum(r[6:]) == pytest.approx(2 - w * (c.draft_ms[1] + c.verify_ms[2]) / c.plain_ms)
+    with pytest.raises(ValueError, match="logged decisions"):
+        decision_rewards(actions[:-1], rounds, SPACE, c)
+
+
+def test_recorder_is_transparent_and_logs_every_decision():
+    lm = tiny("llama")
+    dec = Decoder(lm)
+    for uid, _, ids in PROMPTS:
+        ref = dec.generate(ids, Autoregressive(), max_new_tokens=30).token_ids
+        rec = Recorder(RandomSchedule(list(LAYERS), 6, seed=2), SPACE)
+        out = dec.generate(ids, rec, max_new_tokens=30)
+        assert out.token_ids == ref
+        assert len(rec.actions) == len(out.rounds) + sum(r.drafted for r in out.rounds)
+        assert all(o.shape == (len(feature_names(SPACE)),) and np.isfinite(o).all() for o in rec.obs)
+
+
+def test_copy_feature_fires_on_repetition():
+    from lede.policy import DecodeState
+
+    tr = FeatureTracker(SPACE)
+    names = feature_names(SPACE)
+    st = DecodeState(6, 4, 20, tokens=[1, 2], prompt_ids=[1, 2, 3, 4])
+    f = tr.features(st, True)
+    assert f[names.index("copy_bigram")] == 1.0  # "1 2" occurred in the prompt
+    st.tokens.append(9)
+    assert tr.features(st, True)[names.index("copy_bigram")] == 0.0
+
+
+@pytest.fixture(scope="module")
+def experience():
+    lm = tiny("llama")
+    behaviours = [Static(l, k) for l in LAYERS for k in (1, 3)] + [RandomSchedule(list(LAYERS), 6, seed=s) for s in range(2)]
+    behaviours.append(EpsilonPerturbed(Static(3, 2), SPACE, 0.3, seed=1))
+    behaviours.append(Autoregressive())
+    return collect_experience(Decoder(lm, max_draft_len=6), PROMPTS, behaviours, SPACE, costs(), 24, progress=False)
+
+
+def test_experience_layout_and_round_trip(experience, tmp_path):
+    exp = experience
+    assert len(exp) > 100 and exp.terminals.sum() == len(exp.behaviour)
+    assert set(np.unique(exp.actions)) == set(range(SPACE.size))  # the data covers the action space
+    exp.save(tmp_path / "exp")
+    back = Experience.load(tmp_path / "exp")
+    assert np.array_equal(back.obs, exp.obs) and np.array_equal(back.actions, exp.actions)
+    assert (tmp_path / "exp.h5").stat().st_size > 0
+
+
+@pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBC"])
+def test_train_and_decode_exactly(experience, tmp_path, algo):
+    res = train_policy(experience, algo=algo, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs",
+                       fqe_steps=100)
+    assert len(res.history) == 2
+    if algo == "DiscreteCQL":
+        assert {"td_error", "initial_state_value"} <= set(res.history[-1]) and res.fqe_value is not None
+    res.policy.save(tmp_path / "p.pt")
+    policy = RLPolicy.load(tmp_path / "p.pt", lm_name="tiny-llama-s0", exit_layers=LAYERS)
+    lm = tiny("llama")
+    dec = Decoder(lm, max_draft_len=6)
+    for _, _, ids in PROMPTS:
+        assert dec.generate(ids, policy, max_new_tokens=30).token_ids == dec.generate(ids, Autoregressive(), max_new_tokens=30).token_ids
+    # the exported network equals d3rlpy's own Q-values
+    with pytest.raises(PolicyError, match="trained for model"):
+        RLPolicy.load(tmp_path / "p.pt", lm_name="other")
+    with pytest.raises(PolicyError, match="candidate layers"):
+        RLPolicy.load(tmp_path / "p.pt", exit_layers=(1, 2))
+
+
+def test_empty_and_mismatched_datasets_fail_clearly(experience):
+    empty = Experience(SPACE, feature_names(SPACE), np.zeros((0, len(feature_names(SPACE))), np.float32),
+                       np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                       [], [], [])
+    with pytest.raises(PolicyError, match="empty"):
+        train_policy(empty)
+    bad = Experience(ActionSpace((1, 3), 6), experience.names, experience.obs, experience.actions, experience.rewards,
+                     experience.terminals, experience.episode, experience.behaviour, experience.prompt, experience.category)
+    with pytest.raises(PolicyError, match="feature"):
+        bad.check()
+    with pytest.raises(PolicyError, match="unknown RL algorithm"):
+        train_policy(experience, algo="PPO")
+
+
+def test_oracle_is_exact_and_beats_static_rounds():
+    lm = tiny("llama")
+    dec = Decoder(lm, max_draft_len=6)
+    c = costs(draft=0.05)
+    for _, _, ids in PROMPTS:
+        ref = dec.generate(ids, Autoregressive(), max_new_tokens=30).token_ids
+        runs = oracle_runs(lm, {l: dec.head(l) for l in LAYERS}, ids, ref, list(LAYERS))
+        out = dec.generate(ids, Oracle(runs, c, 6), max_new_tokens=30)
+        assert out.token_ids == ref
+        oracle_ms = sum(c.round_ms(r.exit_layer, r.drafted) for r in out.rounds)
+        for l in LAYERS:
+            st = dec.generate(ids, Static(l, 2), max_new_tokens=30)
+            assert oracle_ms <= sum(c.round_ms(r.exit_layer, r.drafted) for r in st.rounds) + 1e-9
+        # in hindsight no drafted token is ever rejected
+        assert all(r.accepted == r.drafted for r in out.rounds[:-1])
