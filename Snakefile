@@ -6,6 +6,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/exits.smk"
 include: "workflow/rules/bench.smk"
+include: "workflow/rules/policy.smk"
 
 
 rule all:
@@ -14,3 +15,4 @@ rule all:
         f"{R}/exits/report.md",
         f"{R}/sweep/best_static.json",
         f"{R}/bench/eval.md",
+        f"{R}/eval/summary.md",

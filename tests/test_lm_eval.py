@@ -181,7 +181,8 @@ def test_multiple_choice_and_perplexity_tasks_run_through_simple_evaluate():
     import datasets
 
     def mc_docs(**_):
-        rows = [{"q": "ab", "choices": ["cd", "ef", "gh"], "label": 1}, {"q": "xy", "choices": ["zz", "yy"], "label": 0}]
+        rows = [{"q": "ab", "choices": ["cd", "ef", "gh"], "label": 1},
+                {"q": "xy", "choices": ["zz", "yy"], "label": 0}]
         return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
     mc = {"task": "tiny_mc", "custom_dataset": mc_docs, "output_type": "multiple_choice", "test_split": "test",
@@ -329,6 +330,8 @@ def test_smollm2_parity_in_process_and_command_line(smollm2, tmp_path):
             assert rows[(task, "plain", metric)]["identity_rate"] == 1.0
         for d in report.differences:  # every non-identical output is located, with the full model's margin
             assert d["position"] is not None and d["margin"] is not None and d["margin"] >= 0
+        sample = json.loads((out / "samples_static_8_4.jsonl").read_text().splitlines()[0])
+        assert sample["lede"]["policy"] == "static:8:4" and sample["lede"]["tokens_per_s"] > 0
         # the chat template is applied: the qa prompt is exactly encode_chat of the question
         recs = [json.loads(x) for x in (out / "speed_plain.jsonl").read_text().splitlines()]
         qa = next(r for r in recs if r["task"] == "lede_spec_bench_qa" and r["doc_id"] == 0)

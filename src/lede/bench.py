@@ -25,6 +25,7 @@ from lede.policy import Autoregressive, Policy
 
 PLAIN = "plain"
 HF_GENERATE = "hf_generate"
+HF_PROMPT_LOOKUP = "hf_prompt_lookup"  # transformers' prompt-lookup decoding (Spec-Bench's PLD)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class BenchRecord:
     identical: bool  # token ids equal plain decoding's (same prompt, same repeat)
     overhead_frac: float  # loop time outside forwards and policy / decode time
     policy_frac: float
+    rounds_detail: list = None  # [(exit_layer or None, drafted, accepted), ...] per round
 
 
 @dataclass
@@ -64,17 +66,20 @@ class ConfigSummary:
     median_policy_frac: float
 
 
-def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int) -> Generation:
-    """transformers' own greedy generate with its own linear layers, timed the same way (the reference
-    for the plain path)."""
+def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int, reference: bool = True, **kwargs) -> Generation:
+    """transformers' greedy generate, timed the same way. ``reference``: with transformers' own linear
+    layers (the reference for the plain path); otherwise with the engine's kernels (so that prompt lookup
+    is compared with lede on equal kernels)."""
+    from contextlib import nullcontext
+
     from lede.kernels import reference_linears
 
     model = decoder.lm.model
     x = torch.tensor([list(ids)], device=decoder.lm.device)
     t = time.perf_counter()
-    with torch.inference_mode(), reference_linears(model):
+    with torch.inference_mode(), (reference_linears(model) if reference else nullcontext()):
         out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=next(iter(decoder.lm.eos_token_ids), 0))
+                             pad_token_id=next(iter(decoder.lm.eos_token_ids), 0), **kwargs)
     wall = time.perf_counter() - t
     toks = out[0, len(ids):].tolist()
     return Generation(len(ids), toks, "", [], 0.0, wall, "length", HF_GENERATE)
@@ -83,35 +88,40 @@ def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int) -> G
 def run_bench(
     decoder: Decoder,
     prompts: Sequence[BenchPrompt],
-    configs: dict[str, Policy | str],
+    configs: dict[str, Policy | str | Callable[[BenchPrompt], Policy]],
     max_new_tokens: int = 128,
     repeats: int = 1,
     warmup: int = 1,
     progress: bool = True,
+    keep_rounds: bool = False,
 ) -> list[BenchRecord]:
-    """Run every config on every prompt, interleaved. ``configs`` maps a name to a policy or to the
-    string ``"hf_generate"``; a plain (Autoregressive) config named ``"plain"`` is added if absent."""
+    """Run every config on every prompt, interleaved. ``configs`` maps a name to a policy, to a function
+    of the prompt returning a policy (e.g. the oracle, built per prompt), or to ``"hf_generate"`` /
+    ``"hf_prompt_lookup"``; a plain (Autoregressive) config named ``"plain"`` is added if absent."""
     if not prompts:
         raise ValueError("no prompts to benchmark: check the prompt file / categories / per_category")
     configs = {PLAIN: Autoregressive(), **configs}
     names = list(configs)
 
-    def run(name: str, ids) -> Generation:
+    def run(name: str, p: BenchPrompt) -> Generation:
         cfg = configs[name]
         if cfg == HF_GENERATE:
-            return _hf_generate(decoder, ids, max_new_tokens)
-        return decoder.generate(list(ids), cfg, max_new_tokens=max_new_tokens)
+            return _hf_generate(decoder, p.ids, max_new_tokens)
+        if cfg == HF_PROMPT_LOOKUP:
+            return _hf_generate(decoder, p.ids, max_new_tokens, reference=False, prompt_lookup_num_tokens=10)
+        policy = cfg if hasattr(cfg, "choose_exit") else cfg(p)
+        return decoder.generate(list(p.ids), policy, max_new_tokens=max_new_tokens)
 
     for _ in range(warmup):
         for name in names:
-            run(name, prompts[0].ids)
+            run(name, prompts[0])
 
     records: list[BenchRecord] = []
     bar = tqdm(total=len(prompts) * repeats * len(names), desc="bench", disable=not progress, mininterval=5)
     for rep in range(repeats):
         for i, p in enumerate(prompts):
             shift = (i + rep) % len(names)
-            outs = {name: run(name, p.ids) for name in names[shift:] + names[:shift]}
+            outs = {name: run(name, p) for name in names[shift:] + names[:shift]}
             ref = outs[PLAIN].token_ids
             for name, g in outs.items():
                 dec = g.decode_s or 1e-12
@@ -122,6 +132,7 @@ def run_bench(
                     identical=g.token_ids == ref,
                     overhead_frac=g.overhead_s / dec if g.rounds else float("nan"),
                     policy_frac=sum(r.policy_s for r in g.rounds) / dec if g.rounds else float("nan"),
+                    rounds_detail=[(r.exit_layer, r.drafted, r.accepted) for r in g.rounds] if keep_rounds else None,
                 ))
                 bar.update()
     bar.close()

@@ -26,13 +26,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _parse_configs(spec: str):
     """'8:4,20:2,hf' -> {'static_L8_K4': Static(8, 4), ..., 'hf_generate': 'hf_generate'}."""
-    from lede.bench import HF_GENERATE
+    from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP
     from lede.policy import Static
 
     out: dict = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if item in ("hf", HF_GENERATE):
             out[HF_GENERATE] = HF_GENERATE
+            continue
+        if item in ("pld", HF_PROMPT_LOOKUP):
+            out[HF_PROMPT_LOOKUP] = HF_PROMPT_LOOKUP
             continue
         try:
             layer, k = (int(x) for x in item.split(":"))
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="interleaved speed benchmark of plain decoding vs static configurations")
     _common(b)
-    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN, and 'hf' for transformers' generate")
+    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN, 'hf' (transformers' generate), 'pld' (prompt lookup)")
     b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
     b.add_argument("--data-dir", default="../shared/data", help="folder with spec_bench/, gsm8k/, nq_open/")
     b.add_argument("--split", default="eval", choices=["train", "eval"])

@@ -179,7 +179,7 @@ class StoppingDecoder(Decoder):
     def _round(self, state, policy, cache, sampling, gen):
         if self._t_first is None:
             self._t_first = time.perf_counter()
-        if self._until and self._has_stop(state.tokens):
+        if self._until and self._has_stop(state.tokens, self._until):
             self._state = state
             raise _Stop
         return super()._round(state, policy, cache, sampling, gen)
@@ -187,18 +187,18 @@ class StoppingDecoder(Decoder):
     def _raw(self, ids) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _has_stop(self, ids) -> bool:
+    def _has_stop(self, ids, until) -> bool:
         text = self._raw(ids)
-        return any(s in text for s in self._until)
+        return any(s in text for s in until)
 
     def _cut(self, gen: Generation, until: list[str]) -> Generation:
         """Keep the shortest token prefix whose text holds a stop string; cut the text before it."""
         tokens = gen.token_ids
-        if until and self._has_stop_in(tokens, until):
+        if until and self._has_stop(tokens, until):
             lo, hi = 1, len(tokens)  # smallest n with a stop string in decode(tokens[:n])
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self._has_stop_in(tokens[:mid], until):
+                if self._has_stop(tokens[:mid], until):
                     hi = mid
                 else:
                     lo = mid + 1
@@ -210,10 +210,6 @@ class StoppingDecoder(Decoder):
             text = text.split(s)[0]
         gen.token_ids, gen.text = tokens, text
         return gen
-
-    def _has_stop_in(self, ids, until) -> bool:
-        text = self._raw(ids)
-        return any(s in text for s in until)
 
 
 # --------------------------------------------------------------------------- the lm-eval model

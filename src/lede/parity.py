@@ -45,6 +45,9 @@ ROW_FIELDS = [
     "n_outputs", "identical", "identity_rate", "tokens_per_s", "speedup", "mean_accepted",
     "context_truncated", "length_capped",
 ]
+#: the speed record fields copied into each logged sample (key "lede") of samples_<method>.jsonl
+SAMPLE_SPEED_FIELDS = ("policy", "new_tokens", "finish_reason", "tokens_per_s", "wall_s", "rounds", "mean_accepted",
+                       "accepted", "context_truncated")
 DIFF_FIELDS = [
     "task", "method", "doc_id", "position", "plain_token", "method_token", "plain_piece", "method_piece",
     "margin", "full_top1", "full_top2", "plain_len", "method_len",
@@ -363,9 +366,10 @@ def run_parity(
     ``methods``: policy strings (``static:8:4``, ...) or ``{name: policy}``; plain decoding
     (``autoregressive``) runs first as ``plain``. ``apply_chat_template``: None = when the tokenizer
     has one. ``confirm_run_unsafe_code`` is needed for ``lede_humaneval`` (its code runs in
-    :mod:`lede.sandbox`). Writes into ``out_dir``: per method ``results_<name>.json``,
-    ``samples_<name>.jsonl`` (lm-eval's sample logs) and ``speed_<name>.jsonl`` (per-request speed
-    records); then ``parity.csv``, ``parity.md``, ``differences.csv``.
+    :mod:`lede.sandbox`). Writes into ``out_dir``: per method ``results_<name>.json`` (lm-eval's results,
+    the speed summary, truncation counts), ``samples_<name>.jsonl`` (lm-eval's sample logs, each with the
+    request's speed under ``"lede"``) and ``speed_<name>.jsonl`` (the full per-request records, with
+    token ids); then ``parity.csv``, ``parity.md``, ``differences.csv``.
     """
     import lm_eval
     from lm_eval.utils import handle_non_serializable
@@ -399,10 +403,14 @@ def run_parity(
                    "truncations": lede_lm.truncations, "config": res.get("config")}
         (out / f"results_{name}.json").write_text(
             json.dumps(summary, indent=2, default=handle_non_serializable), encoding="utf-8")
+        speed = {}
+        for r in lede_lm.records:
+            speed.setdefault((r["task"], r["doc_id"]), {k: r[k] for k in SAMPLE_SPEED_FIELDS})
         with (out / f"samples_{name}.jsonl").open("w", encoding="utf-8") as fh:
             for task, samples in res["samples"].items():
                 for s in samples:
-                    fh.write(json.dumps({"task": task, **s}, default=handle_non_serializable) + "\n")
+                    line = {"task": task, **s, "lede": speed.get((task, s["doc_id"]))}
+                    fh.write(json.dumps(line, default=handle_non_serializable) + "\n")
         runs.append(MethodRun.from_evaluation(name, res, lede_lm))
     report = parity_report(
         runs, baseline=BASELINE, margin_fn=full_model_margin(lm),

@@ -76,7 +76,8 @@ _LAUNCHER = textwrap.dedent(
     import ctypes, os, platform, resource, struct, sys
 
     TAG = "%(tag)s"
-    program, mem, cpu, fsize, nproc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    program = sys.argv[1]
+    mem, cpu, fsize, nproc = (int(x) for x in sys.argv[2:6])
 
     def fail(msg):
         sys.stderr.write(TAG + ": " + msg + "\n")

@@ -18,6 +18,7 @@ rule bench_eval:
         data_dir=config["data_dir"],
         per_category=config["bench"]["per_category"],
         max_new_tokens=config["bench"]["max_new_tokens"],
+    threads: config["threads"]
     log:
         f"{R}/bench/eval.log",
     benchmark:

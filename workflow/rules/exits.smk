@@ -17,6 +17,7 @@ rule distill_data:
         eval=EXITS["eval"],
     wildcard_constraints:
         split="train|eval",
+    threads: config["threads"]
     log:
         f"{R}/exits/distill_{{split}}.log",
     benchmark:
@@ -46,6 +47,7 @@ rule train_adapter:
     wildcard_constraints:
         layer=r"\d+",
         design="linear|lowrank",
+    threads: config["threads"]
     log:
         f"{R}/exits/adapters/L{{layer}}_{{design}}.log",
     benchmark:
@@ -72,6 +74,7 @@ rule cost_model:
         context_len=config["costs"]["context_len"],
         repeats=config["costs"]["repeats"],
         vocab_size=EXITS["vocab_size"],
+    threads: config["threads"]
     log:
         f"{R}/costs.log",
     conda:
@@ -100,6 +103,7 @@ rule exit_report:
         **common_params(),
         draft_lens=config["sweep"]["draft_lens"],
         top=config["bench"]["static_configs"],
+    threads: config["threads"]
     log:
         f"{R}/exits/report.log",
     conda:

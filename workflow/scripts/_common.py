@@ -16,3 +16,29 @@ def setup(snakemake):
     torch.set_num_threads(int(snakemake.params.threads))
     logging.info("rule %s: threads=%d params=%s", snakemake.rule, torch.get_num_threads(), dict(snakemake.params))
     return snakemake.params
+
+
+def decoder_from_selection(params, selected_path, max_draft_len):
+    """The model and a Decoder with the selected exit heads (adapters + draft vocabulary)."""
+    import json
+
+    from lede.engine import Decoder
+    from lede.exits import heads_from_selection
+    from lede.model import load_model
+
+    lm = load_model(params.model, dtype=params.dtype, device=params.device)
+    heads = heads_from_selection(lm, json.loads(open(selected_path).read()))
+    return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
+
+
+def prompts_for(params, split, per_category, extra_gsm8k=0):
+    """(uid, category, ids)-ready prompts: Spec-Bench of the split, per category, plus GSM8K train."""
+    from lede.data import SPEC_BENCH_CATEGORIES, prompt_pool
+
+    cats = list(SPEC_BENCH_CATEGORIES)
+    if split == "train":
+        cats = [c for c in cats if c != "math_reasoning"]  # all its questions are GSM8K test questions
+    prompts = prompt_pool(params.data_dir, split, categories=cats, per_category=per_category, include_extra=False)
+    if extra_gsm8k:
+        prompts += prompt_pool(params.data_dir, "train", categories=["gsm8k"], per_category=extra_gsm8k)
+    return prompts

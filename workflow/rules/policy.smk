@@ -1,0 +1,84 @@
+# Stages 3–5: LEDE. Experience from behaviour policies on training prompts, offline RL (one job per
+# algorithm and seed), and the evaluation of every method, interleaved, on held-out prompts.
+POLICY = config["policy"]
+HEADS = [f"{R}/exits/selected.json", f"{R}/costs.json", f"{R}/sweep/best_static.json"]
+
+
+rule collect_experience:
+    input:
+        heads=HEADS,
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
+        sweep=f"{R}/sweep/replay_train.csv",
+        code=src("rl", "features", "heuristics", "engine", "policy", "costs", "data"),
+    output:
+        multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
+    params:
+        **common_params(),
+        data_dir=config["data_dir"],
+        layers=LAYERS,
+        policy=POLICY,
+    threads: config["threads"]
+    resources:
+        gpu=0,
+    log:
+        f"{R}/rl/experience.log",
+    benchmark:
+        f"{R}/rl/experience.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/collect_experience.py"
+
+
+rule train_policy:
+    input:
+        exp=multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
+        code=src("rl", "features"),
+    output:
+        policy=f"{R}/rl/policy_{{algo}}_s{{seed}}.pt",
+        history=f"{R}/rl/history_{{algo}}_s{{seed}}.csv",
+    params:
+        **common_params(),
+        n_steps=POLICY["n_steps"],
+        logs=f"{R}/rl/logs",
+    wildcard_constraints:
+        algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC",
+        seed=r"\d+",
+    threads: config["threads"]
+    log:
+        f"{R}/rl/train_{{algo}}_s{{seed}}.log",
+    benchmark:
+        f"{R}/rl/train_{{algo}}_s{{seed}}.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/train_policy.py"
+
+
+rule evaluate:
+    """Plain decoding, transformers' generate and prompt lookup, the best static cell, the heuristics,
+    every trained LEDE policy and the oracle, interleaved on held-out prompts."""
+    input:
+        heads=HEADS,
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
+        policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),
+        code=src("rl", "features", "heuristics", "oracle", "bench", "engine", "policy", "costs", "data"),
+    output:
+        json=f"{R}/eval/records.json",
+        md=report(f"{R}/eval/summary.md", caption="../report/eval.rst", category="Speed"),
+    params:
+        **common_params(),
+        data_dir=config["data_dir"],
+        layers=LAYERS,
+        policy=POLICY,
+    threads: config["threads"]
+    resources:
+        gpu=0,
+    log:
+        f"{R}/eval/evaluate.log",
+    benchmark:
+        f"{R}/eval/evaluate.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/evaluate.py"

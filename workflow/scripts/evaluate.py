@@ -1,0 +1,110 @@
+"""Rule evaluate: every method interleaved on held-out prompts; LEDE's ratios against each."""
+
+import json
+import logging
+import math
+import statistics
+import sys
+from collections import Counter
+from dataclasses import asdict
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import decoder_from_selection, prompts_for, setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+import torch  # noqa: E402
+
+from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
+from lede.costs import CostModel  # noqa: E402
+from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit, tune_threshold  # noqa: E402
+from lede.oracle import Oracle, oracle_runs  # noqa: E402
+from lede.policy import Autoregressive, Static  # noqa: E402
+from lede.rl import RLPolicy  # noqa: E402
+
+inp, out = snakemake.input, snakemake.output  # noqa: F821
+pol, ev = p.policy, p.policy["evaluate"]
+kmax = pol["max_draft_len"]
+lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
+costs = CostModel.load(inp.heads[1])
+cells = [c for c in json.loads(open(inp.heads[2]).read())["cells"] if c["draft_len"] <= kmax]
+best_l, best_k = cells[0]["exit_layer"], cells[0]["draft_len"]
+
+# the confidence threshold is tuned on TRAINING prompts (a short real-engine run per candidate)
+tune_prompts = [lm.encode_chat(pr.text) for pr in prompts_for(p, "train", 1)]
+
+
+def tokens_per_s(threshold):
+    policy = ConfidenceThreshold(best_l, threshold, kmax)
+    return statistics.median(dec.generate(ids, policy, max_new_tokens=32).tokens_per_s for ids in tune_prompts)
+
+
+threshold = tune_threshold([0.3, 0.5, 0.7, 0.9], tokens_per_s)
+logging.info("best static L=%d K=%d; tuned confidence threshold %.2f", best_l, best_k, threshold)
+
+lede = {}
+for path in inp.policies:
+    policy = RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers)
+    lede[policy.name] = policy
+oracle_layers = list(p.layers)
+
+
+def oracle_for(bp):
+    cont = dec.generate(list(bp.ids), Autoregressive(), max_new_tokens=ev["max_new_tokens"]).token_ids
+    return Oracle(oracle_runs(lm, {l: dec.head(l) for l in oracle_layers}, list(bp.ids), cont, oracle_layers), costs, kmax)
+
+
+configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, "best_static": Static(best_l, best_k),
+           "adaptive_k": AdaptiveDraftLength(best_l, initial=best_k, max_len=kmax),
+           "confidence": ConfidenceThreshold(best_l, threshold, kmax),
+           "dynamic_exit": DynamicExit(p.layers, costs, kmax), **lede, "oracle": oracle_for}
+prompts = prompts_for(p, "eval", ev["per_category"])
+bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
+records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True)
+overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
+
+
+def paired(a, b, recs):
+    """Median over prompts of tokens/s of a ÷ tokens/s of b."""
+    tps = {(r.prompt, r.config): r.tokens_per_s for r in recs}
+    xs = [tps[(q, a)] / tps[(q, b)] for q in {r.prompt for r in recs} if (q, a) in tps and (q, b) in tps]
+    return statistics.median(xs) if xs else float("nan")
+
+
+lines = ["# LEDE vs every method, held-out prompts (interleaved, medians of per-prompt ratios)", "",
+         f"model={p.model} dtype={lm.dtype} threads={torch.get_num_threads()} prompts={len(prompts)} "
+         f"max_new_tokens={ev['max_new_tokens']} best static L={best_l} K={best_k} threshold={threshold}", ""]
+for name in lede:
+    lines.append(f"## {name}")
+    cats = ["all"] + sorted({r.category for r in records})
+    others = [c for c in configs if c not in lede] + [PLAIN]
+    lines.append("| category | " + " | ".join(f"vs {o}" for o in others) + " | fraction of oracle |")
+    lines.append("|---|" + "---|" * (len(others) + 1))
+    for cat in cats:
+        rs = [r for r in records if cat == "all" or r.category == cat]
+        frac = paired(name, PLAIN, rs) / paired("oracle", PLAIN, rs)
+        lines.append(f"| {cat} | " + " | ".join(f"{paired(name, o, rs):.3f}" for o in others) + f" | {frac:.3f} |")
+    mine = [r for r in records if r.config == name]
+    choices = Counter((d[0], d[1]) for r in mine for d in r.rounds_detail)
+    total = sum(choices.values())
+    entropy = -sum(c / total * math.log(c / total) for c in choices.values()) if total else 0.0
+    lines += ["", f"policy time: median {100 * statistics.median(r.policy_frac for r in mine):.2f}% of decode time; "
+              f"{len(choices)} distinct (exit layer, drafted) choices, entropy {entropy:.2f} nats; "
+              f"plain steps {sum(c for (l, _), c in choices.items() if l is None) / max(total, 1):.1%}", ""]
+    lines.append("exit layer share per category: ")
+    for cat in sorted({r.category for r in mine}):
+        cnt = Counter(d[0] for r in mine if r.category == cat for d in r.rounds_detail)
+        n = sum(cnt.values())
+        lines.append(f"- {cat}: " + ", ".join(f"{'plain' if l is None else 'L' + str(l)} {c / n:.0%}"
+                                              for l, c in sorted(cnt.items(), key=lambda x: (x[0] is not None, x[0] or 0))))
+    lines.append("")
+lines += ["```", format_summary(overall), "", format_summary(per_cat), "```", ""]
+text = "\n".join(lines)
+logging.info("\n%s", text)
+write_json(out.json, {"settings": dict(p), "threshold": threshold, "best_static": [best_l, best_k],
+                      "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
+                      "records": [asdict(r) for r in records]})
+tmp = out.md + ".tmp"
+open(tmp, "w").write(text)
+import os  # noqa: E402
+
+os.replace(tmp, out.md)
