@@ -146,3 +146,17 @@ def test_bad_arguments():
         dec.generate([1] * 500, Autoregressive(), max_new_tokens=100)
     with pytest.raises(ValueError, match="exit layer 9"):
         Decoder(lm, exit_heads={9: dec.plain_head})
+
+
+def test_stop_strings_end_generation_at_the_completing_token():
+    lm = tiny("llama")
+    dec = Decoder(lm)
+    ref = dec.generate([4, 5, 6], Autoregressive(), max_new_tokens=40)
+    stop = ref.text[12:14]  # two characters = two tokens of the byte tokenizer
+    first = ref.text.find(stop)
+    for policy in (Autoregressive(), Static(2, 5), RandomSchedule([1, 3, 5], 6, seed=1)):
+        out = dec.generate([4, 5, 6], policy, max_new_tokens=40, stop_strings=[stop, "never-there"])
+        assert out.finish_reason == "stop"
+        assert out.token_ids == ref.token_ids[: first + len(stop)]
+        assert out.text_until(lm.tokenizer, [stop]) == ref.text[:first]
+    assert dec.generate([4, 5, 6], Static(2, 5), max_new_tokens=40, stop_strings=["never-there"]).token_ids == ref.token_ids

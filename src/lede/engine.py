@@ -32,6 +32,7 @@ choice lives in ``_verify`` alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,25 @@ from torch import nn
 from lede.exits import ExitHead
 from lede.model import LoadedModel
 from lede.policy import Confidence, DecodeState, Policy, RoundRecord
+
+
+class _StopStrings:
+    """Finds the first token whose addition makes the text contain a stop string, decoding only a
+    window of recent tokens (special tokens kept, so "<|im_end|>" can be a stop string)."""
+
+    def __init__(self, tokenizer, strings: Sequence[str]):
+        self.tok, self.strings = tokenizer, [s for s in strings if s]
+
+    def hit(self, tokens: list[int], start: int) -> int | None:
+        """The length of the shortest prefix of ``tokens`` longer than ``start`` that holds a stop string."""
+        if not self.strings:
+            return None
+        back = max(start - 32, 0)  # context before the new tokens, for strings spanning tokens
+        for end in range(max(start, 0) + 1, len(tokens) + 1):
+            text = self.tok.decode(tokens[back:end], skip_special_tokens=False)
+            if any(s in text for s in self.strings):
+                return end
+        return None
 
 
 class KVCache:
@@ -118,6 +138,17 @@ class Generation:
     finish_reason: str  # "length" or "eos"
     policy: str = ""
     exact_check: dict = field(default_factory=dict)
+
+    def text_until(self, tokenizer, stop_strings: Sequence[str]) -> str:
+        """The text cut before the first stop string (what lm-eval's ``until`` expects)."""
+        raw = tokenizer.decode(self.token_ids, skip_special_tokens=False)
+        cut = min((i for i in (raw.find(s) for s in stop_strings if s) if i >= 0), default=None)
+        if cut is None:
+            return self.text
+        text = raw[:cut]
+        for special in getattr(tokenizer, "all_special_tokens", []):
+            text = text.replace(special, "")
+        return text
 
     @property
     def new_tokens(self) -> int:
@@ -223,7 +254,11 @@ class Decoder:
         max_new_tokens: int = 128,
         sampling: Sampling | None = None,
         stop_at_eos: bool = True,
+        stop_strings: Sequence[str] = (),
     ) -> Generation:
+        """Generate up to ``max_new_tokens``; stops at EOS (``stop_at_eos``) and once the text holds one of
+        ``stop_strings`` (the tokens end with the one completing it; ``finish_reason`` "stop"; the text
+        is not cut, see ``Generation.text_until``)."""
         if not prompt_ids:
             raise ValueError("empty prompt: pass at least one prompt token")
         if max_new_tokens < 1:
@@ -246,17 +281,23 @@ class Decoder:
         state.last_verify = Confidence(first_logits)
         prefill_s = time.perf_counter() - t0
 
-        finish = "eos" if stop_at_eos and first in self._eos else "length"
+        stops = _StopStrings(self.lm.tokenizer, stop_strings)
+        finish = "eos" if stop_at_eos and first in self._eos else "stop" if stops.hit(state.tokens, 0) else "length"
         t1 = time.perf_counter()
         while finish == "length" and len(state.tokens) < max_new_tokens:
             emitted = self._round(state, policy, cache, sampling, gen)
-            for i, tok in enumerate(emitted):  # truncate at EOS and at the budget
+            before = len(state.tokens)
+            for tok in emitted:  # truncate at EOS and at the budget
                 if len(state.tokens) >= max_new_tokens:
                     break
                 state.tokens.append(tok)
                 if stop_at_eos and tok in self._eos:
                     finish = "eos"
                     break
+            cut = stops.hit(state.tokens, before)
+            if cut is not None:
+                del state.tokens[cut:]
+                finish = "stop"
         decode_s = time.perf_counter() - t1
 
         text = self.lm.tokenizer.decode(state.tokens, skip_special_tokens=True)

@@ -76,7 +76,6 @@ __all__ = [
     "POLICIES",
     "ContextWindowError",
     "LedeLM",
-    "StoppingDecoder",
     "make_policy",
     "register_policy",
 ]
@@ -138,80 +137,6 @@ def make_policy(spec: str | Policy, lm: LoadedModel) -> Policy:
 # --------------------------------------------------------------------------- stop strings
 
 
-class _Stop(Exception):
-    pass
-
-
-class StoppingDecoder(Decoder):
-    """A :class:`Decoder` that also ends a generation once its text contains a stop string.
-
-    The check runs before every draft/verify round on the text decoded so far (special tokens kept, so a
-    stop string such as ``<|im_end|>`` is seen). Tokens after the one completing the stop string are
-    dropped, as the engine drops tokens after EOS; ``finish_reason`` is then ``"stop"``. Timing splits
-    (prefill/decode) are measured around the engine's loop.
-    """
-
-    def generate_until(
-        self,
-        prompt_ids: list[int],
-        policy: Policy,
-        max_new_tokens: int,
-        until: Sequence[str] = (),
-        sampling: Sampling | None = None,
-        stop_at_eos: bool = True,
-    ) -> Generation:
-        self._until = [s for s in until if s]
-        self._state = None
-        self._t_first = None
-        t0 = time.perf_counter()
-        try:
-            gen = self.generate(prompt_ids, policy, max_new_tokens, sampling, stop_at_eos)
-        except _Stop:
-            t_end = time.perf_counter()
-            state = self._state
-            t_first = self._t_first or t_end
-            gen = Generation(len(prompt_ids), list(state.tokens), "", list(state.rounds),
-                             t_first - t0, t_end - t_first, "stop", policy.name)
-        finally:
-            until_, self._until = self._until, []
-        return self._cut(gen, until_)
-
-    def _round(self, state, policy, cache, sampling, gen):
-        if self._t_first is None:
-            self._t_first = time.perf_counter()
-        if self._until and self._has_stop(state.tokens, self._until):
-            self._state = state
-            raise _Stop
-        return super()._round(state, policy, cache, sampling, gen)
-
-    def _raw(self, ids) -> str:
-        return self.lm.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def _has_stop(self, ids, until) -> bool:
-        text = self._raw(ids)
-        return any(s in text for s in until)
-
-    def _cut(self, gen: Generation, until: list[str]) -> Generation:
-        """Keep the shortest token prefix whose text holds a stop string; cut the text before it."""
-        tokens = gen.token_ids
-        if until and self._has_stop(tokens, until):
-            lo, hi = 1, len(tokens)  # smallest n with a stop string in decode(tokens[:n])
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self._has_stop(tokens[:mid], until):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if lo < len(tokens) or gen.finish_reason != "eos":  # an EOS that is itself a stop string stays "eos"
-                gen.finish_reason = "stop"
-            tokens = tokens[:lo]
-        text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in until:
-            text = text.split(s)[0]
-        gen.token_ids, gen.text = tokens, text
-        return gen
-
-
 # --------------------------------------------------------------------------- the lm-eval model
 
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "seed"}
@@ -270,7 +195,7 @@ class LedeLM(TemplateLM):
                 raise FileNotFoundError(f"exit_heads={exit_heads}: no such selection file")
             heads = heads_from_selection(self.lm, json.loads(path.read_text()))
         draft = getattr(self.policy, "draft_len", 0) or 0
-        self.decoder = StoppingDecoder(self.lm, exit_heads=heads, max_draft_len=max(16, int(draft)))
+        self.decoder = Decoder(self.lm, exit_heads=heads, max_draft_len=max(16, int(draft)))
         cfg_len = getattr(self.lm.config, "max_position_embeddings", None)
         self._max_length = int(max_length) if max_length is not None else (int(cfg_len) if cfg_len else 2048)
         if cfg_len and self._max_length > int(cfg_len):
@@ -450,7 +375,8 @@ class LedeLM(TemplateLM):
                 self.truncations["generate_until"] += 1
                 log.warning("lede: %s doc %s: prompt cut by %d tokens to fit max_length=%d", req.task_name,
                             req.doc_id, cut, self.max_length)
-            gen = self.decoder.generate_until(prompt, self.policy, max_gen, until, sampling)
+            gen = self.decoder.generate(prompt, self.policy, max_gen, sampling, stop_strings=until)
+            gen.text = gen.text_until(self.lm.tokenizer, until)
             self._record(req, prompt, gen, cut, max_gen, sampling, extra)
             results.append(gen.text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), gen.text)
