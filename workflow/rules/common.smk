@@ -13,6 +13,7 @@ R = config.get("results_dir", "results")
 EXITS = config["exits"]
 LAYERS = sorted(EXITS["layers"])
 DESIGNS = EXITS["designs"]
+CATEGORIES = config.get("categories", ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"])
 
 
 def src(*modules):
@@ -43,4 +44,4 @@ _check_config()
 
 def common_params():
     return dict(model=config["model"], dtype=config["dtype"], device=config["device"],
-                threads=config["threads"], seed=config["seed"])
+                threads=config["threads"], seed=config["seed"], categories=CATEGORIES)

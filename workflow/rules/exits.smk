@@ -13,8 +13,8 @@ rule distill_data:
         **common_params(),
         data_dir=config["data_dir"],
         layers=LAYERS,
-        train=EXITS["train"],
-        eval=EXITS["eval"],
+        prompts=lambda wc: EXITS[wc.split],  # only this split's settings, so the other's do not rerun it
+        batch_size=EXITS["train"]["batch_size"],
     wildcard_constraints:
         split="train|eval",
     threads: config["threads"]

@@ -33,9 +33,9 @@ def decoder_from_selection(params, selected_path, max_draft_len):
 
 def prompts_for(params, split, per_category, extra_gsm8k=0):
     """(uid, category, ids)-ready prompts: Spec-Bench of the split, per category, plus GSM8K train."""
-    from lede.data import SPEC_BENCH_CATEGORIES, prompt_pool
+    from lede.data import prompt_pool
 
-    cats = list(SPEC_BENCH_CATEGORIES)
+    cats = list(params.categories)
     if split == "train":
         cats = [c for c in cats if c != "math_reasoning"]  # all its questions are GSM8K test questions
     prompts = prompt_pool(params.data_dir, split, categories=cats, per_category=per_category, include_extra=False)

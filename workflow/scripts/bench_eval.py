@@ -13,7 +13,7 @@ p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
 
 from lede.bench import HF_GENERATE, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
-from lede.data import SPEC_BENCH_CATEGORIES, prompt_pool  # noqa: E402
+from lede.data import prompt_pool  # noqa: E402
 from lede.engine import Decoder  # noqa: E402
 from lede.exits import heads_from_selection  # noqa: E402
 from lede.model import load_model  # noqa: E402
@@ -25,7 +25,7 @@ cells = json.loads(open(inp.best).read())["cells"]
 lm = load_model(p.model, dtype=p.dtype, device=p.device)
 heads = heads_from_selection(lm, selection)
 dec = Decoder(lm, exit_heads=heads, max_draft_len=max(c["draft_len"] for c in cells))
-prompts = prompt_pool(p.data_dir, "eval", categories=list(SPEC_BENCH_CATEGORIES), per_category=p.per_category,
+prompts = prompt_pool(p.data_dir, "eval", categories=list(p.categories), per_category=p.per_category,
                       include_extra=False)
 bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
 configs = {HF_GENERATE: HF_GENERATE}

@@ -7,21 +7,20 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.data import SPEC_BENCH_CATEGORIES, prompt_pool  # noqa: E402
+from lede.data import prompt_pool  # noqa: E402
 from lede.distill import Sequence, collect, data_hash, greedy_continuations, save_distill  # noqa: E402
 from lede.model import load_model  # noqa: E402
 
 split = snakemake.wildcards.split  # noqa: F821
+cfg = p.prompts
 if split == "train":
-    cfg = p.train
     pool = prompt_pool(p.data_dir, "train", include_extra=True)
-    take = {c: cfg["spec_bench_per_category"] for c in SPEC_BENCH_CATEGORIES}
+    take = {c: cfg["spec_bench_per_category"] for c in p.categories}
     take.update(gsm8k=cfg["gsm8k"], qa_nq=cfg["nq_open"])
     max_new = cfg["max_new_tokens"]
 else:
-    cfg = p.eval
-    pool = prompt_pool(p.data_dir, "eval", categories=list(SPEC_BENCH_CATEGORIES), include_extra=False)
-    take = {c: cfg["per_category"] for c in SPEC_BENCH_CATEGORIES}
+    pool = prompt_pool(p.data_dir, "eval", categories=list(p.categories), include_extra=False)
+    take = {c: cfg["per_category"] for c in p.categories}
     max_new = cfg["max_new_tokens"]
 prompts, seen = [], {}
 for pr in pool:  # the pool is in the split's deterministic order; keep the first N per category
@@ -34,7 +33,7 @@ if not prompts:
 
 lm = load_model(p.model, dtype=p.dtype, device=p.device)
 ids = [lm.encode_chat(pr.text) for pr in prompts]
-conts = greedy_continuations(lm, ids, max_new, batch_size=p.train["batch_size"])
+conts = greedy_continuations(lm, ids, max_new, batch_size=p.batch_size)
 seqs = [Sequence(i, c, pr.category, pr.uid) for i, c, pr in zip(ids, conts, prompts)]
 data = collect(lm, seqs, p.layers)
 logging.info("%d positions from %d sequences", len(data), len(seqs))
