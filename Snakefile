@@ -7,6 +7,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/exits.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/policy.smk"
+include: "workflow/rules/notebooks.smk"
 
 
 rule all:
@@ -16,3 +17,4 @@ rule all:
         f"{R}/sweep/best_static.json",
         f"{R}/bench/eval.md",
         f"{R}/eval/summary.md",
+        NOTEBOOK_OUTPUTS,

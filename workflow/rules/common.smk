@@ -17,7 +17,7 @@ CATEGORIES = config.get("categories", ["mt_bench", "translation", "summarization
 
 
 def src(*modules):
-    """The library files a rule runs: a change to one of them reruns the rule."""
+    """The library files a job runs (a change to one of them reruns the job)."""
     return [f"src/lede/{m}.py" for m in modules]
 
 

@@ -1,0 +1,102 @@
+"""The paper's notebooks (notebooks/*.ipynb): generated from notebooks/build_notebooks.py, parameterised, and
+each one runs with papermill on a small checked-in results directory (tests/fixtures/results/, copied from a
+.test run) holding only the files its Snakemake rule declares, writing every declared output."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO
+
+papermill = pytest.importorskip("papermill")
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOKS_DIR = REPO / "notebooks"
+FIXTURE = REPO / "tests" / "fixtures" / "results"
+RULES = REPO / "workflow" / "rules" / "notebooks.smk"
+POLICY = {"algos": ["DiscreteCQL"], "seeds": [0]}  # what the fixture (a .test run) holds
+
+
+def build_module():
+    sys.path.insert(0, str(NOTEBOOKS_DIR))
+    try:
+        import build_notebooks
+    finally:
+        sys.path.remove(str(NOTEBOOKS_DIR))
+    return build_notebooks
+
+
+def declared_inputs(results_dir: str) -> dict[str, list[str]]:
+    """NOTEBOOK_INPUTS of workflow/rules/notebooks.smk, evaluated for a results directory."""
+    from snakemake.io import expand
+
+    text = RULES.read_text()
+    head = text[: text.index("NOTEBOOKS = list(NOTEBOOK_INPUTS)")]
+    ns = {"R": results_dir, "POLICY": POLICY, "expand": expand}
+    exec(compile(head, str(RULES), "exec"), ns)
+    return ns["NOTEBOOK_INPUTS"]
+
+
+NAMES = sorted(build_module().NOTEBOOKS)
+
+
+def test_checked_in_notebooks_are_the_generated_ones(tmp_path):
+    build_module().build(tmp_path)
+    on_disk = sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))
+    assert on_disk == NAMES, "notebooks/ holds notebooks that build_notebooks.py does not write (or misses some)"
+    for name in NAMES:
+        assert (tmp_path / f"{name}.ipynb").read_text() == (NOTEBOOKS_DIR / f"{name}.ipynb").read_text(), (
+            f"notebooks/{name}.ipynb differs from build_notebooks.py: run `python notebooks/build_notebooks.py`")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_parameterised(name):
+    nb = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}: expected one cell tagged 'parameters'"
+    assert re.search(r'^results_dir = "results"', tagged[0].source, re.M)
+    assert re.search(r"^out_dir = ", tagged[0].source, re.M)
+    assert nb.metadata.kernelspec.name == "python3"
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: checked in with outputs"
+
+
+def test_rule_declares_every_notebook():
+    assert sorted(declared_inputs("R")) == NAMES
+    text = RULES.read_text()
+    assert "papermill" in text and "-k python3" in text and 'category="Figures"' in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_on_its_declared_inputs(name, tmp_path):
+    """Only the files the rule declares are present: the notebook must not read anything else."""
+    results = tmp_path / "results"
+    for rel in declared_inputs("RESULTS")[name]:
+        rel = rel.removeprefix("RESULTS/")
+        (results / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURE / rel, results / rel)
+    out = tmp_path / "out"
+    executed = out / "notebooks" / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True)
+    papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(executed), kernel_name="python3",
+                               parameters={"results_dir": str(results), "out_dir": str(out)}, progress_bar=False,
+                               cwd=str(tmp_path))
+    outputs = {f"figures/{name}.png": b"\x89PNG", f"figures/{name}.pdf": b"%PDF", f"tables/{name}.md": b"| ",
+               f"tables/{name}.tex": rb"\begin{tabular}", f"notebooks/{name}.ipynb": b"{"}
+    for rel, magic in outputs.items():
+        data = (out / rel).read_bytes()
+        assert data and magic in data[:4096], f"{rel}: empty or not the expected format"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(outputs)
+    nb = json.loads(executed.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+
+def test_fixture_is_small():
+    size = sum(p.stat().st_size for p in FIXTURE.rglob("*") if p.is_file())
+    assert size < 1_000_000, f"tests/fixtures/results/ is {size} bytes: keep it under 1 MB"
