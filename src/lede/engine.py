@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -137,7 +137,6 @@ class Generation:
     decode_s: float  # wall time of all rounds (after prefill)
     finish_reason: str  # "length" or "eos"
     policy: str = ""
-    exact_check: dict = field(default_factory=dict)
 
     def text_until(self, tokenizer, stop_strings: Sequence[str]) -> str:
         """The text cut before the first stop string (what lm-eval's ``until`` expects)."""
