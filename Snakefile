@@ -4,6 +4,7 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/early_exit.smk"
 include: "workflow/rules/exits.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/policy.smk"
@@ -18,3 +19,4 @@ rule all:
         f"{R}/bench/eval.md",
         f"{R}/eval/summary.md",
         NOTEBOOK_OUTPUTS,
+        [f"{R}/early_exit/{f}.md" for f in ("report", "bench", "quality/parity")] if EE["enabled"] else [],

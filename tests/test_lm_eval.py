@@ -297,6 +297,26 @@ def test_suite_runs_offline_with_speed_records(tmp_path):
     assert speed["lede_gsm8k"]["context_truncated"] == 2 and speed["lede_spec_bench_qa"]["mean_accepted"] >= 1
 
 
+@needs_data
+def test_compare_models_reports_a_variant_against_its_base(tmp_path):
+    """Quality of two models side by side (base vs early-exit variant): the parity report, base as baseline."""
+    import dataclasses
+
+    from lede.parity import compare_models
+
+    base = tiny()
+    other = dataclasses.replace(tiny(seed=1), name="tiny-variant")
+    report = compare_models(tmp_path, base, other, tasks=["lede_spec_bench_qa"], data_dir=DATA_DIR, limit=2,
+                            gen_kwargs={"max_gen_toks": 6}, n_boot=100)
+    rows = {(r["method"], r["metric"]): r for r in report.rows}
+    assert rows[(base.name, "scored")]["identity_rate"] == 1.0
+    variant = rows[("tiny-variant", "scored")]
+    assert variant["n_outputs"] == 2 and variant["identity_rate"] < 1.0  # different weights, different text
+    assert (tmp_path / "parity.md").is_file() and report.differences
+    with pytest.raises(ValueError, match="two different models"):
+        compare_models(tmp_path, base, base, tasks=["lede_spec_bench_qa"], data_dir=DATA_DIR)
+
+
 # --------------------------------------------------------------------------- the real model
 
 

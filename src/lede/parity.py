@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MethodRun", "ParityReport", "full_model_margin", "paired_bootstrap", "parity_report", "run_parity"]
+__all__ = ["MethodRun", "ParityReport", "compare_models", "full_model_margin", "paired_bootstrap", "parity_report", "run_parity"]
 
 BASELINE = "plain"
 
@@ -371,10 +371,6 @@ def run_parity(
     request's speed under ``"lede"``) and ``speed_<name>.jsonl`` (the full per-request records, with
     token ids); then ``parity.csv``, ``parity.md``, ``differences.csv``.
     """
-    import lm_eval
-    from lm_eval.utils import handle_non_serializable
-
-    from lede.lm_eval_model import LedeLM
     from lede.model import load_model
     from lede.tasks import task_manager
 
@@ -388,34 +384,78 @@ def run_parity(
     if apply_chat_template is None:
         apply_chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
     tm = task_manager(data_dir)
-    runs = []
-    for name, spec in specs.items():
-        speed_log = out / f"speed_{name}.jsonl"
-        speed_log.unlink(missing_ok=True)
-        lede_lm = LedeLM(loaded=lm, policy=spec, exit_heads=exit_heads, speed_log=str(speed_log),
-                         **(model_args or {}))
-        res = lm_eval.simple_evaluate(
-            model=lede_lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=True,
-            apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs, num_fewshot=num_fewshot,
-            bootstrap_iters=0, confirm_run_unsafe_code=confirm_run_unsafe_code,
-        )
-        summary = {"method": name, "policy": spec, "results": res.get("results"), "speed": lede_lm.speed_summary(),
-                   "truncations": lede_lm.truncations, "config": res.get("config")}
-        (out / f"results_{name}.json").write_text(
-            json.dumps(summary, indent=2, default=handle_non_serializable), encoding="utf-8")
-        speed = {}
-        for r in lede_lm.records:
-            speed.setdefault((r["task"], r["doc_id"]), {k: r[k] for k in SAMPLE_SPEED_FIELDS})
-        with (out / f"samples_{name}.jsonl").open("w", encoding="utf-8") as fh:
-            for task, samples in res["samples"].items():
-                for s in samples:
-                    line = {"task": task, **s, "lede": speed.get((task, s["doc_id"]))}
-                    fh.write(json.dumps(line, default=handle_non_serializable) + "\n")
-        runs.append(MethodRun.from_evaluation(name, res, lede_lm))
+    runs = [_evaluate(out, name, lm, spec, tasks, tm, limit, apply_chat_template, gen_kwargs, num_fewshot,
+                      confirm_run_unsafe_code, dict(exit_heads=exit_heads, **(model_args or {})))
+            for name, spec in specs.items()]
     report = parity_report(
         runs, baseline=BASELINE, margin_fn=full_model_margin(lm),
         decode=lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False), n_boot=n_boot, alpha=alpha,
         seed=seed,
     )
+    report.write(out)
+    return report
+
+
+def _evaluate(out: Path, name: str, lm, spec: str, tasks, tm, limit, apply_chat_template, gen_kwargs, num_fewshot,
+              confirm_run_unsafe_code, lm_args: dict) -> MethodRun:
+    """One method through ``simple_evaluate``; writes results_/samples_/speed_<name> into ``out``."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from lede.lm_eval_model import LedeLM
+
+    speed_log = out / f"speed_{name}.jsonl"
+    speed_log.unlink(missing_ok=True)
+    lede_lm = LedeLM(loaded=lm, policy=spec, speed_log=str(speed_log), **lm_args)
+    res = lm_eval.simple_evaluate(
+        model=lede_lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=True,
+        apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs, num_fewshot=num_fewshot,
+        bootstrap_iters=0, confirm_run_unsafe_code=confirm_run_unsafe_code,
+    )
+    summary = {"method": name, "model": lm.name, "policy": spec, "results": res.get("results"),
+               "speed": lede_lm.speed_summary(), "truncations": lede_lm.truncations, "config": res.get("config")}
+    (out / f"results_{name}.json").write_text(
+        json.dumps(summary, indent=2, default=handle_non_serializable), encoding="utf-8")
+    speed = {}
+    for r in lede_lm.records:
+        speed.setdefault((r["task"], r["doc_id"]), {k: r[k] for k in SAMPLE_SPEED_FIELDS})
+    with (out / f"samples_{name}.jsonl").open("w", encoding="utf-8") as fh:
+        for task, samples in res["samples"].items():
+            for smp in samples:
+                line = {"task": task, **smp, "lede": speed.get((task, smp["doc_id"]))}
+                fh.write(json.dumps(line, default=handle_non_serializable) + "\n")
+    return MethodRun.from_evaluation(name, res, lede_lm)
+
+
+def compare_models(
+    out_dir: str | Path,
+    base,
+    variant,
+    tasks: Sequence[str] = ("lede_gsm8k",),
+    data_dir: str | Path | None = None,
+    limit: int | float | None = None,
+    gen_kwargs: dict | None = None,
+    apply_chat_template: bool | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> ParityReport:
+    """Plain decoding of two models (e.g. a base model and its early-exit variant) on the same tasks: the
+    parity report with ``base.name`` as the baseline (metric differences with paired bootstrap intervals,
+    output identity, and every differing output with the base model's top-2 margin there)."""
+    from lede.tasks import task_manager
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if base.name == variant.name:
+        raise ValueError(f"compare_models needs two different models, got {base.name!r} twice")
+    if apply_chat_template is None:
+        apply_chat_template = bool(getattr(base.tokenizer, "chat_template", None))
+    tm = task_manager(data_dir)
+    runs = [_evaluate(out, lm.name, lm, "autoregressive", tasks, tm, limit, apply_chat_template, gen_kwargs, None,
+                      False, {})
+            for lm in (base, variant)]
+    report = parity_report(runs, baseline=base.name, margin_fn=full_model_margin(base),
+                           decode=lambda ids: base.tokenizer.decode(ids, skip_special_tokens=False),
+                           n_boot=n_boot, seed=seed)
     report.write(out)
     return report

@@ -4,6 +4,7 @@
 
 rule bench_eval:
     input:
+        model_files=MODEL_FILES,
         selected=f"{R}/exits/selected.json",
         best=f"{R}/sweep/best_static.json",
         costs=f"{R}/costs.json",

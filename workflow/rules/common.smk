@@ -31,6 +31,14 @@ def _check_config():
         depth = model_depth(config["model"])
     except ModelError as err:
         raise WorkflowError(f"config key model={config['model']!r}: {err}")
+    ee_bad = [l for l in config["early_exit"]["exit_layers"] if not 1 <= l <= depth - 1]
+    if config["early_exit"]["enabled"] and ee_bad:
+        raise WorkflowError(f"config key early_exit.exit_layers has {ee_bad} outside 1..{depth - 1} for model "
+                            f"{config['model']!r}: choose exit layers in that range")
+    weights = config["early_exit"].get("exit_weights")
+    if weights is not None and len(weights) != len(config["early_exit"]["exit_layers"]):
+        raise WorkflowError(f"config key early_exit.exit_weights={weights}: give one weight per exit layer "
+                            f"{config['early_exit']['exit_layers']} (or null)")
     bad = [l for l in LAYERS if not 1 <= l <= depth - 1]
     if bad:
         raise WorkflowError(
@@ -42,6 +50,19 @@ def _check_config():
 _check_config()
 
 
-def common_params():
-    return dict(model=config["model"], dtype=config["dtype"], device=config["device"],
+# The early-exit-trained variant (issue 7): when enabled, every stage after `early_exit` runs on the base
+# model plus the trained deltas, named "<model>-ee"; the base model only serves as the variant's teacher.
+EE = config["early_exit"]
+EE_WEIGHTS = f"{R}/early_exit/weights.pt"
+MODEL_FILES = [EE_WEIGHTS] if EE["enabled"] else []  # an input of every rule that loads the studied model
+STUDIED_MODEL = config["model"] + ("-ee" if EE["enabled"] else "")
+
+
+def common_params(base=False):
+    """Params every model-loading rule shares; ``base=True``: the base model even when the study runs on
+    the early-exit variant (the variant's teacher data and its quality comparison)."""
+    variant = EE["enabled"] and not base
+    return dict(model=STUDIED_MODEL if variant else config["model"],
+                early_exit_weights=EE_WEIGHTS if variant else None,
+                dtype=config["dtype"], device=config["device"],
                 threads=config["threads"], seed=config["seed"], categories=CATEGORIES)

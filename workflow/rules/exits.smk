@@ -6,7 +6,8 @@ rule distill_data:
     state after every candidate exit layer (split=train: training half + GSM8K train + NQ-open;
     split=eval: the evaluation half of Spec-Bench)."""
     input:
-        src("data", "model", "distill"),
+        code=src("data", "model", "distill"),
+        model_files=MODEL_FILES,
     output:
         f"{R}/exits/distill_{{split}}.pt",
     params:
@@ -33,6 +34,7 @@ rule distill_data:
 rule train_adapter:
     """One exit adapter (layer, design), trained on the training distillation data only."""
     input:
+        model_files=MODEL_FILES,
         data=f"{R}/exits/distill_train.pt",
         code=src("adapters", "distill", "exits", "model"),
     output:
@@ -62,6 +64,7 @@ rule cost_model:
     """Time of a draft step per exit layer (with its adapter and draft vocabulary) and of verifying
     K+1 tokens, on the machine that runs this rule."""
     input:
+        model_files=MODEL_FILES,
         data=f"{R}/exits/distill_train.pt",
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{DESIGNS[0]}.pt", layer=LAYERS),
         code=src("costs", "engine", "exits", "model"),
@@ -88,6 +91,7 @@ rule exit_report:
     accepted run lengths and replayed speedup for every K; picks the head per layer by replayed speedup
     on the *training* data, and the best static (L, K) cell."""
     input:
+        model_files=MODEL_FILES,
         train=f"{R}/exits/distill_train.pt",
         eval=f"{R}/exits/distill_eval.pt",
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),

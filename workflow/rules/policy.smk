@@ -6,6 +6,7 @@ HEADS = [f"{R}/exits/selected.json", f"{R}/costs.json", f"{R}/sweep/best_static.
 
 rule collect_experience:
     input:
+        model_files=MODEL_FILES,
         heads=HEADS,
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         sweep=f"{R}/sweep/replay_train.csv",
@@ -32,6 +33,7 @@ rule collect_experience:
 
 rule train_policy:
     input:
+        model_files=MODEL_FILES,
         exp=multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
         code=src("rl", "features"),
     output:
@@ -59,6 +61,7 @@ rule evaluate:
     """Plain decoding, transformers' generate and prompt lookup, the best static cell, the heuristics,
     every trained LEDE policy and the oracle, interleaved on held-out prompts."""
     input:
+        model_files=MODEL_FILES,
         heads=HEADS,
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),

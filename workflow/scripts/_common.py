@@ -18,15 +18,58 @@ def setup(snakemake):
     return snakemake.params
 
 
+def load_lm(params, device=None, fast_linear=True):
+    """The studied model: the base model, or its early-exit variant when the config enables it."""
+    from lede.model import load_model
+
+    return load_model(params.model, dtype=params.dtype, device=device or params.device, fast_linear=fast_linear,
+                      early_exit_weights=params.get("early_exit_weights"))
+
+
+def split_prompts(params, split):
+    """The distillation prompts of a split (exits.train / exits.eval in the config), in the split's order."""
+    import logging
+
+    from lede.data import prompt_pool
+
+    cfg = params.prompts
+    if split == "train":
+        pool = prompt_pool(params.data_dir, "train", include_extra=True)
+        take = {c: cfg["spec_bench_per_category"] for c in params.categories}
+        take.update(gsm8k=cfg["gsm8k"], qa_nq=cfg["nq_open"])
+    else:
+        pool = prompt_pool(params.data_dir, "eval", categories=list(params.categories), include_extra=False)
+        take = {c: cfg["per_category"] for c in params.categories}
+    prompts, seen = [], {}
+    for pr in pool:  # the pool is in the split's deterministic order; keep the first N per category
+        if seen.get(pr.category, 0) < take.get(pr.category, 0):
+            prompts.append(pr)
+            seen[pr.category] = seen.get(pr.category, 0) + 1
+    logging.info("%s prompts per category: %s", split, seen)
+    if not prompts:
+        raise SystemExit(f"no {split} prompts selected: check exits.{split} in the config")
+    return prompts, cfg["max_new_tokens"]
+
+
+def greedy_sequences(params, split):
+    """The loaded model and its greedy continuations (``lede.distill.Sequence``) of the split's prompts."""
+    from lede.distill import Sequence, greedy_continuations
+
+    prompts, max_new = split_prompts(params, split)
+    lm = load_lm(params)
+    ids = [lm.encode_chat(pr.text) for pr in prompts]
+    conts = greedy_continuations(lm, ids, max_new, batch_size=params.batch_size)
+    return lm, [Sequence(i, c, pr.category, pr.uid) for i, c, pr in zip(ids, conts, prompts)], max_new
+
+
 def decoder_from_selection(params, selected_path, max_draft_len):
     """The model and a Decoder with the selected exit heads (adapters + draft vocabulary)."""
     import json
 
     from lede.engine import Decoder
     from lede.exits import heads_from_selection
-    from lede.model import load_model
 
-    lm = load_model(params.model, dtype=params.dtype, device=params.device)
+    lm = load_lm(params)
     heads = heads_from_selection(lm, json.loads(open(selected_path).read()))
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
@@ -42,3 +85,37 @@ def prompts_for(params, split, per_category, extra_gsm8k=0):
     if extra_gsm8k:
         prompts += prompt_pool(params.data_dir, "train", categories=["gsm8k"], per_category=extra_gsm8k)
     return prompts
+
+
+def eval_bench_prompts(params, lm):
+    """The evaluation half of Spec-Bench (bench.per_category per category), encoded for ``run_bench``."""
+    from lede.bench import BenchPrompt
+    from lede.data import prompt_pool
+
+    prompts = prompt_pool(params.data_dir, "eval", categories=list(params.categories),
+                          per_category=params.per_category, include_extra=False)
+    return [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
+
+
+def write_bench(params, lm, records, n_prompts, out, title, extra=None):
+    """Summaries (overall and per category) of interleaved records, as JSON and Markdown (atomically)."""
+    import logging
+    import os
+    from dataclasses import asdict
+
+    import torch
+
+    from lede.bench import format_summary, summarize, write_json
+
+    overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
+    header = (f"model={lm.name} dtype={lm.dtype} device={lm.device} threads={torch.get_num_threads()} "
+              f"prompts={n_prompts} max_new_tokens={params.max_new_tokens} (evaluation half, interleaved)")
+    logging.info("%s\n%s\n%s", header, format_summary(overall), format_summary(per_cat))
+    write_json(out.json, {"settings": dict(params) | {"torch_threads": torch.get_num_threads()}, **(extra or {}),
+                          "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
+                          "records": [asdict(r) for r in records]})
+    md = [f"# {title}", "", header, "", "```", format_summary(overall), "", format_summary(per_cat), "```", ""]
+    tmp = out.md + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(md))
+    os.replace(tmp, out.md)

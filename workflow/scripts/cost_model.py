@@ -5,15 +5,14 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import setup  # noqa: E402
+from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.costs import measure_costs  # noqa: E402
 from lede.engine import Decoder  # noqa: E402
 from lede.exits import build_exit_heads, load_adapter  # noqa: E402
-from lede.model import load_model  # noqa: E402
 
-lm = load_model(p.model, dtype=p.dtype, device=p.device)
+lm = load_lm(p)
 adapters = {}
 for path, layer in zip(snakemake.input.adapters, p.layers):  # noqa: F821
     adapters[layer] = load_adapter(path, lm.name, layer, lm.hidden_size)

@@ -8,20 +8,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import setup  # noqa: E402
+from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.costs import CostModel  # noqa: E402
 from lede.distill import load_distill  # noqa: E402
 from lede.exits import load_adapter  # noqa: E402
-from lede.model import load_model  # noqa: E402
 from lede.report import best_cells, exit_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 _, train, _ = load_distill(inp.train)
 _, evald, _ = load_distill(inp.eval)
 costs = CostModel.load(inp.costs)
-lm = load_model(p.model, dtype=p.dtype, device="cpu")
+lm = load_lm(p, device="cpu")
 layers = sorted(train.layers)
 
 adapters: dict[str, dict] = {}

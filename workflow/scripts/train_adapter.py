@@ -4,7 +4,7 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import setup  # noqa: E402
+from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from dataclasses import asdict  # noqa: E402
@@ -12,11 +12,10 @@ from dataclasses import asdict  # noqa: E402
 from lede.adapters import exit_agreement, train_adapter  # noqa: E402
 from lede.distill import load_distill, top_vocab  # noqa: E402
 from lede.exits import AdapterFile, save_adapter  # noqa: E402
-from lede.model import load_model  # noqa: E402
 
 layer, design = int(snakemake.wildcards.layer), snakemake.wildcards.design  # noqa: F821
 seqs, data, meta = load_distill(snakemake.input.data)  # noqa: F821
-lm = load_model(p.model, dtype=p.dtype, device="cpu")  # training runs on CPU copies of norm + head
+lm = load_lm(p, device="cpu")  # training runs on CPU copies of norm + head
 vocab = top_vocab(seqs, p.vocab_size) if 0 < p.vocab_size < lm.config.vocab_size else None
 options = {"rank": p.rank} if design == "lowrank" else {}
 adapter, log = train_adapter(lm, data, layer, design, vocab=vocab, loss=p.loss, epochs=p.epochs, lr=p.lr,

@@ -1,0 +1,25 @@
+"""Rule early_exit_bench: the early-exit variant's static (L, K) grid against plain decoding of the same
+variant, interleaved, on held-out Spec-Bench prompts (plain exit heads over the variant's draft vocabulary)."""
+
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.bench import HF_PROMPT_LOOKUP, run_bench  # noqa: E402
+from lede.engine import Decoder  # noqa: E402
+from lede.policy import Static  # noqa: E402
+
+lm = load_lm(p)
+dec = Decoder(lm, max_draft_len=max(p.draft_lens))
+prompts = eval_bench_prompts(p, lm)
+configs = {HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP}
+for layer in p.exit_layers:
+    for k in p.draft_lens:
+        policy = Static(layer, k)
+        configs[policy.name] = policy
+records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens)
+write_bench(p, lm, records, len(prompts), snakemake.output,  # noqa: F821
+            f"Static grid on the early-exit variant {lm.name}", {"grid": {"exit_layers": p.exit_layers,
+                                                                          "draft_lens": p.draft_lens}})

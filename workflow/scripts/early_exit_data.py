@@ -1,0 +1,16 @@
+"""Rule early_exit_data: the base model's greedy continuations of a split's prompts (teacher data)."""
+
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import greedy_sequences, setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.distill import data_hash  # noqa: E402
+from lede.early_exit import save_teacher  # noqa: E402
+
+split = snakemake.wildcards.split  # noqa: F821
+lm, seqs, max_new = greedy_sequences(p, split)
+save_teacher(snakemake.output[0], seqs, {  # noqa: F821
+    "split": split, "model": p.model, "dtype": p.dtype, "max_new_tokens": max_new,
+    "data_hash": data_hash(seqs), "prompts": [s.uid for s in seqs]})

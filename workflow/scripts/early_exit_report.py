@@ -1,0 +1,85 @@
+"""Rule early_exit_report: base model vs its early-exit variant on the evaluation prompts."""
+
+import json
+import logging
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.distill import Sequence, greedy_continuations  # noqa: E402
+from lede.early_exit import read_early_exit, teacher_forced_agreement, load_teacher  # noqa: E402
+from lede.model import load_model  # noqa: E402
+
+inp, out = snakemake.input, snakemake.output  # noqa: F821
+base_seqs, meta = load_teacher(inp.teacher)
+blob = read_early_exit(inp.weights)
+ee = blob["meta"]
+vocab = blob["vocab"]
+layers = sorted(set(p.layers) | set(ee["recipe"]["exit_layers"]))
+base = load_model(p.model, dtype=p.dtype, device=p.device)
+variant = load_model(p.model, dtype=p.dtype, device=p.device, early_exit_weights=inp.weights)
+
+# the variant's own greedy continuations of the same prompts (its exits are drafted against these)
+conts = greedy_continuations(variant, [s.prompt_ids for s in base_seqs], p.max_new_tokens, batch_size=p.batch_size)
+own_seqs = [Sequence(s.prompt_ids, c, s.category, s.uid) for s, c in zip(base_seqs, conts)]
+rows = {
+    "base": teacher_forced_agreement(base, base_seqs, layers, vocab),  # base exits vs base tokens
+    "variant": teacher_forced_agreement(variant, own_seqs, layers, vocab),  # variant exits vs its own tokens
+    "variant_on_base": teacher_forced_agreement(variant, base_seqs, [], vocab),  # variant's argmax vs base tokens
+}
+cats = sorted({s.category for s in base_seqs})
+
+
+def cell(agree, cat=None):
+    lo, hi = agree.interval(cat)
+    return {"rate": agree.rate(cat), "low": lo, "high": hi}
+
+
+result = {
+    "base_model": p.model, "variant": p.model + "-ee", "vocab_size": len(vocab) if vocab else None,
+    "recipe": ee["recipe"], "steps_done": ee["steps_done"], "stopped_by_budget": ee["stopped_by_budget"],
+    "train_seconds": ee["seconds"], "prompts": len(base_seqs),
+    "exit_agreement": {name: {str(l): {c or "all": cell(rows[name][l], c) for c in [None, *cats]} for l in layers}
+                       for name in ("base", "variant")},
+    "token_agreement_with_base": {c or "all": cell(rows["variant_on_base"]["final"], c) for c in [None, *cats]},
+}
+tmp = out.json + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+def fmt(c):
+    return f"{c['rate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+
+lines = [f"# Early-exit variant `{p.model}-ee` vs base `{p.model}`", "",
+         f"{len(base_seqs)} evaluation prompts, greedy continuations of {p.max_new_tokens} tokens; exits use the "
+         f"shared final norm + LM head over a {result['vocab_size'] or 'full'}-token draft vocabulary. "
+         f"Training: {ee['steps_done']}/{ee['recipe']['steps']} steps in {ee['seconds'] / 60:.1f} min"
+         + (" (**stopped by its budget**)" if ee["stopped_by_budget"] else "") + ". 95% bootstrap intervals over prompts.", "",
+         "## Exit agreement with each model's own greedy token", "",
+         "| layer | base | variant | variant / base |", "|---:|---:|---:|---:|"]
+for l in layers:
+    b, v = result["exit_agreement"]["base"][str(l)]["all"], result["exit_agreement"]["variant"][str(l)]["all"]
+    mark = " (trained exit)" if l in ee["recipe"]["exit_layers"] else ""
+    ratio = f"{v['rate'] / b['rate']:.2f}×" if b["rate"] > 0 else "—"
+    lines.append(f"| {l}{mark} | {fmt(b)} | {fmt(v)} | {ratio} |")
+lines += ["", "Per category (variant, trained exits):", "", "| category | " + " | ".join(f"L{l}" for l in ee["recipe"]["exit_layers"]) + " |",
+          "|---|" + "---:|" * len(ee["recipe"]["exit_layers"])]
+for c in cats:
+    lines.append(f"| {c} | " + " | ".join(f"{result['exit_agreement']['variant'][str(l)][c]['rate']:.3f}"
+                                           for l in ee["recipe"]["exit_layers"]) + " |")
+lines += ["", "## Quality cost: the variant's greedy token vs the base model's (teacher-forced on the base's text)", "",
+          "| category | agreement |", "|---|---:|"]
+for c in ["all", *cats]:
+    lines.append(f"| {c} | {fmt(result['token_agreement_with_base'][c])} |")
+tmp_md = out.md + ".tmp"
+with open(tmp_md, "w") as f:
+    f.write("\n".join(lines) + "\n")
+import os  # noqa: E402
+
+os.replace(tmp, out.json)
+os.replace(tmp_md, out.md)
+logging.info("\n%s", "\n".join(lines))

@@ -1,0 +1,27 @@
+"""Rule early_exit: train the early-exit variant's deltas on the base model's own continuations."""
+
+import logging
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import load_lm, setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.distill import data_hash  # noqa: E402
+from lede.early_exit import Recipe, load_teacher, save_early_exit, train_early_exit  # noqa: E402
+
+seqs, meta = load_teacher(snakemake.input.data)  # noqa: F821
+if meta["model"] != p.model:
+    raise SystemExit(f"teacher data {snakemake.input.data} was made by {meta['model']!r}, not {p.model!r}: rerun early_exit_data")  # noqa: F821
+lm = load_lm(p, fast_linear=False)  # training needs autograd-friendly linears
+recipe = Recipe(**dict(p.recipe))
+result = train_early_exit(lm, seqs, recipe, data_hash=data_hash(seqs), checkpoint=p.checkpoint,
+                          checkpoint_every=p.checkpoint_every, budget_s=60.0 * p.budget_minutes)
+if result.stopped_by_budget:
+    logging.warning("stopped by early_exit.budget_minutes=%s after %d/%d steps: the artefact records it; raise the "
+                    "budget (or rerun: training resumes from %s)", p.budget_minutes, result.steps_done, recipe.steps,
+                    p.checkpoint)
+tail = result.loss_curve[-20:]
+logging.info("%d steps in %.0f s; mean loss of the last %d steps: %s", result.steps_done, result.seconds, len(tail),
+             {k: round(sum(r[k] for r in tail) / len(tail), 4) for k in tail[0] if k != "step"} if tail else {})
+save_early_exit(snakemake.output[0], result)  # noqa: F821
