@@ -206,3 +206,19 @@ def data_hash(sequences: list[Sequence]) -> str:
     for s in sequences:
         h.update(repr((s.uid, s.prompt_ids, s.continuation)).encode())
     return h.hexdigest()[:16]
+
+
+def save_teacher(path: str | Path, sequences: list[Sequence], meta: dict) -> None:
+    """The teacher's (base model's) greedy continuations of a prompt split, with where they came from."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"meta": meta, "sequences": [s.__dict__ for s in sequences]}, tmp)
+    tmp.replace(path)
+
+
+def load_teacher(path: str | Path) -> tuple[list[Sequence], dict]:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return [Sequence(**s) for s in blob["sequences"]], blob["meta"]

@@ -170,7 +170,7 @@ class EarlyExitResult:
     vocab: list[int] | None  # the draft vocabulary the exits were trained for
     steps_done: int = 0
     stopped_by_budget: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # training wall time, summed over resumed runs
     loss_curve: list[dict] = field(default_factory=list)  # per logged step: step, loss, per-term losses
 
 
@@ -254,7 +254,7 @@ def train_early_exit(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
 
     key = _fingerprint(lm.name, recipe, data_hash)
-    step, curve = 0, []
+    step, curve, earlier_s = 0, [], 0.0  # earlier_s: training time of the runs this one resumes
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
         blob = torch.load(ckpt, map_location=dev, weights_only=False)
@@ -263,7 +263,7 @@ def train_early_exit(
                 p.data.copy_(v)
             opt.load_state_dict(blob["opt"])
             sched.load_state_dict(blob["sched"])
-            step, curve = blob["step"], blob["curve"]
+            step, curve, earlier_s = blob["step"], blob["curve"], blob.get("seconds", 0.0)
             log.info("resumed early-exit training from %s at step %d/%d", ckpt, step, recipe.steps)
         else:
             log.warning("checkpoint %s is for another recipe or data: starting afresh", ckpt)
@@ -322,7 +322,8 @@ def train_early_exit(
         bar.set_postfix(loss=f"{total:.3f}", **{k: f"{v:.2f}" for k, v in terms.items()})
         if ckpt is not None and (step % checkpoint_every == 0 or step == recipe.steps):
             _atomic_save(ckpt, {"key": key, "params": [p.detach() for p in params], "opt": opt.state_dict(),
-                                "sched": sched.state_dict(), "step": step, "curve": curve})
+                                "sched": sched.state_dict(), "step": step, "curve": curve,
+                                "seconds": earlier_s + time.perf_counter() - t0})
     bar.close()
 
     if full_ft:
@@ -338,7 +339,7 @@ def train_early_exit(
         detach_lora(model)
     return EarlyExitResult(lm.name, n_layers, recipe, data_hash, deltas,
                            vocab.tolist() if vocab is not None else None, step, stopped,
-                           time.perf_counter() - t0, curve)
+                           earlier_s + time.perf_counter() - t0, curve)
 
 
 def _swap(model, recipe, originals) -> None:
@@ -411,16 +412,6 @@ def merge_early_exit(model: nn.Module, base_name: str, blob: dict, path: str = "
             raise EarlyExitError(f"early-exit weights {path}: {name} has shape {tuple(delta.shape)}, model {tuple(weight.shape)}")
         weight.add_(delta.to(weight.device, weight.dtype))
     return meta
-
-
-def save_teacher(path: str | Path, sequences: list[Sequence], meta: dict) -> None:
-    """The teacher's (base model's) greedy continuations of a prompt split, with where they came from."""
-    _atomic_save(Path(path), {"meta": meta, "sequences": [s.__dict__ for s in sequences]})
-
-
-def load_teacher(path: str | Path) -> tuple[list[Sequence], dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return [Sequence(**s) for s in blob["sequences"]], blob["meta"]
 
 
 # ---- measuring a variant against its base ----------------------------------------------------------------

@@ -6,7 +6,7 @@ rule early_exit_data:
     """The BASE model's greedy continuations of the {split} prompts (the same prompts as distill_data):
     the teacher data of the variant (train) and the reference for its quality cost (eval)."""
     input:
-        code=src("data", "model", "distill", "early_exit"),
+        code=src("data", "model", "distill"),
     output:
         f"{R}/early_exit/teacher_{{split}}.pt",
     params:

@@ -9,7 +9,8 @@ from _common import setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.distill import Sequence, greedy_continuations  # noqa: E402
-from lede.early_exit import read_early_exit, teacher_forced_agreement, load_teacher  # noqa: E402
+from lede.distill import load_teacher  # noqa: E402
+from lede.early_exit import read_early_exit, teacher_forced_agreement  # noqa: E402
 from lede.model import load_model  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821

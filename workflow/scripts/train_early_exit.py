@@ -8,7 +8,8 @@ from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.distill import data_hash  # noqa: E402
-from lede.early_exit import Recipe, load_teacher, save_early_exit, train_early_exit  # noqa: E402
+from lede.distill import load_teacher  # noqa: E402
+from lede.early_exit import Recipe, save_early_exit, train_early_exit  # noqa: E402
 
 seqs, meta = load_teacher(snakemake.input.data)  # noqa: F821
 if meta["model"] != p.model:
