@@ -54,13 +54,13 @@ _check_config()
 # model plus the trained deltas, named "<model>-ee"; the base model only serves as the variant's teacher.
 EE = config["early_exit"]
 EE_WEIGHTS = f"{R}/early_exit/weights.pt"
-MODEL_FILES = [EE_WEIGHTS] if EE["enabled"] else []  # an input of every rule that loads the studied model
+MODEL_FILES = [EE_WEIGHTS] if EE["enabled"] else []  # an input of every job that loads the studied model
 STUDIED_MODEL = config["model"] + ("-ee" if EE["enabled"] else "")
 
 
 def common_params(base=False):
-    """Params every model-loading rule shares; ``base=True``: the base model even when the study runs on
-    the early-exit variant (the variant's teacher data and its quality comparison)."""
+    """Params shared by every job that loads a model. With base=True, the base model even when the study
+    runs on the early-exit variant (for the variant's teacher data and its quality comparison)."""
     variant = EE["enabled"] and not base
     return dict(model=STUDIED_MODEL if variant else config["model"],
                 early_exit_weights=EE_WEIGHTS if variant else None,
