@@ -178,17 +178,22 @@ def replay_static(runs: torch.Tensor, seq: torch.Tensor, draft_len: int) -> Repl
     return out
 
 
-def save_distill(path, sequences: list[Sequence], data: DistillSet, meta: dict) -> None:
-    """One file with the sequences, the hidden states and where they came from (written atomically)."""
+def atomic_torch_save(path, obj) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash leaves the old file or none, never half of one."""
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"meta": meta, "sequences": [s.__dict__ for s in sequences], "layers": data.layers,
-                "hidden": data.hidden, "final": data.final, "target": data.target, "seq": data.seq,
-                "categories": data.categories}, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_distill(path, sequences: list[Sequence], data: DistillSet, meta: dict) -> None:
+    """One file with the sequences, the hidden states and where they came from (written atomically)."""
+    atomic_torch_save(path, {"meta": meta, "sequences": [s.__dict__ for s in sequences], "layers": data.layers,
+                             "hidden": data.hidden, "final": data.final, "target": data.target, "seq": data.seq,
+                             "categories": data.categories})
 
 
 def load_distill(path) -> tuple[list[Sequence], DistillSet, dict]:
@@ -208,15 +213,9 @@ def data_hash(sequences: list[Sequence]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_teacher(path: str | Path, sequences: list[Sequence], meta: dict) -> None:
+def save_teacher(path, sequences: list[Sequence], meta: dict) -> None:
     """The teacher's (base model's) greedy continuations of a prompt split, with where they came from."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"meta": meta, "sequences": [s.__dict__ for s in sequences]}, tmp)
-    tmp.replace(path)
+    atomic_torch_save(path, {"meta": meta, "sequences": [s.__dict__ for s in sequences]})
 
 
 def load_teacher(path: str | Path) -> tuple[list[Sequence], dict]:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lede.distill import Sequence, top_vocab
+from lede.distill import Sequence, atomic_torch_save, top_vocab
 
 FORMAT = "lede-early-exit/1"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -321,7 +321,7 @@ def train_early_exit(
         bar.update()
         bar.set_postfix(loss=f"{total:.3f}", **{k: f"{v:.2f}" for k, v in terms.items()})
         if ckpt is not None and (step % checkpoint_every == 0 or step == recipe.steps):
-            _atomic_save(ckpt, {"key": key, "params": [p.detach() for p in params], "opt": opt.state_dict(),
+            atomic_torch_save(ckpt, {"key": key, "params": [p.detach() for p in params], "opt": opt.state_dict(),
                                 "sched": sched.state_dict(), "step": step, "curve": curve,
                                 "seconds": earlier_s + time.perf_counter() - t0})
     bar.close()
@@ -363,20 +363,13 @@ def _fingerprint(model: str, recipe: Recipe, data_hash: str) -> str:
     return hashlib.sha256(json.dumps([model, asdict(recipe), data_hash], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_save(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def save_early_exit(path: str | Path, result: EarlyExitResult, metrics: dict | None = None) -> None:
     """One file (written atomically) with the deltas, the base model id, the recipe and the data hash."""
     meta = {"base_model": result.base_model, "num_layers": result.num_layers, "recipe": asdict(result.recipe),
             "data_hash": result.data_hash, "steps_done": result.steps_done,
             "stopped_by_budget": result.stopped_by_budget, "seconds": result.seconds,
             "loss_curve": result.loss_curve, "metrics": metrics or {}}
-    _atomic_save(Path(path), {"format": FORMAT, "meta": meta, "deltas": result.deltas, "vocab": result.vocab})
+    atomic_torch_save(Path(path), {"format": FORMAT, "meta": meta, "deltas": result.deltas, "vocab": result.vocab})
 
 
 def read_early_exit(path: str | Path) -> dict:
