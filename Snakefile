@@ -8,6 +8,7 @@ include: "workflow/rules/early_exit.smk"
 include: "workflow/rules/exits.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/policy.smk"
+include: "workflow/rules/parity.smk"
 include: "workflow/rules/notebooks.smk"
 
 
@@ -18,5 +19,6 @@ rule all:
         f"{R}/sweep/best_static.json",
         f"{R}/bench/eval.md",
         f"{R}/eval/summary.md",
+        f"{R}/parity/parity.md",
         NOTEBOOK_OUTPUTS,
         [f"{R}/early_exit/{f}.md" for f in ("report", "bench", "quality/parity")] if EE["enabled"] else [],

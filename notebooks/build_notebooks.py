@@ -53,7 +53,8 @@ METHOD_LABELS = {"plain": "Plain decoding", "hf_generate": "HF generate", "hf_pr
                  "dynamic_exit": "Dynamic exit", "oracle": "Oracle"}
 METHOD_ORDER = ["plain", "hf_generate", "hf_prompt_lookup", "best_static", "adaptive_k", "confidence", "dynamic_exit"]
 CATEGORY_LABELS = {"all": "All", "mt_bench": "MT-Bench", "translation": "Translation",
-                   "summarization": "Summarization", "qa": "QA", "math_reasoning": "Math reasoning", "rag": "RAG"}
+                   "summarization": "Summarization", "qa": "QA", "math_reasoning": "Math reasoning", "rag": "RAG",
+                   "coding_humaneval": "HumanEval (code)"}
 ALL_ALGOS = ("DiscreteCQL", "DiscreteBCQ", "DoubleDQN", "DiscreteBC")
 LEDE_RE = re.compile(r"lede_(?P<algo>.+)_s(?P<seed>\d+)")
 
@@ -721,6 +722,92 @@ write_table([(None, table)], caption="LEDE per offline RL algorithm: median spee
             "per-prompt ratio to the best static configuration, minus 1 (mean over seeds).", note=" ".join(["Not run by this config:"] + [s + ";" for s in not_run[:-1]] + [not_run[-1] + "."]))'''),
     ],
 )
+
+
+# ----------------------------------------------------------------------------------------- quality parity
+NOTEBOOKS["quality_parity"] = dict(
+    title="Quality parity with plain decoding on the offline lm-eval suite",
+    intro="""
+The `parity` rule's report (`R/parity/parity.csv`, `R/parity/differences.csv`): for every task of the offline
+suite and every method, the task metric, its difference to plain decoding over the same documents with a paired
+bootstrap 95 % interval, and the output identity rate (share of generated outputs equal to plain decoding's).
+Greedy self-speculation is exact in exact arithmetic: a difference is either a numerical near-tie (small top-2
+margin of the full model where the outputs first differ) or a bug (large margin); every one is listed.""",
+    params='''identity_target = 0.99  # the greedy identity rate the study requires per task''',
+    cells=[
+        ("code", r'''
+rows = pd.read_csv(need(R / "parity" / "parity.csv"))
+diffs = pd.read_csv(need(R / "parity" / "differences.csv"))
+methods = method_order(m for m in rows.method.unique() if m != "plain")
+tasks = sorted(rows.task.unique())
+cmp = rows[rows.method != "plain"].copy()
+cmp["within_ci"] = ((cmp.ci_low <= 0) & (cmp.ci_high >= 0)) | (cmp["diff"] == 0)
+ident = (cmp.groupby(["task", "method"]).identity_rate.first().unstack("method")
+         .reindex(index=tasks, columns=methods))
+docs = rows[rows.method == "plain"].groupby("task").n_outputs.max()
+display(Markdown(f"{len(tasks)} tasks × {len(methods)} methods; generated outputs per task: "
+                 + ", ".join(f"{t} {int(n)}" for t, n in docs.items())
+                 + f". Outputs that differ from plain decoding: {len(diffs)}."))'''),
+        ("code", r'''
+groups = list(cmp.groupby(["task", "metric"]).groups)
+keys = [f"{t} · {m}" for t, m in groups]
+ypos = {k: i for i, k in enumerate(keys)}
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.45 * len(keys) + 2.5), width_ratios=[1.6, 1],
+                               layout="constrained")
+offsets = np.linspace(-0.25, 0.25, len(methods)) if len(methods) > 1 else [0.0]
+for off, meth, color in zip(offsets, methods, sns.color_palette("colorblind", len(methods))):
+    sub = cmp[cmp.method == meth]
+    y = np.array([ypos[f"{t} · {m}"] for t, m in zip(sub.task, sub.metric)]) + off
+    err = np.vstack([sub["diff"] - sub.ci_low, sub.ci_high - sub["diff"]]).clip(min=0)
+    ax1.errorbar(sub["diff"], y, xerr=err, fmt="o", color=color, capsize=3, label=method_label(meth))
+ax1.axvline(0, color="0.3", lw=1)
+ax1.set_yticks(range(len(keys)), keys)
+ax1.invert_yaxis()
+ax1.set_xlabel("metric − plain decoding's (95 % paired bootstrap CI)")
+ax1.set_title("Metric difference per task and metric")
+ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(methods)), fontsize="small")
+sns.heatmap(ident.rename(columns=method_label), annot=True, fmt=".2f", vmin=0.9, vmax=1.0, cmap="viridis",
+            cbar_kws={"label": "output identity with plain decoding"}, ax=ax2)
+ax2.set_xlabel("")
+ax2.set_ylabel("")
+ax2.set_title(f"Greedy output identity (target ≥ {identity_target:.0%})")
+plt.setp(ax2.get_xticklabels(), rotation=25, ha="right", rotation_mode="anchor")
+plt.setp(ax2.get_yticklabels(), rotation=0)
+fig.suptitle("Quality parity: self-speculative decoding vs plain decoding", fontweight="bold")
+save_figure(fig)'''),
+        ("code", r'''
+plain = rows[rows.method == "plain"].set_index(["task", "metric"])
+sections = []
+for meth in methods:
+    sub = cmp[cmp.method == meth].set_index(["task", "metric"])
+    table = pd.DataFrame({
+        "n": sub.n.astype(int).astype(str),
+        "plain": plain.value.reindex(sub.index).map(lambda v: fmt(v, 3)),
+        "method": sub.value.map(lambda v: fmt(v, 3)),
+        "diff [95 % CI]": [f"{fmt(d, 3, sign=True)} [{fmt(lo, 3, sign=True)}, {fmt(hi, 3, sign=True)}]"
+                           for d, lo, hi in zip(sub["diff"], sub.ci_low, sub.ci_high)],
+        "identity": [f"{int(i)}/{int(n)}" if n else "–" for i, n in zip(sub.identical, sub.n_outputs)],
+        "speed-up (×)": sub.speedup.map(lambda v: fmt(v, 2)),
+    }, index=sub.index)
+    table.index = [f"{t} · {m}" for t, m in table.index]
+    table.index.name = "Task · metric"
+    sections.append((method_label(meth), table))
+bad = cmp[~cmp.within_ci]
+low = int((ident < identity_target).to_numpy().sum())
+margins = diffs.margin.dropna() if len(diffs) else pd.Series(dtype=float)
+note = (f"{len(diffs)} outputs differ from plain decoding"
+        + (f" (full model's top-2 margin at the first difference: median {margins.median():.3g}, "
+           f"max {margins.max():.3g})" if len(margins) else "")
+        + f"; {len(bad)} task-metric-method rows whose CI excludes 0; {low} task-method pairs below "
+        + f"{identity_target:.0%} identity. Speed-up: tokens/s over a task's requests relative to plain decoding's "
+        "(sequential runs, not interleaved: the speed table holds the measured speed-ups).")
+write_table(sections, caption="Quality parity with plain decoding: task metric, difference with a paired "
+            "bootstrap 95 % interval, greedy output identity.", note=note)
+if len(diffs):
+    display(diffs)'''),
+    ],
+)
+
 
 
 def build(out_dir: Path = HERE) -> list[Path]:

@@ -100,3 +100,29 @@ def test_notebook_runs_on_its_declared_inputs(name, tmp_path):
 def test_fixture_is_small():
     size = sum(p.stat().st_size for p in FIXTURE.rglob("*") if p.is_file())
     assert size < 1_000_000, f"tests/fixtures/results/ is {size} bytes: keep it under 1 MB"
+
+
+def test_quality_parity_lists_a_differing_output(tmp_path):
+    """A run where one output differs: the table's note counts it, with its margin, and the pairs below
+    the identity target."""
+    import pandas as pd
+
+    results = tmp_path / "results" / "parity"
+    results.mkdir(parents=True)
+    rows = pd.read_csv(FIXTURE / "parity" / "parity.csv")
+    hit = (rows.method == "best_static") & (rows.task == "lede_spec_bench_qa")
+    rows.loc[hit, ["identical", "identity_rate"]] = [0, 0.0]
+    rows.to_csv(results / "parity.csv", index=False)
+    diffs = pd.read_csv(FIXTURE / "parity" / "differences.csv")
+    diffs.loc[0] = dict(task="lede_spec_bench_qa", method="best_static", doc_id=0, position=7, plain_token=11,
+                        method_token=12, plain_piece="a", method_piece="b", margin=0.0004, full_top1=11,
+                        full_top2=12, plain_len=12, method_len=12)
+    diffs.to_csv(results / "differences.csv", index=False)
+    out = tmp_path / "out"
+    papermill.execute_notebook(str(NOTEBOOKS_DIR / "quality_parity.ipynb"), str(tmp_path / "x.ipynb"),
+                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                               parameters={"results_dir": str(tmp_path / "results"), "out_dir": str(out)})
+    note = (out / "tables" / "quality_parity.md").read_text()
+    assert "1 outputs differ from plain decoding" in note and "median 0.0004" in note
+    assert "1 task-method pairs below 99% identity" in note
+    assert "| lede_spec_bench_qa · f1 | 1 | 0.000 | 0.000 | +0.000 [–, –] | 0/1 |" in note

@@ -91,7 +91,7 @@ def test_experience_layout_and_round_trip(experience, tmp_path):
     assert (tmp_path / "exp.h5").stat().st_size > 0
 
 
-@pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBC"])
+@pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBCQ", "DiscreteBC"])
 def test_train_and_decode_exactly(experience, tmp_path, algo):
     res = train_policy(experience, algo=algo, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs",
                        fqe_steps=100)
@@ -104,7 +104,13 @@ def test_train_and_decode_exactly(experience, tmp_path, algo):
     dec = Decoder(lm, max_draft_len=6)
     for _, _, ids in PROMPTS:
         assert dec.generate(ids, policy, max_new_tokens=30).token_ids == dec.generate(ids, Autoregressive(), max_new_tokens=30).token_ids
-    # the exported network equals d3rlpy's own Q-values
+    # train_policy checked that the exported networks act as d3rlpy's policy does; the numpy forward used per
+    # decision equals the exported torch network, and BCQ keeps its imitator's filter
+    x = experience.obs[:64]
+    with torch.no_grad():
+        q = res.policy.q_net(torch.from_numpy((x - policy.mean) * policy.inv_std)).numpy()
+    np.testing.assert_allclose(policy.q_values(x), q, rtol=1e-5, atol=1e-5)
+    assert (res.policy.imitator is not None) == (algo == "DiscreteBCQ")
     with pytest.raises(PolicyError, match="trained for model"):
         RLPolicy.load(tmp_path / "p.pt", lm_name="other")
     with pytest.raises(PolicyError, match="candidate layers"):

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lede.io import atomic_path, atomic_write_text
+
 __all__ = ["MethodRun", "ParityReport", "compare_models", "full_model_margin", "paired_bootstrap", "parity_report", "run_parity"]
 
 BASELINE = "plain"
@@ -126,7 +128,7 @@ class ParityReport:
         paths = {"csv": out / "parity.csv", "markdown": out / "parity.md", "differences": out / "differences.csv"}
         _write_csv(paths["csv"], ROW_FIELDS, self.rows)
         _write_csv(paths["differences"], DIFF_FIELDS, self.differences)
-        paths["markdown"].write_text(self.to_markdown(), encoding="utf-8")
+        atomic_write_text(paths["markdown"], self.to_markdown())  # last: the rule's main output
         return paths
 
 
@@ -138,7 +140,7 @@ def _md(piece, token) -> str:
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:

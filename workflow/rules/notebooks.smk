@@ -10,6 +10,7 @@ NOTEBOOK_INPUTS = {
     "policy_behaviour": [f"{R}/eval/records.json"],
     "training_curves": expand(f"{R}/rl/history_{{algo}}_s{{seed}}.csv", algo=POLICY["algos"], seed=POLICY["seeds"]),
     "ablations": [f"{R}/eval/records.json"],
+    "quality_parity": [f"{R}/parity/parity.csv", f"{R}/parity/differences.csv"],
 }
 NOTEBOOKS = list(NOTEBOOK_INPUTS)
 # every file the notebook jobs write (an input of rule all)

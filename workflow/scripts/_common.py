@@ -74,8 +74,9 @@ def decoder_from_selection(params, selected_path, max_draft_len):
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
 
-def prompts_for(params, split, per_category, extra_gsm8k=0):
-    """(uid, category, ids)-ready prompts: Spec-Bench of the split, per category, plus GSM8K train."""
+def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0):
+    """Spec-Bench prompts of the split, per category, plus ``extra_gsm8k`` GSM8K train prompts and (evaluation
+    only) the first ``humaneval`` HumanEval problems."""
     from lede.data import prompt_pool
 
     cats = list(params.categories)
@@ -84,6 +85,10 @@ def prompts_for(params, split, per_category, extra_gsm8k=0):
     prompts = prompt_pool(params.data_dir, split, categories=cats, per_category=per_category, include_extra=False)
     if extra_gsm8k:
         prompts += prompt_pool(params.data_dir, "train", categories=["gsm8k"], per_category=extra_gsm8k)
+    if humaneval:
+        if split != "eval":
+            raise ValueError("HumanEval is evaluation-only data")
+        prompts += prompt_pool(params.data_dir, "eval", categories=["coding_humaneval"], per_category=humaneval)
     return prompts
 
 

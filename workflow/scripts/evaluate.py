@@ -57,7 +57,7 @@ configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, "best_s
            "adaptive_k": AdaptiveDraftLength(best_l, initial=best_k, max_len=kmax),
            "confidence": ConfidenceThreshold(best_l, threshold, kmax),
            "dynamic_exit": DynamicExit(p.layers, costs, kmax), **lede, "oracle": oracle_for}
-prompts = prompts_for(p, "eval", ev["per_category"])
+prompts = prompts_for(p, "eval", ev["per_category"], humaneval=ev.get("humaneval", 0))
 bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
 records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True)
 overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
