@@ -357,6 +357,16 @@ def test_smollm2_parity_in_process_and_command_line(smollm2, tmp_path):
         qa = next(r for r in recs if r["task"] == "lede_spec_bench_qa" and r["doc_id"] == 0)
         question = tu.build_docs("spec_bench", DATA_DIR, "qa")["test"][0]["prompt"]
         assert qa["prompt_ids"] == smollm2.encode_chat(question)
+        # methods saved as separate runs (the workflow's one job per method) give the same report
+        from lede.parity import MethodRun, write_parity
+
+        again = write_parity(tmp_path / "again", [MethodRun.load(out, m) for m in ("plain", "static_8_4")], smollm2,
+                             n_boot=200)
+        assert json.dumps(again.rows) == json.dumps(report.rows)  # (NaN-safe comparison)
+        assert json.dumps(again.differences) == json.dumps(report.differences)
+        assert not list(out.glob("*.partial"))
+        with pytest.raises(FileNotFoundError, match="no saved run"):
+            MethodRun.load(out, "static_4_2")
     finally:
         stdout, _ = cli.communicate(timeout=240)
     assert cli.returncode == 0, stdout[-3000:]

@@ -38,7 +38,8 @@ import torch
 
 from lede.io import atomic_path, atomic_write_text
 
-__all__ = ["MethodRun", "ParityReport", "compare_models", "full_model_margin", "paired_bootstrap", "parity_report", "run_parity"]
+__all__ = ["MethodRun", "ParityReport", "compare_models", "evaluate_method", "full_model_margin", "paired_bootstrap",
+           "parity_report", "run_parity", "write_parity"]
 
 BASELINE = "plain"
 
@@ -73,6 +74,21 @@ class MethodRun:
             raise ValueError(f"{name}: run simple_evaluate with log_samples=True (no samples in its output)")
         policy = getattr(lm, "policy_spec", name)
         return cls(name, policy, out["samples"], list(getattr(lm, "records", [])), out.get("results", {}))
+
+    @classmethod
+    def load(cls, out_dir: str | Path, name: str) -> "MethodRun":
+        """A run saved by :func:`evaluate_method` (``results_/samples_/speed_<name>`` in ``out_dir``)."""
+        out = Path(out_dir)
+        paths = [out / f"results_{name}.json", out / f"samples_{name}.jsonl", out / f"speed_{name}.jsonl"]
+        if missing := [str(p) for p in paths if not p.is_file()]:
+            raise FileNotFoundError(f"method {name!r} has no saved run in {out}: missing {', '.join(missing)}")
+        summary = json.loads(paths[0].read_text(encoding="utf-8"))
+        samples: dict[str, list[dict]] = {}
+        for line in paths[1].read_text(encoding="utf-8").splitlines():
+            smp = json.loads(line)
+            samples.setdefault(smp["task"], []).append(smp)
+        records = [json.loads(line) for line in paths[2].read_text(encoding="utf-8").splitlines() if line]
+        return cls(name, str(summary.get("policy", name)), samples, records, summary.get("results") or {})
 
 
 @dataclass
@@ -374,28 +390,58 @@ def run_parity(
     token ids); then ``parity.csv``, ``parity.md``, ``differences.csv``.
     """
     from lede.model import load_model
-    from lede.tasks import task_manager
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     specs = dict(methods) if isinstance(methods, Mapping) else {_method_name(m): m for m in methods}
     if BASELINE in specs and specs[BASELINE] != "autoregressive":
         raise ValueError(f"method name {BASELINE!r} is reserved for plain (autoregressive) decoding")
     specs = {BASELINE: "autoregressive", **{k: v for k, v in specs.items() if k != BASELINE}}
     lm = loaded if loaded is not None else load_model(model, dtype=dtype, device=device)
-    if apply_chat_template is None:
-        apply_chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
-    tm = task_manager(data_dir)
-    runs = [_evaluate(out, name, lm, spec, tasks, tm, limit, apply_chat_template, gen_kwargs, num_fewshot,
-                      confirm_run_unsafe_code, dict(exit_heads=exit_heads, **(model_args or {})))
+    runs = [evaluate_method(out_dir, name, lm, spec, tasks, data_dir=data_dir, limit=limit, gen_kwargs=gen_kwargs,
+                            num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, exit_heads=exit_heads,
+                            model_args=model_args, confirm_run_unsafe_code=confirm_run_unsafe_code)
             for name, spec in specs.items()]
+    return write_parity(out_dir, runs, lm, baseline=BASELINE, n_boot=n_boot, alpha=alpha, seed=seed)
+
+
+def write_parity(out_dir: str | Path, runs: Sequence[MethodRun], lm, baseline: str = BASELINE, n_boot: int = 2000,
+                 alpha: float = 0.05, seed: int = 0) -> ParityReport:
+    """The parity report of ``runs`` against the ``baseline`` run (the full model ``lm`` gives the margins
+    where outputs differ), written into ``out_dir``."""
     report = parity_report(
-        runs, baseline=BASELINE, margin_fn=full_model_margin(lm),
+        runs, baseline=baseline, margin_fn=full_model_margin(lm),
         decode=lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False), n_boot=n_boot, alpha=alpha,
         seed=seed,
     )
-    report.write(out)
+    report.write(out_dir)
     return report
+
+
+def evaluate_method(
+    out_dir: str | Path,
+    name: str,
+    lm,
+    policy,
+    tasks: Sequence[str],
+    data_dir: str | Path | None = None,
+    limit: int | float | None = None,
+    gen_kwargs: dict | None = None,
+    num_fewshot: int | None = None,
+    apply_chat_template: bool | None = None,
+    exit_heads: str | None = None,
+    model_args: dict | None = None,
+    confirm_run_unsafe_code: bool = False,
+) -> MethodRun:
+    """One method (a policy string or object; ``autoregressive`` for plain decoding) on ``tasks`` through
+    ``simple_evaluate``, saved as ``results_/samples_/speed_<name>`` in ``out_dir`` (so that methods can run
+    as separate jobs and :meth:`MethodRun.load` + :func:`write_parity` compare them later)."""
+    from lede.tasks import task_manager
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if apply_chat_template is None:
+        apply_chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
+    return _evaluate(out, name, lm, policy, tasks, task_manager(data_dir), limit, apply_chat_template, gen_kwargs,
+                     num_fewshot, confirm_run_unsafe_code, dict(exit_heads=exit_heads, **(model_args or {})))
 
 
 def _evaluate(out: Path, name: str, lm, spec: str, tasks, tm, limit, apply_chat_template, gen_kwargs, num_fewshot,
@@ -406,7 +452,7 @@ def _evaluate(out: Path, name: str, lm, spec: str, tasks, tm, limit, apply_chat_
 
     from lede.lm_eval_model import LedeLM
 
-    speed_log = out / f"speed_{name}.jsonl"
+    speed_log = out / f"speed_{name}.jsonl.partial"  # appended per request; renamed when the run is complete
     speed_log.unlink(missing_ok=True)
     lede_lm = LedeLM(loaded=lm, policy=spec, speed_log=str(speed_log), **lm_args)
     res = lm_eval.simple_evaluate(
@@ -414,18 +460,19 @@ def _evaluate(out: Path, name: str, lm, spec: str, tasks, tm, limit, apply_chat_
         apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs, num_fewshot=num_fewshot,
         bootstrap_iters=0, confirm_run_unsafe_code=confirm_run_unsafe_code,
     )
-    summary = {"method": name, "model": lm.name, "policy": spec, "results": res.get("results"),
+    summary = {"method": name, "model": lm.name, "policy": lede_lm.policy_spec, "results": res.get("results"),
                "speed": lede_lm.speed_summary(), "truncations": lede_lm.truncations, "config": res.get("config")}
-    (out / f"results_{name}.json").write_text(
-        json.dumps(summary, indent=2, default=handle_non_serializable), encoding="utf-8")
+    atomic_write_text(out / f"results_{name}.json", json.dumps(summary, indent=2, default=handle_non_serializable))
     speed = {}
     for r in lede_lm.records:
         speed.setdefault((r["task"], r["doc_id"]), {k: r[k] for k in SAMPLE_SPEED_FIELDS})
-    with (out / f"samples_{name}.jsonl").open("w", encoding="utf-8") as fh:
+    with atomic_path(out / f"samples_{name}.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
         for task, samples in res["samples"].items():
             for smp in samples:
                 line = {"task": task, **smp, "lede": speed.get((task, smp["doc_id"]))}
                 fh.write(json.dumps(line, default=handle_non_serializable) + "\n")
+    speed_log.touch()  # no generation requests (loglikelihood-only tasks): an empty log
+    speed_log.replace(out / f"speed_{name}.jsonl")
     return MethodRun.from_evaluation(name, res, lede_lm)
 
 

@@ -66,3 +66,30 @@ def common_params(base=False):
                 early_exit_weights=EE_WEIGHTS if variant else None,
                 dtype=config["dtype"], device=config["device"],
                 threads=config["threads"], seed=config["seed"], categories=CATEGORIES)
+
+
+POLICY = config["policy"]
+# what every policy run reads besides the adapters: the selected heads, the cost model, the best static cells
+HEADS = [f"{R}/exits/selected.json", f"{R}/costs.json", f"{R}/sweep/best_static.json"]
+
+# Quality parity (issue 5, rules in parity.smk): plain decoding, the configured baselines, every LEDE policy.
+PARITY = config["parity"]
+LEDE_NAMES = {f"lede_{a}_s{s}": f"{R}/rl/policy_{a}_s{s}.pt" for a in POLICY["algos"] for s in POLICY["seeds"]}
+PARITY_METHODS = ["plain"] + [m for m in PARITY["methods"] if m != "lede"] + (
+    list(LEDE_NAMES) if "lede" in PARITY["methods"] else [])
+PARITY_FILES = ["results_{method}.json", "samples_{method}.jsonl", "speed_{method}.jsonl"]
+PARITY_CODE = src("parity", "lm_eval_model", "sandbox", "engine", "policy", "model") + sorted(
+    str(p) for p in Path("src/lede/tasks").iterdir() if p.suffix in (".py", ".yaml"))
+
+
+def parity_method_inputs(wc):
+    """Named inputs of one method's run: nothing beyond the model for plain decoding; the exit heads (the
+    selection, cost model, best static cells, adapters) and the heuristics' or the trained policy's files for
+    the speculative methods."""
+    if wc.method == "plain":
+        return {}
+    named = {"heads": HEADS, "adapters": expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS,
+                                                 design=DESIGNS)}
+    if wc.method in LEDE_NAMES:
+        return named | {"policy": LEDE_NAMES[wc.method], "policy_code": src("rl", "features")}
+    return named | {"policy_code": src("heuristics")}

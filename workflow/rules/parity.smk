@@ -1,33 +1,50 @@
-# Stage 6 (quality): every method against plain decoding on the offline lm-eval suite (issue 5). One job:
-# the model is loaded once and plain decoding runs first, then each method; the report lists every
-# output that differs from plain decoding with the full model's top-2 margin where it first differs.
-PARITY = config["parity"]
-
-
-rule parity:
+# Stage 6 (quality): every method against plain decoding on the offline lm-eval suite (issue 5). One job per
+# method (plain decoding needs no exit heads or policy, so it runs as soon as the model is there; adding a
+# method reruns only that method), then one job that compares them: metric differences with paired
+# bootstrap intervals, output identity, and every differing output with the full model's top-2 margin.
+rule parity_method:
     input:
+        unpack(parity_method_inputs),
         model_files=MODEL_FILES,
-        heads=HEADS,
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        policies=(expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"])
-                  if "lede" in PARITY["methods"] else []),
-        code=src("parity", "lm_eval_model", "sandbox", "rl", "features", "heuristics", "engine", "policy", "model"),
-        tasks=sorted(str(p) for p in Path("src/lede/tasks").iterdir() if p.suffix in (".py", ".yaml")),
+        code=PARITY_CODE,
     output:
-        md=report(f"{R}/parity/parity.md", caption="../report/parity.rst", category="Quality"),
-        csv=f"{R}/parity/parity.csv",
-        diffs=f"{R}/parity/differences.csv",
+        [f"{R}/parity/{f}" for f in PARITY_FILES],
     params:
         **common_params(),
         data_dir=config["data_dir"],
         layers=LAYERS,
         max_draft_len=POLICY["max_draft_len"],
         parity=PARITY,
+    wildcard_constraints:
+        method="|".join(PARITY_METHODS),
+    threads: config["threads"]
+    resources:
+        gpu=0,
+    log:
+        f"{R}/parity/{{method}}.log",
+    benchmark:
+        f"{R}/parity/{{method}}.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/parity_method.py"
+
+
+rule parity:
+    input:
+        model_files=MODEL_FILES,
+        runs=expand(f"{R}/parity/{{f}}", f=[f.format(method=m) for m in PARITY_METHODS for f in PARITY_FILES]),
+        code=src("parity", "model"),
+    output:
+        md=report(f"{R}/parity/parity.md", caption="../report/parity.rst", category="Quality"),
+        csv=f"{R}/parity/parity.csv",
+        diffs=f"{R}/parity/differences.csv",
+    params:
+        **common_params(),
+        methods=PARITY_METHODS,
     threads: config["threads"]
     log:
         f"{R}/parity/parity.log",
-    benchmark:
-        f"{R}/parity/parity.benchmark.tsv"
     conda:
         "../envs/lede.yaml"
     script:

@@ -1,7 +1,5 @@
 # Stages 3–5: LEDE. Experience from behaviour policies on training prompts, offline RL (one job per
 # algorithm and seed), and the evaluation of every method, interleaved, on held-out prompts.
-POLICY = config["policy"]
-HEADS = [f"{R}/exits/selected.json", f"{R}/costs.json", f"{R}/sweep/best_static.json"]
 
 
 rule collect_experience:

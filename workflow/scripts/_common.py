@@ -105,12 +105,12 @@ def eval_bench_prompts(params, lm):
 def write_bench(params, lm, records, n_prompts, out, title, extra=None):
     """Summaries (overall and per category) of interleaved records, as JSON and Markdown (atomically)."""
     import logging
-    import os
     from dataclasses import asdict
 
     import torch
 
     from lede.bench import format_summary, summarize, write_json
+    from lede.io import atomic_write_text
 
     overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
     header = (f"model={lm.name} dtype={lm.dtype} device={lm.device} threads={torch.get_num_threads()} "
@@ -120,7 +120,4 @@ def write_bench(params, lm, records, n_prompts, out, title, extra=None):
                           "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
                           "records": [asdict(r) for r in records]})
     md = [f"# {title}", "", header, "", "```", format_summary(overall), "", format_summary(per_cat), "```", ""]
-    tmp = out.md + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(md))
-    os.replace(tmp, out.md)
+    atomic_write_text(out.md, "\n".join(md))

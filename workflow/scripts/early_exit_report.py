@@ -11,6 +11,7 @@ p = setup(snakemake)  # noqa: F821
 from lede.distill import Sequence, greedy_continuations  # noqa: E402
 from lede.distill import load_teacher  # noqa: E402
 from lede.early_exit import read_early_exit, teacher_forced_agreement  # noqa: E402
+from lede.io import atomic_write_text  # noqa: E402
 from lede.model import load_model  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
@@ -46,9 +47,6 @@ result = {
                        for name in ("base", "variant")},
     "token_agreement_with_base": {c or "all": cell(rows["variant_on_base"]["final"], c) for c in [None, *cats]},
 }
-tmp = out.json + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
 
 
 def fmt(c):
@@ -76,11 +74,6 @@ lines += ["", "## Quality cost: the variant's greedy token vs the base model's (
           "| category | agreement |", "|---|---:|"]
 for c in ["all", *cats]:
     lines.append(f"| {c} | {fmt(result['token_agreement_with_base'][c])} |")
-tmp_md = out.md + ".tmp"
-with open(tmp_md, "w") as f:
-    f.write("\n".join(lines) + "\n")
-import os  # noqa: E402
-
-os.replace(tmp, out.json)
-os.replace(tmp_md, out.md)
+atomic_write_text(out.json, json.dumps(result, indent=1))
+atomic_write_text(out.md, "\n".join(lines) + "\n")  # last: the rule's report output
 logging.info("\n%s", "\n".join(lines))

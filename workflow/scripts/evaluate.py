@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
 from lede.costs import CostModel  # noqa: E402
+from lede.io import atomic_write_text  # noqa: E402
 from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit, tune_threshold  # noqa: E402
 from lede.oracle import Oracle, oracle_runs  # noqa: E402
 from lede.policy import Autoregressive, Static  # noqa: E402
@@ -103,8 +104,4 @@ logging.info("\n%s", text)
 write_json(out.json, {"settings": dict(p), "threshold": threshold, "best_static": [best_l, best_k],
                       "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
                       "records": [asdict(r) for r in records]})
-tmp = out.md + ".tmp"
-open(tmp, "w").write(text)
-import os  # noqa: E402
-
-os.replace(tmp, out.md)
+atomic_write_text(out.md, text)

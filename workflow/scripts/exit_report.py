@@ -14,6 +14,7 @@ p = setup(snakemake)  # noqa: F821
 from lede.costs import CostModel  # noqa: E402
 from lede.distill import load_distill  # noqa: E402
 from lede.exits import load_adapter  # noqa: E402
+from lede.io import atomic_write_text  # noqa: E402
 from lede.report import best_cells, exit_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
@@ -47,14 +48,6 @@ cells = best_cells(rows, selected, p.top)
 logging.info("selected heads %s; best cells %s", selected, cells)
 
 
-def atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def as_csv(dict_rows):
     import io
 
@@ -78,11 +71,11 @@ selection = {
 # a layer whose best head is the full plain head keeps the full vocabulary only if no layer uses V
 if selection["vocab"] is not None and any(h == "plain" for h in selected.values()):
     logging.info("some layers select the full plain head; they draft with the shared draft vocabulary in the engine")
-atomic(out.csv, as_csv(rows_as_dicts(rows)))
+atomic_write_text(out.csv, as_csv(rows_as_dicts(rows)))
 sweep = [r for r in rows_as_dicts(rows) if r["split"] == "train" and r["head"] == selected.get(r["layer"])]
-atomic(out.sweep, as_csv(sweep))
-atomic(out.selected, json.dumps(selection, indent=1))
-atomic(out.best, json.dumps({"cells": cells, "chosen_on": "train (replay)"}, indent=1))
-atomic(out.md, markdown(rows, selected, costs) + "\n## Best static cells (chosen on training data)\n\n"
+atomic_write_text(out.sweep, as_csv(sweep))
+atomic_write_text(out.selected, json.dumps(selection, indent=1))
+atomic_write_text(out.best, json.dumps({"cells": cells, "chosen_on": "train (replay)"}, indent=1))
+atomic_write_text(out.md, markdown(rows, selected, costs) + "\n## Best static cells (chosen on training data)\n\n"
        + "\n".join(f"- L={c['exit_layer']} K={c['draft_len']} head={c['head']}: replayed {c['train_replay_speedup']:.3f}x on train"
                    for c in cells) + "\n")

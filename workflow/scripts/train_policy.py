@@ -8,6 +8,7 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
+from lede.io import atomic_path  # noqa: E402
 from lede.rl import Experience, train_policy  # noqa: E402
 
 w = snakemake.wildcards  # noqa: F821
@@ -16,12 +17,8 @@ res = train_policy(exp, algo=w.algo, seed=int(w.seed), n_steps=p.n_steps, n_step
                    log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}")
 logging.info("history %s; FQE initial-state value %s", res.history, res.fqe_value)
 res.policy.save(snakemake.output.policy)  # noqa: F821
-tmp = snakemake.output.history + ".tmp"  # noqa: F821
-with open(tmp, "w", newline="") as f:
+with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
     keys = sorted({k for h in res.history for k in h})
     wr = csv.DictWriter(f, fieldnames=keys)
     wr.writeheader()
     wr.writerows(res.history)
-import os  # noqa: E402
-
-os.replace(tmp, snakemake.output.history)  # noqa: F821
