@@ -448,13 +448,13 @@ NOTEBOOKS["policy_behaviour"] = dict(
     title="What the LEDE policy does: exit layers and draft lengths",
     intro="""
 From the rounds of every LEDE generation in `R/eval/records.json` (`rounds_detail`: exit layer or a plain
-step, tokens drafted, drafts accepted, per round): the share of rounds at each exit layer and of each
-draft length, per category, and the round sequence of one generation.
-
-The records keep no token ids, so one generation cannot be shown token by token; the bottom panels show
-its rounds instead (round index against the exit layer chosen, and tokens drafted against accepted).""",
+step, tokens drafted, drafts accepted, per round; `pieces`: the output token by token): the share of rounds
+at each exit layer and of each draft length, per category, and one generation token by token (each token
+coloured by the exit layer whose draft it was, white where the full model produced it, a red mark where
+drafts were rejected) and round by round (exit layer chosen, tokens drafted against accepted).""",
     params='''policy = None  # a LEDE config name (e.g. "lede_DiscreteCQL_s0"); None: the first one in the records
-example_prompt = None  # the generation shown round by round; None: the prompt with the median speedup''',
+example_prompt = None  # the generation shown round by round; None: the prompt with the median speedup
+max_tokens_shown = 96  # tokens of the example generation drawn one by one''',
     cells=[
         ("code", r'''
 payload, rec = load_records()
@@ -492,9 +492,10 @@ ex = mine[mine.prompt == example].sort_values("round")
 ex_rec = rec[(rec.config == policy) & (rec.prompt == example)].iloc[0]
 
 layer_colors = ["#999999"] + sns.color_palette("viridis", len(layers))
+ypos_all = {name: i for i, name in enumerate(exit_names)}
 draft_colors = ["#999999"] + sns.color_palette("rocket_r", kmax + 1)[1:]
-fig = plt.figure(figsize=(14, 10), layout="constrained")
-top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+fig = plt.figure(figsize=(14, 14), layout="constrained")
+top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1.1, 0.8, 1])
 ax_a, ax_b = top.subplots(1, 2)
 layer_share.plot.barh(stacked=True, ax=ax_a, color=layer_colors, width=0.75, edgecolor="white", linewidth=0.5)
 draft_share.plot.barh(stacked=True, ax=ax_b, color=draft_colors, width=0.75, edgecolor="white", linewidth=0.5)
@@ -510,6 +511,46 @@ for ax, title, legend, n in ((ax_a, "Exit layer chosen", "exit layer", len(exit_
 ax_b.set_yticklabels([])
 top.suptitle(f"{method_label(policy)}: rounds on held-out prompts (n={mine.prompt.nunique()} prompts, "
              f"{len(mine)} rounds)", fontweight="bold")
+
+# token by token: each round emits its accepted drafts (coloured by the exit layer) and one token of the full
+# model (white); a red bar marks where the rest of a round's drafts were rejected
+ax_t = middle.subplots()
+ax_t.set_axis_off()
+pieces = ex_rec.pieces if isinstance(getattr(ex_rec, "pieces", None), list) else None
+if pieces:
+    cols, row_h, x, y, k = 110, 1.0, 0, 0, 0
+    spans = []  # (first token, n tokens, colour, rejected after)
+    for d in ex.itertuples():
+        name = "plain step" if pd.isna(d.layer) else f"L{int(d.layer)}"
+        spans.append((k, int(d.accepted), layer_colors[ypos_all[name]], False))
+        spans.append((k + int(d.accepted), 1, "white", int(d.drafted) > int(d.accepted)))
+        k += int(d.accepted) + 1
+    for first, n, color, rejected in spans:
+        for t in range(first, min(first + n, len(pieces), max_tokens_shown)):
+            text = pieces[t].replace("\n", "⏎").replace("\t", "→").replace("$", r"\$") or "∅"
+            if rejected and t == first:
+                ax_t.plot([x - 0.15, x - 0.15], [y - 0.45, y + 0.45], color="#d62728", lw=2.5)
+            if x + len(text) > cols:
+                x, y = 0, y - row_h
+            ax_t.text(x, y, text, family="monospace", fontsize=9, va="center", ha="left",
+                      bbox=dict(boxstyle="square,pad=0.12", facecolor=color, edgecolor="0.6", linewidth=0.4))
+            x += len(text) + 0.6
+            if pieces[t].endswith("\n"):  # the text's own line breaks
+                x, y = 0, y - row_h
+    ax_t.set_xlim(-1, cols + 1)
+    ax_t.set_ylim(min(y, -7 * row_h) - 0.8, 0.8)  # at least 8 rows tall, so the marks keep their size
+    handles = [matplotlib.patches.Patch(facecolor=c, edgecolor="0.6", label=n) for n, c in zip(exit_names, layer_colors)
+               if n != "plain step"]
+    handles += [matplotlib.patches.Patch(facecolor="white", edgecolor="0.6", label="full model's token"),
+                matplotlib.lines.Line2D([], [], color="#d62728", lw=2.5, label="drafts rejected")]
+    ax_t.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 7),
+                fontsize="small")
+    shown = min(len(pieces), max_tokens_shown)
+    middle.suptitle(f"The same generation token by token (first {shown} of {len(pieces)} tokens)", fontweight="bold")
+    print(f"example {example}: drawn token by token (first {shown} of {len(pieces)} tokens)")
+else:
+    ax_t.text(0.5, 0.5, "these records hold no token pieces (written before bench.BenchRecord.pieces existed): "
+              "rerun the evaluate rule to draw the generation token by token", ha="center", va="center")
 
 ax_c, ax_d = bottom.subplots(2, 1, sharex=True, height_ratios=[1, 1.2])
 ypos = {name: i for i, name in enumerate(exit_names)}

@@ -126,3 +126,24 @@ def test_quality_parity_lists_a_differing_output(tmp_path):
     assert "1 outputs differ from plain decoding" in note and "median 0.0004" in note
     assert "1 task-method pairs below 99% identity" in note
     assert "| lede_spec_bench_qa · f1 | 1 | 0.000 | 0.000 | +0.000 [–, –] | 0/1 |" in note
+
+
+def test_policy_behaviour_draws_a_generation_token_by_token(tmp_path):
+    """With token pieces in the records (bench.BenchRecord.pieces), the example generation is drawn token by
+    token; the fixture's records (written before pieces existed) take the other branch in the test above."""
+    payload = json.loads((FIXTURE / "eval" / "records.json").read_text())
+    for r in payload["records"]:
+        if r.get("rounds_detail"):
+            r["pieces"] = [f"tok{i}" + ("\n" if i % 7 == 6 else " ") for i in range(r["new_tokens"])]
+    results = tmp_path / "results"
+    (results / "eval").mkdir(parents=True)
+    (results / "eval" / "records.json").write_text(json.dumps(payload))
+    out = tmp_path / "out"
+    executed = tmp_path / "x.ipynb"
+    papermill.execute_notebook(str(NOTEBOOKS_DIR / "policy_behaviour.ipynb"), str(executed), kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path),
+                               parameters={"results_dir": str(results), "out_dir": str(out)})
+    nb = json.loads(executed.read_text())
+    outputs = json.dumps([o for c in nb["cells"] for o in c.get("outputs", [])])
+    assert "Error" not in outputs and "token by token (first" in outputs  # the panel's title, printed below
+    assert (out / "figures" / "policy_behaviour.png").stat().st_size > 0

@@ -50,6 +50,7 @@ class BenchRecord:
     overhead_frac: float  # loop time outside forwards and policy / decode time
     policy_frac: float
     rounds_detail: list = None  # [(exit_layer or None, drafted, accepted), ...] per round
+    pieces: list = None  # with keep_rounds: the output token by token (decoded pieces), for token-level figures
 
 
 @dataclass
@@ -95,7 +96,8 @@ def run_bench(
     progress: bool = True,
     keep_rounds: bool = False,
 ) -> list[BenchRecord]:
-    """Run every config on every prompt, interleaved. ``configs`` maps a name to a policy, to a function
+    """Run every config on every prompt, interleaved (``keep_rounds``: also each round's exit layer, drafted
+    and accepted counts, and the output's decoded pieces). ``configs`` maps a name to a policy, to a function
     of the prompt returning a policy (e.g. the oracle, built per prompt), or to ``"hf_generate"`` /
     ``"hf_prompt_lookup"``; a plain (Autoregressive) config named ``"plain"`` is added if absent."""
     if not prompts:
@@ -116,6 +118,9 @@ def run_bench(
         for name in names:
             run(name, prompts[0])
 
+    def decode(ids: list[int]) -> str:
+        return decoder.lm.tokenizer.decode(ids, skip_special_tokens=False)
+
     records: list[BenchRecord] = []
     bar = tqdm(total=len(prompts) * repeats * len(names), desc="bench", disable=not progress, mininterval=5)
     for rep in range(repeats):
@@ -133,6 +138,7 @@ def run_bench(
                     overhead_frac=g.overhead_s / dec if g.rounds else float("nan"),
                     policy_frac=sum(r.policy_s for r in g.rounds) / dec if g.rounds else float("nan"),
                     rounds_detail=[(r.exit_layer, r.drafted, r.accepted) for r in g.rounds] if keep_rounds else None,
+                    pieces=[decode([t]) for t in g.token_ids] if keep_rounds and g.rounds else None,
                 ))
                 bar.update()
     bar.close()
