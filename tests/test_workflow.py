@@ -99,8 +99,9 @@ def test_same_config_and_seeds_give_the_same_tables(tmp_path):
     cfg = yaml.safe_load((REPO / ".test/config.yaml").read_text())
     cfg["results_dir"] = str(tmp_path / "again")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    res = smk("--cores", "2", "--configfile", str(tmp_path / "c.yaml"), str(tmp_path / "again/exits/report.csv"),
-              str(tmp_path / "again/early_exit/report.json"), timeout=1200)
+    # targets before --configfile (which takes several values)
+    res = smk(str(tmp_path / "again/exits/report.csv"), str(tmp_path / "again/early_exit/report.json"),
+              "--cores", "2", "--configfile", str(tmp_path / "c.yaml"), timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     timing = ["replay_speedup"]  # from the cost model: measured on the machine, so it varies between runs
     a = pd.read_csv(first / "exits/report.csv").drop(columns=timing)
