@@ -528,11 +528,13 @@ if pieces:
     for first, n, color, rejected in spans:
         for t in range(first, min(first + n, len(pieces), max_tokens_shown)):
             text = pieces[t].replace("\n", "⏎").replace("\t", "→").replace("$", r"\$") or "∅"
-            if rejected and t == first:
-                ax_t.plot([x - 0.15, x - 0.15], [y - 0.45, y + 0.45], color="#d62728", lw=2.5)
             if x + len(text) > cols:
                 x, y = 0, y - row_h
-            ax_t.text(x, y, text, family="monospace", fontsize=9, va="center", ha="left",
+            if rejected and t == first:  # after the wrap, so the bar stands before its token
+                ax_t.plot([x - 0.15, x - 0.15], [y - 0.45, y + 0.45], color="#d62728", lw=2.5)
+            r, g, b = matplotlib.colors.to_rgb(color)
+            ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"  # readable on dark fills
+            ax_t.text(x, y, text, family="monospace", fontsize=9, va="center", ha="left", color=ink,
                       bbox=dict(boxstyle="square,pad=0.12", facecolor=color, edgecolor="0.6", linewidth=0.4))
             x += len(text) + 0.6
             if pieces[t].endswith("\n"):  # the text's own line breaks

@@ -129,6 +129,10 @@ def test_empty_and_mismatched_datasets_fail_clearly(experience):
         bad.check()
     with pytest.raises(PolicyError, match="unknown RL algorithm"):
         train_policy(experience, algo="PPO")
+    anonymous = Experience(*[getattr(experience, f) for f in ("space", "names", "obs", "actions", "rewards", "terminals",
+                                                              "episode", "behaviour", "prompt", "category")])
+    with pytest.raises(PolicyError, match="which model"):  # a policy must name the model it was trained for
+        train_policy(anonymous)
 
 
 def test_oracle_is_exact_and_beats_static_rounds():

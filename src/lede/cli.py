@@ -4,13 +4,16 @@
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --autoregressive
     lede bench --model smollm2-135m --data-dir ../shared/data --per-category 2 --configs 8:4,20:2,hf
     lede bench --prompt-file my_prompts.jsonl --configs 12:3 --out results/bench.json
+    lede bench --exit-heads results/exits/selected.json --configs 2:1,lede=results/rl/policy_DiscreteCQL_s0.pt
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -27,7 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_configs(spec: str):
-    """'8:4,20:2,hf' -> {'static_L8_K4': Static(8, 4), ..., 'hf_generate': 'hf_generate'}."""
+    """'8:4,20:2,hf,cql=results/rl/policy_DiscreteCQL_s0.pt' -> {'static_L8_K4': Static(8, 4), ...,
+    'hf_generate': 'hf_generate', 'cql': Path(...)} (a learned policy file, loaded once the model is)."""
     from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP
     from lede.policy import Static
 
@@ -39,10 +43,18 @@ def _parse_configs(spec: str):
         if item in ("pld", HF_PROMPT_LOOKUP):
             out[HF_PROMPT_LOOKUP] = HF_PROMPT_LOOKUP
             continue
+        if "=" in item:  # NAME=POLICY_FILE
+            name, path = (x.strip() for x in item.split("=", 1))
+            if not name or not Path(path).is_file():
+                raise SystemExit(f"error: bad --configs item {item!r}: use NAME=PATH with an existing policy file "
+                                 "(train one with the workflow's train_policy rule)")
+            out[name] = Path(path)
+            continue
         try:
             layer, k = (int(x) for x in item.split(":"))
         except ValueError:
-            raise SystemExit(f"error: bad --configs item {item!r}: use EXIT_LAYER:DRAFT_LEN (e.g. 8:4) or 'hf'")
+            raise SystemExit(f"error: bad --configs item {item!r}: use EXIT_LAYER:DRAFT_LEN (e.g. 8:4), 'hf', 'pld' "
+                             "or NAME=POLICY_FILE")
         policy = Static(layer, k)
         out[policy.name] = policy
     return out
@@ -86,8 +98,21 @@ def cmd_bench(args) -> int:
         prompts = prompt_pool(args.data_dir, args.split, categories=cats, per_category=args.per_category,
                               include_extra=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights)
-    dec = Decoder(lm, max_draft_len=args.max_draft_len)
-    for policy in configs.values():  # fail before any timing, not in the middle of it
+    heads = {}
+    if args.exit_heads:  # the selection file of the workflow's exit_report (adapters + draft vocabulary)
+        from lede.exits import heads_from_selection
+
+        heads = heads_from_selection(lm, json.loads(Path(args.exit_heads).read_text()))
+    dec = Decoder(lm, exit_heads=heads, max_draft_len=args.max_draft_len)
+    for name, policy in list(configs.items()):  # fail before any timing, not in the middle of it
+        if isinstance(policy, Path):
+            from lede.rl import RLPolicy
+
+            if not heads:
+                raise SystemExit(f"error: --configs {name}={policy} is a learned policy: pass --exit-heads with the "
+                                 "selection file its exit heads came from (results/exits/selected.json)")
+            configs[name] = policy = RLPolicy.load(policy, lm_name=lm.name, exit_layers=sorted(heads))
+            policy.name = name
         if hasattr(policy, "exit_layer"):
             dec._check_exit(policy.exit_layer)
     bench_prompts = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.text))) for p in prompts]
@@ -127,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="interleaved speed benchmark of plain decoding vs static configurations")
     _common(b)
-    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN, 'hf' (transformers' generate), 'pld' (prompt lookup)")
+    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN, 'hf' (transformers' "
+                   "generate), 'pld' (prompt lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
+    b.add_argument("--exit-heads", help="selection file (results/exits/selected.json): exit adapters + draft vocabulary")
     b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
     b.add_argument("--data-dir", default="../shared/data", help="folder with spec_bench/, gsm8k/, nq_open/")
     b.add_argument("--split", default="eval", choices=["train", "eval"])

@@ -38,10 +38,22 @@ import torch
 
 from lede.io import atomic_path, atomic_write_text
 
-__all__ = ["MethodRun", "ParityReport", "compare_models", "evaluate_method", "full_model_margin", "paired_bootstrap",
+__all__ = ["MethodRun", "ParityReport", "SuiteSettings", "compare_models", "evaluate_method", "full_model_margin", "paired_bootstrap",
            "parity_report", "run_parity", "write_parity"]
 
 BASELINE = "plain"
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """How the lm-eval suite is run: the same for every method compared, so that all see the same requests."""
+
+    data_dir: str | Path | None = None  # the benchmark files (None: lede.tasks' default)
+    limit: int | float | None = None  # documents per task
+    gen_kwargs: dict | None = None  # e.g. {"max_gen_toks": 128}, over each task's own
+    num_fewshot: int | None = None
+    apply_chat_template: bool | None = None  # None: when the tokenizer has a chat template
+    confirm_run_unsafe_code: bool = False  # needed for lede_humaneval (its code runs in lede.sandbox)
 
 ROW_FIELDS = [
     "task", "method", "policy", "metric", "n", "value", "plain_value", "diff", "ci_low", "ci_high",
@@ -396,9 +408,8 @@ def run_parity(
         raise ValueError(f"method name {BASELINE!r} is reserved for plain (autoregressive) decoding")
     specs = {BASELINE: "autoregressive", **{k: v for k, v in specs.items() if k != BASELINE}}
     lm = loaded if loaded is not None else load_model(model, dtype=dtype, device=device)
-    runs = [evaluate_method(out_dir, name, lm, spec, tasks, data_dir=data_dir, limit=limit, gen_kwargs=gen_kwargs,
-                            num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, exit_heads=exit_heads,
-                            model_args=model_args, confirm_run_unsafe_code=confirm_run_unsafe_code)
+    suite = SuiteSettings(data_dir, limit, gen_kwargs, num_fewshot, apply_chat_template, confirm_run_unsafe_code)
+    runs = [evaluate_method(out_dir, name, lm, spec, tasks, suite, exit_heads=exit_heads, model_args=model_args)
             for name, spec in specs.items()]
     return write_parity(out_dir, runs, lm, baseline=BASELINE, n_boot=n_boot, alpha=alpha, seed=seed)
 
@@ -422,43 +433,36 @@ def evaluate_method(
     lm,
     policy,
     tasks: Sequence[str],
-    data_dir: str | Path | None = None,
-    limit: int | float | None = None,
-    gen_kwargs: dict | None = None,
-    num_fewshot: int | None = None,
-    apply_chat_template: bool | None = None,
+    suite: SuiteSettings = SuiteSettings(),
     exit_heads: str | None = None,
     model_args: dict | None = None,
-    confirm_run_unsafe_code: bool = False,
 ) -> MethodRun:
     """One method (a policy string or object; ``autoregressive`` for plain decoding) on ``tasks`` through
     ``simple_evaluate``, saved as ``results_/samples_/speed_<name>`` in ``out_dir`` (so that methods can run
-    as separate jobs and :meth:`MethodRun.load` + :func:`write_parity` compare them later)."""
-    from lede.tasks import task_manager
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if apply_chat_template is None:
-        apply_chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
-    return _evaluate(out, name, lm, policy, tasks, task_manager(data_dir), limit, apply_chat_template, gen_kwargs,
-                     num_fewshot, confirm_run_unsafe_code, dict(exit_heads=exit_heads, **(model_args or {})))
+    as separate jobs and :meth:`MethodRun.load` + :func:`write_parity` compare them later). ``exit_heads``
+    and ``model_args`` go to :class:`lede.lm_eval_model.LedeLM`."""
+    return _evaluate(Path(out_dir), name, lm, policy, tasks, suite, dict(exit_heads=exit_heads, **(model_args or {})))
 
 
-def _evaluate(out: Path, name: str, lm, spec: str, tasks, tm, limit, apply_chat_template, gen_kwargs, num_fewshot,
-              confirm_run_unsafe_code, lm_args: dict) -> MethodRun:
+def _evaluate(out: Path, name: str, lm, spec, tasks: Sequence[str], suite: SuiteSettings, lm_args: dict) -> MethodRun:
     """One method through ``simple_evaluate``; writes results_/samples_/speed_<name> into ``out``."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
     from lede.lm_eval_model import LedeLM
+    from lede.tasks import task_manager
 
+    out.mkdir(parents=True, exist_ok=True)
+    chat = suite.apply_chat_template
+    if chat is None:
+        chat = bool(getattr(lm.tokenizer, "chat_template", None))
     speed_log = out / f"speed_{name}.jsonl.partial"  # appended per request; renamed when the run is complete
     speed_log.unlink(missing_ok=True)
     lede_lm = LedeLM(loaded=lm, policy=spec, speed_log=str(speed_log), **lm_args)
     res = lm_eval.simple_evaluate(
-        model=lede_lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=True,
-        apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs, num_fewshot=num_fewshot,
-        bootstrap_iters=0, confirm_run_unsafe_code=confirm_run_unsafe_code,
+        model=lede_lm, tasks=list(tasks), task_manager=task_manager(suite.data_dir), limit=suite.limit,
+        log_samples=True, apply_chat_template=chat, gen_kwargs=suite.gen_kwargs, num_fewshot=suite.num_fewshot,
+        bootstrap_iters=0, confirm_run_unsafe_code=suite.confirm_run_unsafe_code,
     )
     summary = {"method": name, "model": lm.name, "policy": lede_lm.policy_spec, "results": res.get("results"),
                "speed": lede_lm.speed_summary(), "truncations": lede_lm.truncations, "config": res.get("config")}
@@ -491,20 +495,14 @@ def compare_models(
     """Plain decoding of two models (e.g. a base model and its early-exit variant) on the same tasks: the
     parity report with ``base.name`` as the baseline (metric differences with paired bootstrap intervals,
     output identity, and every differing output with the base model's top-2 margin there)."""
-    from lede.tasks import task_manager
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if base.name == variant.name:
         raise ValueError(f"compare_models needs two different models, got {base.name!r} twice")
-    if apply_chat_template is None:
+    if apply_chat_template is None:  # both models are prompted the same way: as the base model wants
         apply_chat_template = bool(getattr(base.tokenizer, "chat_template", None))
-    tm = task_manager(data_dir)
-    runs = [_evaluate(out, lm.name, lm, "autoregressive", tasks, tm, limit, apply_chat_template, gen_kwargs, None,
-                      False, {})
-            for lm in (base, variant)]
+    suite = SuiteSettings(data_dir, limit, gen_kwargs, apply_chat_template=apply_chat_template)
+    runs = [_evaluate(Path(out_dir), lm.name, lm, "autoregressive", tasks, suite, {}) for lm in (base, variant)]
     report = parity_report(runs, baseline=base.name, margin_fn=full_model_margin(base),
                            decode=lambda ids: base.tokenizer.decode(ids, skip_special_tokens=False),
                            n_boot=n_boot, seed=seed)
-    report.write(out)
+    report.write(out_dir)
     return report

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -148,6 +147,31 @@ class Experience:
         atomic_write_text(stem.with_suffix(".json"), json.dumps(layout, indent=1))
 
     @classmethod
+    def concat(cls, parts: Sequence["Experience"]) -> "Experience":
+        """One dataset of several (e.g. engine-collected and replayed), episodes renumbered in order; all
+        parts must share the action space and feature layout."""
+        if not parts:
+            raise PolicyError("nothing to concatenate: no experience datasets")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.space != first.space or part.names != first.names:
+                raise PolicyError("experience datasets with different action spaces or feature layouts: recollect them")
+        for key in ("model", "reward_weight"):  # a policy is trained for one model and one reward
+            values = {repr(p.meta.get(key)) for p in parts}
+            if len(values) > 1:
+                raise PolicyError(f"experience datasets with different {key}s ({', '.join(sorted(values))}): "
+                                  "collect them with the same model and reward")
+        offsets = np.cumsum([0] + [len(p.behaviour) for p in parts[:-1]])
+        return cls(first.space, first.names, np.concatenate([p.obs for p in parts]),
+                   np.concatenate([p.actions for p in parts]), np.concatenate([p.rewards for p in parts]),
+                   np.concatenate([p.terminals for p in parts]),
+                   np.concatenate([p.episode + o for p, o in zip(parts, offsets)]),
+                   [b for p in parts for b in p.behaviour], [u for p in parts for u in p.prompt],
+                   [c for p in parts for c in p.category],
+                   {"model": first.meta.get("model"), "reward_weight": first.meta.get("reward_weight"),
+                    "parts": [p.meta for p in parts]})
+
+    @classmethod
     def load(cls, stem: str | Path) -> "Experience":
         import json
 
@@ -172,7 +196,9 @@ def collect_experience(
     costs: CostModel, max_new_tokens: int, reward_weight: float = 1.0, progress: bool = True,
 ) -> Experience:
     """Run every behaviour policy on every prompt (uid, category, ids) with the real engine (greedy) and
-    log each decision."""
+    log each decision. ``decoder`` may be a ``lede.replay.ReplayDecoder`` (teacher-forced replay of the
+    distillation sequences; see its module for what is exact): the meta then says how many decisions saw
+    an approximate state."""
     obs, actions, rewards, terminals, episode = [], [], [], [], []
     beh, pr, cat = [], [], []
     bar = tqdm(total=len(prompts) * len(behaviours), desc="experience", disable=not progress, mininterval=10)
@@ -199,6 +225,8 @@ def collect_experience(
                      np.asarray(actions, np.int64), np.asarray(rewards, np.float32), np.asarray(terminals, np.float32),
                      np.asarray(episode, np.int64), beh, pr, cat,
                      {"model": decoder.lm.name, "reward_weight": reward_weight, "max_new_tokens": max_new_tokens})
+    if hasattr(decoder, "approx_decisions"):  # a replay
+        exp.meta["replay"] = {"decisions": decoder.decisions, "approx_decisions": decoder.approx_decisions}
     exp.check()
     return exp
 
@@ -320,13 +348,16 @@ class RLPolicy:
     def reset(self) -> None:
         pass  # the feature tracker resets itself at a new generation
 
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float32) - self.mean) * self.inv_std  # as in training
+
     def q_values(self, x: np.ndarray) -> np.ndarray:
         """Q of every action for the raw feature vector(s) ``x`` [..., F] -> [..., A] (the exported net's maths)."""
-        return _forward(self._layers, (np.asarray(x, dtype=np.float32) - self.mean) * self.inv_std)
+        return _forward(self._layers, self._standardise(x))
 
     def choose(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """The greedy action for raw features ``x`` [B, F] among the ``valid`` ones ([A] or [B, A] bool)."""
-        z = (np.asarray(x, dtype=np.float32) - self.mean) * self.inv_std
+        z = self._standardise(x)
         return greedy_action(_forward(self._layers, z), valid,
                              _forward(self._imitator, z) if self._imitator is not None else None, self._flex)
 
@@ -374,6 +405,9 @@ def train_policy(
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
     exp.check()
+    if not exp.meta.get("model"):
+        raise PolicyError("the experience does not say which model it was collected with (meta['model']): "
+                          "collect it with collect_experience")
     d3rlpy.seed(seed)
     mean = exp.obs.mean(0)
     std = exp.obs.std(0) + 1e-6
@@ -404,7 +438,7 @@ def train_policy(
             "fqe_initial_state_value": fqe_value}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)
-    pf = PolicyFile(model=exp.meta.get("model", ""), exit_layers=list(exp.space.exit_layers),
+    pf = PolicyFile(model=exp.meta["model"], exit_layers=list(exp.space.exit_layers),
                     max_draft_len=exp.space.max_draft_len, features=exp.names, mean=mean.tolist(), std=std.tolist(),
                     algo=algo, seed=seed, q_net=net, info=info, imitator=imitator)
     # the exported networks must act as d3rlpy's own policy does (all actions allowed, as d3rlpy sees them)

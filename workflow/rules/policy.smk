@@ -1,5 +1,6 @@
-# Stages 3–5: LEDE. Experience from behaviour policies on training prompts, offline RL (one job per
-# algorithm and seed), and the evaluation of every method, interleaved, on held-out prompts.
+# Stages 3–5: LEDE. Experience from behaviour policies on training prompts (the real engine, and a
+# teacher-forced replay of the distillation sequences), offline RL (one job per algorithm and seed), and the
+# evaluation of every method, interleaved, on held-out prompts.
 
 
 rule collect_experience:
@@ -29,10 +30,38 @@ rule collect_experience:
         "../scripts/collect_experience.py"
 
 
+rule replay_experience:
+    """Extra experience without model forwards: the behaviour policies that do not read the draft confidence,
+    replayed along the distillation sequences of the training prompts (exact episodes; src/lede/replay.py)."""
+    input:
+        model_files=MODEL_FILES,
+        heads=HEADS,
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
+        distill=f"{R}/exits/distill_train.pt",
+        sweep=f"{R}/sweep/replay_train.csv",
+        code=src("replay", "rl", "features", "heuristics", "policy", "costs", "distill", "exits"),
+    output:
+        multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json"),
+    params:
+        **common_params(),
+        layers=LAYERS,
+        policy=POLICY,
+    threads: config["threads"]
+    log:
+        f"{R}/rl/replay.log",
+    benchmark:
+        f"{R}/rl/replay.benchmark.tsv"
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/replay_experience.py"
+
+
 rule train_policy:
     input:
         model_files=MODEL_FILES,
         exp=multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
+        replay=multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json") if POLICY["replay"]["enabled"] else [],
         code=src("rl", "features"),
     output:
         policy=f"{R}/rl/policy_{{algo}}_s{{seed}}.pt",

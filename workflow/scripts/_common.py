@@ -74,6 +74,62 @@ def decoder_from_selection(params, selected_path, max_draft_len):
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
 
+def best_static_cell(best_path, max_draft_len):
+    """(exit layer, draft length) of the sweep's best static cell among those within the draft-length cap."""
+    import json
+
+    cells = [c for c in json.loads(Path(best_path).read_text())["cells"] if c["draft_len"] <= max_draft_len]
+    if not cells:
+        raise ValueError(f"{best_path}: no static cell with draft length <= policy.max_draft_len={max_draft_len}; "
+                         "raise policy.max_draft_len or include shorter draft lengths in sweep.draft_lens")
+    return cells[0]["exit_layer"], cells[0]["draft_len"]
+
+
+def baseline_policy(name, params, best, costs_path, max_draft_len):
+    """A baseline the study compares LEDE against, built from the best static cell ``best`` = (L, K):
+    ``best_static``, ``adaptive_k`` (transformers' assisted-generation heuristic at L) or ``dynamic_exit``."""
+    from lede.costs import CostModel
+    from lede.heuristics import AdaptiveDraftLength, DynamicExit
+    from lede.policy import Static
+
+    layer, k = best
+    if name == "best_static":
+        return Static(layer, k)
+    if name == "adaptive_k":
+        return AdaptiveDraftLength(layer, initial=k, max_len=max_draft_len)
+    if name == "dynamic_exit":
+        return DynamicExit(params.layers, CostModel.load(costs_path), max_draft_len)
+    raise ValueError(f"unknown baseline {name!r}; expected best_static, adaptive_k or dynamic_exit")
+
+
+def behaviour_policies(params, sweep_csv, costs, static_cells, random, random_seed=0, confidence=True):
+    """The behaviour policies that experience is collected with: the ``static_cells`` best static cells of
+    the replayed training sweep, ``random`` random schedules (seeds ``random_seed``..), ε-perturbed adaptive K,
+    confidence threshold (only with ``confidence``: it reads the draft confidence, which replay knows only
+    approximately) and dynamic exit, and plain decoding."""
+    import csv
+
+    from lede.features import ActionSpace
+    from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
+    from lede.policy import Autoregressive, RandomSchedule, Static
+    from lede.rl import EpsilonPerturbed
+
+    pol, kmax = params.policy, params.policy["max_draft_len"]
+    space = ActionSpace(tuple(params.layers), kmax)
+    rows = [r for r in csv.DictReader(open(sweep_csv)) if r["category"] == "all" and int(r["draft_len"]) <= kmax]
+    rows.sort(key=lambda r: -float(r["replay_speedup"]))
+    cells = [(int(r["layer"]), int(r["draft_len"])) for r in rows[: max(static_cells, 1)]]
+    best_l, best_k = cells[0]
+    eps = pol["collect"]["epsilon"]
+    out = [Static(l, k) for l, k in cells[:static_cells]]
+    out += [RandomSchedule(list(params.layers), kmax, seed=s, p_plain=0.2) for s in range(random_seed, random_seed + random)]
+    out.append(EpsilonPerturbed(AdaptiveDraftLength(best_l, initial=min(best_k, kmax), max_len=kmax), space, eps, seed=1))
+    if confidence:
+        out.append(EpsilonPerturbed(ConfidenceThreshold(best_l, 0.5, kmax), space, eps, seed=2))
+    out += [EpsilonPerturbed(DynamicExit(params.layers, costs, kmax), space, eps, seed=3), Autoregressive()]
+    return space, out
+
+
 def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0):
     """Spec-Bench prompts of the split, per category, plus ``extra_gsm8k`` GSM8K train prompts and (evaluation
     only) the first ``humaneval`` HumanEval problems."""

@@ -1,6 +1,5 @@
 """Rule evaluate: every method interleaved on held-out prompts; LEDE's ratios against each."""
 
-import json
 import logging
 import math
 import statistics
@@ -9,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import decoder_from_selection, prompts_for, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, decoder_from_selection, prompts_for, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
@@ -17,9 +16,9 @@ import torch  # noqa: E402
 from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
 from lede.costs import CostModel  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
-from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit, tune_threshold  # noqa: E402
+from lede.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.oracle import Oracle, oracle_runs  # noqa: E402
-from lede.policy import Autoregressive, Static  # noqa: E402
+from lede.policy import Autoregressive  # noqa: E402
 from lede.rl import RLPolicy  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
@@ -27,8 +26,7 @@ pol, ev = p.policy, p.policy["evaluate"]
 kmax = pol["max_draft_len"]
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
 costs = CostModel.load(inp.heads[1])
-cells = [c for c in json.loads(open(inp.heads[2]).read())["cells"] if c["draft_len"] <= kmax]
-best_l, best_k = cells[0]["exit_layer"], cells[0]["draft_len"]
+best_l, best_k = best_static_cell(inp.heads[2], kmax)
 
 # the confidence threshold is tuned on TRAINING prompts (a short real-engine run per candidate)
 tune_prompts = [lm.encode_chat(pr.text) for pr in prompts_for(p, "train", 1)]
@@ -54,10 +52,10 @@ def oracle_for(bp):
     return Oracle(oracle_runs(lm, {l: dec.head(l) for l in oracle_layers}, list(bp.ids), cont, oracle_layers), costs, kmax)
 
 
-configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, "best_static": Static(best_l, best_k),
-           "adaptive_k": AdaptiveDraftLength(best_l, initial=best_k, max_len=kmax),
-           "confidence": ConfidenceThreshold(best_l, threshold, kmax),
-           "dynamic_exit": DynamicExit(p.layers, costs, kmax), **lede, "oracle": oracle_for}
+baselines = {name: baseline_policy(name, p, (best_l, best_k), inp.heads[1], kmax)
+             for name in ("best_static", "adaptive_k", "dynamic_exit")}
+configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, **baselines,
+           "confidence": ConfidenceThreshold(best_l, threshold, kmax), **lede, "oracle": oracle_for}
 prompts = prompts_for(p, "eval", ev["per_category"], humaneval=ev.get("humaneval", 0))
 bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
 records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True)

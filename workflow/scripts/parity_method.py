@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-from lede.parity import evaluate_method  # noqa: E402
+from lede.parity import SuiteSettings, evaluate_method  # noqa: E402
 
 method, cfg, kmax = snakemake.wildcards.method, p.parity, p.max_draft_len  # noqa: F821
 lm = load_lm(p)
@@ -21,21 +21,9 @@ if method == "plain":
     policy = "autoregressive"
 else:
     selected, costs_path, best_path = snakemake.input.heads  # noqa: F821
-    cells = [c for c in json.loads(Path(best_path).read_text())["cells"] if c["draft_len"] <= kmax]
-    best_l, best_k = cells[0]["exit_layer"], cells[0]["draft_len"]
-    if method == "best_static":
-        from lede.policy import Static
-
-        policy = Static(best_l, best_k)
-    elif method == "adaptive_k":
-        from lede.heuristics import AdaptiveDraftLength
-
-        policy = AdaptiveDraftLength(best_l, initial=best_k, max_len=kmax)
-    elif method == "dynamic_exit":
-        from lede.costs import CostModel
-        from lede.heuristics import DynamicExit
-
-        policy = DynamicExit(p.layers, CostModel.load(costs_path), kmax)
+    best_l, best_k = best_static_cell(best_path, kmax)
+    if method in ("best_static", "adaptive_k", "dynamic_exit"):
+        policy = baseline_policy(method, p, (best_l, best_k), costs_path, kmax)
     else:  # a LEDE policy: lede_<algo>_s<seed>
         from lede.rl import RLPolicy
 
@@ -45,7 +33,7 @@ else:
 gen_kwargs = {"max_gen_toks": cfg["max_gen_toks"]} if cfg.get("max_gen_toks") else None
 logging.info("parity run of %s on %s (limit %d, gen_kwargs %s)", method, cfg["tasks"], cfg["limit"], gen_kwargs)
 # lede_humaneval's generated code runs in lede.sandbox: a separate process with CPU, memory and fork limits
-run = evaluate_method(Path(snakemake.output[0]).parent, method, lm, policy, list(cfg["tasks"]),  # noqa: F821
-                      data_dir=p.data_dir, limit=cfg["limit"], gen_kwargs=gen_kwargs, exit_heads=selected,
-                      confirm_run_unsafe_code=True)
+suite = SuiteSettings(p.data_dir, cfg["limit"], gen_kwargs, confirm_run_unsafe_code=True)
+run = evaluate_method(Path(snakemake.output[0]).parent, method, lm, policy, list(cfg["tasks"]), suite,  # noqa: F821
+                      exit_heads=selected)
 logging.info("%s: %s", method, json.dumps(run.results, default=str)[:4000])

@@ -1,4 +1,4 @@
-"""Rule train_policy: one d3rlpy algorithm and seed on the logged experience."""
+"""Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed)."""
 
 import csv
 import logging
@@ -12,7 +12,11 @@ from lede.io import atomic_path  # noqa: E402
 from lede.rl import Experience, train_policy  # noqa: E402
 
 w = snakemake.wildcards  # noqa: F821
-exp = Experience.load(snakemake.input.exp[0].removesuffix(".parquet"))  # noqa: F821
+parts = [Experience.load(snakemake.input.exp[0].removesuffix(".parquet"))]  # noqa: F821
+if snakemake.input.replay:  # noqa: F821
+    parts.append(Experience.load(snakemake.input.replay[0].removesuffix(".parquet")))  # noqa: F821
+exp = Experience.concat(parts) if len(parts) > 1 else parts[0]
+logging.info("training on %s transitions (%d episodes)", " + ".join(str(len(e)) for e in parts), len(exp.behaviour))
 res = train_policy(exp, algo=w.algo, seed=int(w.seed), n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
                    log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}")
 logging.info("history %s; FQE initial-state value %s", res.history, res.fqe_value)

@@ -1,0 +1,170 @@
+"""Fast experience by teacher-forced replay: the engine's decision loop, driven by precomputed exit-head and
+full-model outputs along the model's own greedy continuations, with no model forward per round.
+
+    from lede.distill import load_distill
+    from lede.replay import ReplayDecoder, replay_tables
+    seqs, data, _ = load_distill("results/exits/distill_train.pt")
+    dec = ReplayDecoder(lm, replay_tables(lm, heads, seqs, data), max_draft_len=8)
+    exp = collect_experience(dec, prompts, behaviours, space, costs, max_new_tokens=128)   # as with a Decoder
+
+**Why it is exact (greedy decoding).** Row j of a sequence in a ``DistillSet`` holds the state that predicts
+continuation token c_j (row 0: the prompt's last position). At a round start the engine's pending token is
+c_{n-1} (n tokens emitted), so
+
+    draft i of the round (i = 0, 1, ...)   = argmax exit_L(h_L[row n + i])   while drafts 0..i-1 were right
+    accepted a                             = number of leading drafts equal to c_n, c_{n+1}, ...
+    verification's logits at the bonus     = lm_head(norm(h_N[row n + a])), whose argmax is c_{n+a}
+
+because the layers below L see exactly the greedy prefix (see ``lede.distill``). So for every policy, the
+rounds (exit layer, drafted, accepted), the emitted tokens, ``state.last_verify`` and hence the rewards
+equal those of ``Decoder.generate(prompt, policy, max_new_tokens=min(budget, len(continuation)))``, up to
+float rounding between a teacher-forced pass and one-token steps (a near-tie argmax; the tests compare).
+
+**What it cannot know.** After a wrong draft the engine keeps drafting *from the wrong token*; the exit
+head's confidence there (``state.draft`` at the later "keep drafting?" decisions of that round) is not in
+the teacher-forced pass. The replay shows the confidence at the teacher-forced row instead and counts those
+decisions (``ReplayDecoder.approx_decisions``). Their outcome is unaffected (acceptance stops at the first
+mismatch: every later draft is rejected), but a policy that *reads* the draft confidence (a confidence
+threshold, a learned policy) may decide there differently than in the engine. Use replay for behaviour
+policies that do not (static cells, random schedules, adaptive K, dynamic exit, ε-perturbations of them):
+their episodes are then the engine's exactly, and only the logged state at those decisions is approximate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lede.distill import DistillSet, Sequence
+from lede.policy import DecodeState, Policy, RoundRecord
+
+
+@dataclass(frozen=True)
+class Conf:
+    """The ``Confidence`` numbers of one logits row, precomputed (the policy reads the same attributes)."""
+
+    top_prob: float
+    entropy: float
+    margin: float
+
+
+@dataclass
+class SequenceTable:
+    """Per row of one sequence: the continuation token, the full model's confidence, and per exit layer the
+    draft token (full-vocabulary id) and the exit head's confidence."""
+
+    prompt_ids: list[int]
+    continuation: list[int]
+    verify: list[Conf]
+    draft_token: dict[int, list[int]]
+    draft: dict[int, list[Conf]]
+
+
+@torch.inference_mode()
+def _confidences(logits: torch.Tensor) -> tuple[list[int], list[Conf]]:
+    """argmax and (top-1 probability, entropy, top-1 − top-2) per row of [T, V] logits, as ``Confidence``."""
+    p = torch.softmax(logits.float(), dim=-1)
+    top2 = torch.topk(p, 2, dim=-1).values
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    arg = logits.argmax(-1).tolist()
+    return arg, [Conf(float(t[0]), float(e), float(t[0] - t[1])) for t, e in zip(top2, ent)]
+
+
+@torch.inference_mode()
+def replay_tables(lm, heads: dict, sequences: list[Sequence], data: DistillSet,
+                  progress: bool = True) -> dict[tuple[int, ...], SequenceTable]:
+    """One table per sequence with a continuation, keyed by its prompt ids. ``heads[L]`` is the exit head the
+    engine drafts with at layer L (``Decoder.head(L)``: adapter, draft vocabulary); ``data`` must hold the
+    hidden states of every layer in ``heads`` (``lede.distill.collect`` on these sequences)."""
+    from tqdm.auto import tqdm
+
+    missing = sorted(set(heads) - set(data.layers))
+    if missing:
+        raise ValueError(f"the distillation data has no hidden states for exit layers {missing} "
+                         f"(it has {data.layers}): recollect it with these layers")
+    norm, lm_head, dev, dt = lm.model.model.norm, lm.model.lm_head, lm.device, lm.dtype
+    seq = data.seq.tolist()
+    bounds: dict[int, list[int]] = {}
+    for row, s in enumerate(seq):
+        bounds.setdefault(s, [row, row])[1] = row + 1
+    tables = {}
+    for s_idx, (lo, hi) in tqdm(bounds.items(), desc="replay tables", disable=not progress, mininterval=10):
+        s = sequences[s_idx]
+        if hi - lo != len(s.continuation):
+            raise ValueError(f"sequence {s_idx}: {hi - lo} rows for {len(s.continuation)} continuation tokens: "
+                             "the distillation data does not belong to these sequences")
+        _, verify = _confidences(lm_head(norm(data.final[lo:hi].to(dev, dt))))
+        table = SequenceTable(list(s.prompt_ids), list(s.continuation), verify, {}, {})
+        for layer, head in heads.items():
+            table.draft_token[layer], table.draft[layer] = _confidences(head(data.hidden[layer][lo:hi].to(dev, dt)))
+        tables[tuple(s.prompt_ids)] = table
+    return tables
+
+
+@dataclass
+class ReplayGeneration:
+    """What ``collect_experience`` reads from a generation, plus which decisions saw an approximate state."""
+
+    token_ids: list[int]
+    rounds: list[RoundRecord]
+    finish_reason: str
+    approx: list[bool] = field(default_factory=list)  # per policy call, in order
+
+
+class ReplayDecoder:
+    """``generate(prompt_ids, policy, max_new_tokens)`` like ``lede.engine.Decoder`` (greedy, no stop strings),
+    answered from ``replay_tables`` instead of model forwards. Prompts must be among the tables' prompts."""
+
+    def __init__(self, lm, tables: dict[tuple[int, ...], SequenceTable], max_draft_len: int = 16):
+        self.lm, self.tables, self.max_draft_len = lm, tables, max_draft_len
+        self.n_layers = lm.num_layers
+        self._eos = set(lm.eos_token_ids)
+        self.decisions = 0
+        self.approx_decisions = 0
+
+    def generate(self, prompt_ids: list[int], policy: Policy, max_new_tokens: int = 128) -> ReplayGeneration:
+        table = self.tables.get(tuple(prompt_ids))
+        if table is None:
+            raise KeyError(f"no replay table for this prompt ({len(prompt_ids)} tokens): replay only the "
+                           "distillation sequences it was built from")
+        c = table.continuation
+        budget = min(max_new_tokens, len(c))  # the engine run this reproduces: max_new_tokens = budget
+        policy.reset()
+        state = DecodeState(self.n_layers, len(prompt_ids), budget, tokens=[c[0]], prompt_ids=list(prompt_ids))
+        state.last_verify = table.verify[0]
+        approx: list[bool] = []
+        finish = "eos" if c[0] in self._eos else "length"
+        while finish == "length" and len(state.tokens) < budget:
+            n = len(state.tokens)
+            layer = policy.choose_exit(state)
+            approx.append(False)
+            if layer is not None and layer not in table.draft_token:
+                raise ValueError(f"exit layer {layer} is not in the replay tables ({sorted(table.draft_token)})")
+            state.exit_layer, state.drafted, state.draft, state.draft_tokens = layer, 0, None, []
+            drafts: list[int] = []
+            a, wrong = 0, False
+            while layer is not None and len(drafts) < min(self.max_draft_len, budget - n - 1):
+                row = n + len(drafts)  # this draft predicts c[row]
+                exact = not wrong  # its context is the greedy prefix: token and confidence are the engine's
+                tok = table.draft_token[layer][row] if exact else -1  # after a wrong draft: unknown, rejected
+                if exact and tok == c[row]:
+                    a += 1
+                else:
+                    wrong = True
+                drafts.append(tok)
+                state.drafted, state.draft, state.draft_tokens = len(drafts), table.draft[layer][row], drafts
+                approx.append(not exact)
+                if not policy.keep_drafting(state):
+                    break
+            emitted = c[n : n + a + 1]
+            state.last_verify = table.verify[n + a]
+            state.rounds.append(RoundRecord(layer if drafts else None, len(drafts), a, 0.0, 0.0, 0.0))
+            for tok in emitted:
+                state.tokens.append(tok)
+                if tok in self._eos:
+                    finish = "eos"
+                    break
+        self.decisions += len(approx)
+        self.approx_decisions += sum(approx)
+        return ReplayGeneration(state.tokens, state.rounds, finish, approx)

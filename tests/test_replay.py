@@ -1,0 +1,117 @@
+"""Teacher-forced replay gives the engine's episodes: rounds, tokens, actions and rewards (tiny models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny
+from lede import Autoregressive, Decoder, RandomSchedule, Static
+from lede.costs import CostModel
+from lede.distill import Sequence, collect
+from lede.exits import build_exit_heads
+from lede.features import ActionSpace, decision_rewards
+from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
+from lede.replay import ReplayDecoder, replay_tables
+from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
+
+LAYERS = (1, 3, 5)
+SPACE = ActionSpace(LAYERS, 6)
+PROMPTS = [("p0", "a", [5, 17, 33, 2, 9]), ("p1", "b", [40, 41, 42, 43]), ("p2", "a", [7, 7, 7, 90, 3]),
+           ("p3", "b", [1])]
+COSTS = CostModel(model="tiny-llama-s0", dtype="float32", device="cpu", threads=1, context_len=8,
+                  draft_ms={l: 0.1 * l for l in LAYERS}, verify_ms={t: 1.0 + 0.05 * (t - 1) for t in range(1, 8)},
+                  draft_plain_ms={l: 0.1 * l for l in LAYERS})
+
+
+def behaviours():
+    """Policies whose decisions do not read the draft's confidence: their replayed episodes are exact."""
+    return ([Static(l, k) for l in LAYERS for k in (1, 2, 5)]
+            + [RandomSchedule(list(LAYERS), 6, seed=s, p_plain=0.2) for s in range(3)]
+            + [EpsilonPerturbed(AdaptiveDraftLength(3, initial=2, max_len=6), SPACE, 0.3, seed=1),
+               EpsilonPerturbed(DynamicExit(LAYERS, COSTS, 6), SPACE, 0.3, seed=2), Autoregressive()])
+
+
+@pytest.fixture(scope="module", params=["plain heads", "reduced vocabulary"])
+def setup(request):
+    lm = tiny("llama")
+    vocab = torch.arange(0, 96, 2) if request.param == "reduced vocabulary" else None
+    dec = Decoder(lm, exit_heads=build_exit_heads(lm, {l: None for l in LAYERS}, vocab), max_draft_len=6)
+    seqs = [Sequence(ids, dec.generate(ids, Autoregressive(), max_new_tokens=40).token_ids, cat, uid)
+            for uid, cat, ids in PROMPTS]
+    data = collect(lm, seqs, list(LAYERS), progress=False, store_dtype=lm.dtype)
+    tables = replay_tables(lm, {l: dec.head(l) for l in LAYERS}, seqs, data, progress=False)
+    return lm, dec, seqs, ReplayDecoder(lm, tables, max_draft_len=6)
+
+
+@pytest.mark.parametrize("budget", [40, 17, 2])
+def test_replayed_episodes_equal_the_engines(setup, budget):
+    lm, dec, seqs, replay = setup
+    drafted = accepted = approx = 0
+    for s in seqs:
+        for policy in behaviours():
+            rec_e, rec_r = Recorder(policy, SPACE), Recorder(policy, SPACE)
+            n = min(budget, len(s.continuation))
+            eng = dec.generate(s.prompt_ids, rec_e, max_new_tokens=n)
+            rep = replay.generate(s.prompt_ids, rec_r, max_new_tokens=budget)
+            assert rep.token_ids == eng.token_ids == s.continuation[:n] and rep.finish_reason == eng.finish_reason
+            key = lambda rs: [(r.exit_layer, r.drafted, r.accepted) for r in rs]  # noqa: E731
+            assert key(rep.rounds) == key(eng.rounds), policy.name
+            assert rec_r.actions == rec_e.actions
+            if rec_e.actions:
+                assert decision_rewards(rec_r.actions, rep.rounds, SPACE, COSTS) == \
+                    decision_rewards(rec_e.actions, eng.rounds, SPACE, COSTS)
+            # the logged states agree except at decisions after a wrong draft (the engine drafts on from it)
+            exact = ~np.asarray(rep.approx, dtype=bool)
+            assert len(rep.approx) == len(rec_r.obs)
+            if rec_e.obs:
+                np.testing.assert_allclose(np.asarray(rec_r.obs)[exact], np.asarray(rec_e.obs)[exact], atol=1e-5)
+            drafted += sum(r.drafted for r in eng.rounds)
+            accepted += sum(r.accepted for r in eng.rounds)
+            approx += sum(rep.approx)
+    if budget > 2:  # both outcomes occur, so the comparison means something
+        assert 0 < accepted < drafted and approx > 0
+
+
+def test_collect_experience_from_replay_matches_the_engine(setup):
+    lm, dec, seqs, replay = setup
+    budget = 24
+    prompts = [(s.uid, s.category, s.prompt_ids) for s in seqs]
+    ref = collect_experience(dec, prompts, behaviours(), SPACE, COSTS, budget, progress=False)
+    before = replay.approx_decisions
+    exp = collect_experience(replay, prompts, behaviours(), SPACE, COSTS, budget, progress=False)
+    assert np.array_equal(exp.actions, ref.actions) and np.array_equal(exp.rewards, ref.rewards)
+    assert np.array_equal(exp.terminals, ref.terminals) and exp.behaviour == ref.behaviour
+    assert exp.meta["replay"]["approx_decisions"] > before
+    both = Experience.concat([ref, exp])
+    assert len(both) == 2 * len(ref) and both.terminals.sum() == 2 * len(ref.behaviour)
+    assert both.episode.max() == 2 * len(ref.behaviour) - 1
+    assert both.meta["model"] == lm.name and both.meta["reward_weight"] == 1.0  # what train_policy stamps on the policy
+    other = Experience(*[getattr(exp, f) for f in ("space", "names", "obs", "actions", "rewards", "terminals", "episode",
+                                                   "behaviour", "prompt", "category")], meta={**exp.meta, "model": "x"})
+    with pytest.raises(PolicyError, match="different models"):
+        Experience.concat([ref, other])
+    with pytest.raises(PolicyError, match="feature layouts"):
+        Experience.concat([ref, Experience(ActionSpace((1, 3), 6), *[getattr(ref, f) for f in (
+            "names", "obs", "actions", "rewards", "terminals", "episode", "behaviour", "prompt", "category")])])
+
+
+def test_a_confidence_reading_policy_runs_and_keeps_the_tokens(setup):
+    """Its decisions after a wrong draft see the teacher-forced confidence (documented approximation): the
+    emitted tokens stay the model's greedy continuation whatever it decides."""
+    lm, dec, seqs, replay = setup
+    for s in seqs:
+        out = replay.generate(s.prompt_ids, ConfidenceThreshold(3, 0.05, 6), max_new_tokens=40)
+        assert out.token_ids == s.continuation
+
+
+def test_unknown_prompts_and_layers_fail_clearly(setup):
+    lm, dec, seqs, replay = setup
+    with pytest.raises(KeyError, match="no replay table"):
+        replay.generate([3, 2, 1, 0], Static(1, 2))
+    with pytest.raises(ValueError, match="not in the replay tables"):
+        replay.generate(seqs[0].prompt_ids, Static(2, 2))
+    data = collect(lm, seqs, [1], progress=False)
+    with pytest.raises(ValueError, match=r"no hidden states for exit layers \[3\]"):
+        replay_tables(lm, {1: dec.head(1), 3: dec.head(3)}, seqs, data, progress=False)

@@ -1,0 +1,36 @@
+"""Rule replay_experience: extra experience by teacher-forced replay of the distillation sequences (training
+prompts only) for behaviour policies that do not read the draft confidence; see src/lede/replay.py."""
+
+import logging
+import sys
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
+from _common import behaviour_policies, decoder_from_selection, setup  # noqa: E402
+
+p = setup(snakemake)  # noqa: F821
+from lede.costs import CostModel  # noqa: E402
+from lede.distill import load_distill  # noqa: E402
+from lede.replay import ReplayDecoder, replay_tables  # noqa: E402
+from lede.rl import collect_experience  # noqa: E402
+
+inp, out = snakemake.input, snakemake.output  # noqa: F821
+pol, rep = p.policy, p.policy["replay"]
+kmax = pol["max_draft_len"]
+lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
+costs = CostModel.load(inp.heads[1])
+space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
+                                       confidence=False)
+logging.info("behaviour policies: %s", [b.name for b in behaviours])
+seqs, data, meta = load_distill(inp.distill)
+if meta.get("split", "train") != "train":
+    raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: replay only training sequences")
+replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in p.layers}, seqs, data), kmax)
+items = [(s.uid, s.category, s.prompt_ids) for s in seqs if s.continuation]
+budget = max(len(s.continuation) for s in seqs)  # each episode runs to its stored continuation's end
+logging.info("%d training sequences x %d behaviours (replayed, up to %d tokens each)", len(items), len(behaviours), budget)
+exp = collect_experience(replay, items, behaviours, space, costs, budget, pol["reward_weight"])
+r = exp.meta["replay"]
+logging.info("%d transitions in %d episodes; %d of %d decisions (%.1f%%) after a wrong draft saw the teacher-forced "
+             "draft confidence", len(exp), len(exp.behaviour), r["approx_decisions"], r["decisions"],
+             100 * r["approx_decisions"] / max(r["decisions"], 1))
+exp.save(out[0].removesuffix(".parquet"))
