@@ -38,6 +38,13 @@ class RoundRecord:
         return self.accepted + 1
 
 
+def top_prob_margin_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 probability, top-1 − top-2 margin and entropy (nats) of distribution(s) ``probs`` [..., V] -> [...]."""
+    top2 = torch.topk(probs, 2, dim=-1).values
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+    return top2[..., 0], top2[..., 0] - top2[..., 1], entropy
+
+
 class Confidence:
     """Top-1 probability, entropy (nats) and top-1/top-2 margin of one logits row, computed on demand."""
 
@@ -55,14 +62,17 @@ class Confidence:
         return float(self._probs.max())
 
     @cached_property
-    def margin(self) -> float:
-        top2 = torch.topk(self._probs, 2).values
-        return float(top2[0] - top2[1])
+    def _margin_entropy(self) -> tuple[float, float]:
+        _, margin, entropy = top_prob_margin_entropy(self._probs)
+        return float(margin), float(entropy)
 
-    @cached_property
+    @property
+    def margin(self) -> float:
+        return self._margin_entropy[0]
+
+    @property
     def entropy(self) -> float:
-        p = self._probs
-        return float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+        return self._margin_entropy[1]
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lede.distill import DistillSet, Sequence
-from lede.policy import DecodeState, Policy, RoundRecord
+from lede.policy import DecodeState, Policy, RoundRecord, top_prob_margin_entropy
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,8 @@ class SequenceTable:
 @torch.inference_mode()
 def _confidences(logits: torch.Tensor) -> tuple[list[int], list[Conf]]:
     """argmax and (top-1 probability, entropy, top-1 − top-2) per row of [T, V] logits, as ``Confidence``."""
-    p = torch.softmax(logits.float(), dim=-1)
-    top2 = torch.topk(p, 2, dim=-1).values
-    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-    arg = logits.argmax(-1).tolist()
-    return arg, [Conf(float(t[0]), float(e), float(t[0] - t[1])) for t, e in zip(top2, ent)]
+    top, margin, entropy = top_prob_margin_entropy(torch.softmax(logits.float(), dim=-1))
+    return logits.argmax(-1).tolist(), [Conf(*row) for row in zip(top.tolist(), entropy.tolist(), margin.tolist())]
 
 
 @torch.inference_mode()

@@ -85,10 +85,10 @@ def best_static_cell(best_path, max_draft_len):
     return cells[0]["exit_layer"], cells[0]["draft_len"]
 
 
-def baseline_policy(name, params, best, costs_path, max_draft_len):
+def baseline_policy(name, params, best, costs, max_draft_len):
     """A baseline the study compares LEDE against, built from the best static cell ``best`` = (L, K):
-    ``best_static``, ``adaptive_k`` (transformers' assisted-generation heuristic at L) or ``dynamic_exit``."""
-    from lede.costs import CostModel
+    ``best_static``, ``adaptive_k`` (transformers' assisted-generation heuristic at L) or ``dynamic_exit``
+    (with the measured ``costs``, a CostModel)."""
     from lede.heuristics import AdaptiveDraftLength, DynamicExit
     from lede.policy import Static
 
@@ -98,7 +98,7 @@ def baseline_policy(name, params, best, costs_path, max_draft_len):
     if name == "adaptive_k":
         return AdaptiveDraftLength(layer, initial=k, max_len=max_draft_len)
     if name == "dynamic_exit":
-        return DynamicExit(params.layers, CostModel.load(costs_path), max_draft_len)
+        return DynamicExit(params.layers, costs, max_draft_len)
     raise ValueError(f"unknown baseline {name!r}; expected best_static, adaptive_k or dynamic_exit")
 
 

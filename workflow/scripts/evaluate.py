@@ -52,7 +52,7 @@ def oracle_for(bp):
     return Oracle(oracle_runs(lm, {l: dec.head(l) for l in oracle_layers}, list(bp.ids), cont, oracle_layers), costs, kmax)
 
 
-baselines = {name: baseline_policy(name, p, (best_l, best_k), inp.heads[1], kmax)
+baselines = {name: baseline_policy(name, p, (best_l, best_k), costs, kmax)
              for name in ("best_static", "adaptive_k", "dynamic_exit")}
 configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, **baselines,
            "confidence": ConfidenceThreshold(best_l, threshold, kmax), **lede, "oracle": oracle_for}

@@ -23,7 +23,9 @@ else:
     selected, costs_path, best_path = snakemake.input.heads  # noqa: F821
     best_l, best_k = best_static_cell(best_path, kmax)
     if method in ("best_static", "adaptive_k", "dynamic_exit"):
-        policy = baseline_policy(method, p, (best_l, best_k), costs_path, kmax)
+        from lede.costs import CostModel
+
+        policy = baseline_policy(method, p, (best_l, best_k), CostModel.load(costs_path), kmax)
     else:  # a LEDE policy: lede_<algo>_s<seed>
         from lede.rl import RLPolicy
 
