@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
 from lede.adapters import exit_agreement, train_adapter
 from lede.distill import Sequence, accepted_runs, collect, greedy_continuations, replay_static, top_vocab
-from lede.exits import AdapterError, AdapterFile, build_exit_heads, load_adapter, save_adapter
+from lede.exits import AdapterError, AdapterFile, build_exit_heads, load_adapter, load_exit_heads, save_adapter
 
 PROMPTS = [[5, 17, 33, 2, 9], [1], [40, 41, 42, 43, 44, 45, 46, 47], [7, 7, 7, 90]]
 LAYERS = [1, 3, 5]
@@ -79,6 +81,20 @@ def test_adapter_training_raises_agreement_and_engine_stays_exact(setup, tmp_pat
 
     vocab = top_vocab(seqs, 24)
     heads = build_exit_heads(lm, {1: loaded, 3: None, 5: None}, vocab=vocab)
+
+    # a selection file names its adapters relative to itself: the results folder can move whole
+    run = tmp_path / "run" / "exits"
+    (run / "adapters").mkdir(parents=True)
+    path.rename(run / "adapters" / "L1.pt")
+    (run / "selected.json").write_text(json.dumps(
+        {"vocab": vocab.tolist(), "layers": {"1": "adapters/L1.pt", "3": None, "5": None}}))
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    from_file = load_exit_heads(lm, moved / "exits" / "selected.json")
+    hd = data.hidden[1][:5].to(lm.dtype)
+    assert sorted(from_file) == [1, 3, 5] and torch.equal(from_file[1](hd), heads[1](hd))
+    with pytest.raises(FileNotFoundError, match="exit_report"):
+        load_exit_heads(lm, tmp_path / "run" / "exits" / "selected.json")
     dec = Decoder(lm, exit_heads=heads)
     for s in seqs:
         out = dec.generate(s.prompt_ids, RandomSchedule(LAYERS, 5, seed=len(s.prompt_ids)), max_new_tokens=40)

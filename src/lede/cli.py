@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -100,9 +99,9 @@ def cmd_bench(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights)
     heads = {}
     if args.exit_heads:  # the selection file of the workflow's exit_report (adapters + draft vocabulary)
-        from lede.exits import heads_from_selection
+        from lede.exits import load_exit_heads
 
-        heads = heads_from_selection(lm, json.loads(Path(args.exit_heads).read_text()))
+        heads = load_exit_heads(lm, args.exit_heads)
     dec = Decoder(lm, exit_heads=heads, max_draft_len=args.max_draft_len)
     for name, policy in list(configs.items()):  # fail before any timing, not in the middle of it
         if isinstance(policy, Path):

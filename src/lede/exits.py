@@ -9,6 +9,7 @@ for another model, layer or hidden size is a clear error, never a silent mismatc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,10 +151,21 @@ def build_exit_heads(
     return heads
 
 
-def heads_from_selection(lm, selection: dict) -> dict[int, ExitHead]:
-    """Exit heads from a selection file's content: {"vocab": [ids] | null, "layers": {"L": adapter path | null}}."""
+def heads_from_selection(lm, selection: dict, base_dir: str | Path = ".") -> dict[int, ExitHead]:
+    """Exit heads from a selection file's content: {"vocab": [ids] | null, "layers": {"L": adapter path | null}};
+    relative adapter paths are resolved against ``base_dir`` (the selection file's folder, see :func:`load_exit_heads`)."""
     vocab = torch.tensor(selection["vocab"], dtype=torch.long) if selection.get("vocab") else None
     adapters = {}
     for layer, path in selection["layers"].items():
-        adapters[int(layer)] = load_adapter(path, lm.name, int(layer), lm.hidden_size) if path else None
+        adapters[int(layer)] = load_adapter(Path(base_dir) / path, lm.name, int(layer), lm.hidden_size) if path else None
     return build_exit_heads(lm, adapters, vocab)
+
+
+def load_exit_heads(lm, selection_file: str | Path) -> dict[int, ExitHead]:
+    """Exit heads from a selection file (the workflow's ``exits/selected.json``). Its adapter paths are relative
+    to the file itself, so a results folder can be moved or copied whole."""
+    path = Path(selection_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"exit-head selection file {path} does not exist: run the workflow's exit_report "
+                                "rule (snakemake <results>/exits/selected.json) or pass the right path")
+    return heads_from_selection(lm, json.loads(path.read_text()), base_dir=path.parent)

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -191,12 +190,11 @@ class LedeLM(TemplateLM):
         heads = None
         self.exit_heads_path = exit_heads
         if exit_heads:
-            from lede.exits import heads_from_selection
+            from lede.exits import load_exit_heads
 
-            path = Path(exit_heads)
-            if not path.is_file():
+            if not Path(exit_heads).is_file():
                 raise FileNotFoundError(f"exit_heads={exit_heads}: no such selection file")
-            heads = heads_from_selection(self.lm, json.loads(path.read_text()))
+            heads = load_exit_heads(self.lm, exit_heads)
         draft = getattr(self.policy, "draft_len", 0) or 0
         self.decoder = Decoder(self.lm, exit_heads=heads, max_draft_len=max(16, int(draft)))
         cfg_len = getattr(self.lm.config, "max_position_embeddings", None)

@@ -64,13 +64,11 @@ def greedy_sequences(params, split):
 
 def decoder_from_selection(params, selected_path, max_draft_len):
     """The model and a Decoder with the selected exit heads (adapters + draft vocabulary)."""
-    import json
-
     from lede.engine import Decoder
-    from lede.exits import heads_from_selection
+    from lede.exits import load_exit_heads
 
     lm = load_lm(params)
-    heads = heads_from_selection(lm, json.loads(open(selected_path).read()))
+    heads = load_exit_heads(lm, selected_path)
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
 

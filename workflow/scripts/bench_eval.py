@@ -10,14 +10,13 @@ from _common import eval_bench_prompts, load_lm, setup, write_bench  # noqa: E40
 p = setup(snakemake)  # noqa: F821
 from lede.bench import HF_GENERATE, run_bench  # noqa: E402
 from lede.engine import Decoder  # noqa: E402
-from lede.exits import heads_from_selection  # noqa: E402
+from lede.exits import load_exit_heads  # noqa: E402
 from lede.policy import Static  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
-selection = json.loads(open(inp.selected).read())
 cells = json.loads(open(inp.best).read())["cells"]
 lm = load_lm(p)
-heads = heads_from_selection(lm, selection)
+heads = load_exit_heads(lm, inp.selected)
 dec = Decoder(lm, exit_heads=heads, max_draft_len=max(c["draft_len"] for c in cells))
 prompts = eval_bench_prompts(p, lm)
 configs = {HF_GENERATE: HF_GENERATE}

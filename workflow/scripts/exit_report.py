@@ -4,6 +4,7 @@ cells, both chosen on training data."""
 import csv
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def design_of(head):
 selection = {
     "model": p.model, "dtype": p.dtype,
     "vocab": vocab.tolist() if vocab is not None and selected and any(h != "plain" for h in selected.values()) else None,
-    "layers": {str(l): (paths[(l, design_of(h))] if design_of(h) in adapters else None) for l, h in selected.items()},
+    # adapter paths relative to the selection file, so that a results folder can be moved whole
+    "layers": {str(l): (os.path.relpath(paths[(l, design_of(h))], Path(out.selected).parent) if design_of(h) in adapters
+                        else None) for l, h in selected.items()},
     "heads": {str(l): h for l, h in selected.items()},
 }
 # a layer whose best head is the full plain head keeps the full vocabulary only if no layer uses V
