@@ -19,6 +19,7 @@ rule all:
         f"{R}/sweep/best_static.json",
         f"{R}/bench/eval.md",
         f"{R}/eval/summary.md",
+        f"{R}/rl/replay_eval.md",
         f"{R}/parity/parity.md",
         NOTEBOOK_OUTPUTS,
         [f"{R}/early_exit/{f}.md" for f in ("report", "bench", "quality/parity")] if EE["enabled"] else [],

@@ -13,7 +13,8 @@ from lede.distill import Sequence, collect
 from lede.exits import build_exit_heads
 from lede.features import ActionSpace, decision_rewards
 from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
-from lede.replay import ReplayDecoder, replay_tables
+from lede.oracle import Oracle, oracle_runs
+from lede.replay import ReplayDecoder, ReplayOracle, replay_speed, replay_tables
 from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
 
 LAYERS = (1, 3, 5)
@@ -104,6 +105,35 @@ def test_a_confidence_reading_policy_runs_and_keeps_the_tokens(setup):
     for s in seqs:
         out = replay.generate(s.prompt_ids, ConfidenceThreshold(3, 0.05, 6), max_new_tokens=40)
         assert out.token_ids == s.continuation
+
+
+def test_replayed_speed_is_the_engines_rounds_timed_by_the_cost_model(setup):
+    lm, dec, seqs, replay = setup
+    prompts = [s.prompt_ids for s in seqs]
+    plain = replay_speed(replay, prompts, Autoregressive(), COSTS, max_new_tokens=30)
+    assert plain.speedups == [1.0] * len(seqs) and plain.drafted == 0 and plain.tokens == plain.rounds
+    for policy in [Static(3, 2), Static(1, 5), EpsilonPerturbed(DynamicExit(LAYERS, COSTS, 6), SPACE, 0.3, seed=2)]:
+        speed = replay_speed(replay, prompts, policy, COSTS, max_new_tokens=30)
+        expected, tokens = [], 0
+        for s in seqs:  # the same number from the engine's own rounds
+            rounds = dec.generate(s.prompt_ids, policy, max_new_tokens=min(30, len(s.continuation))).rounds
+            if rounds:
+                cost = sum(COSTS.round_ms(r.exit_layer, r.drafted) / COSTS.plain_ms for r in rounds)
+                expected.append(sum(r.emitted for r in rounds) / cost)
+                tokens += sum(r.emitted for r in rounds)
+        assert speed.speedups == pytest.approx(expected) and speed.tokens == tokens, policy.name
+        assert speed.median == pytest.approx(float(np.median(expected))) and speed.decisions > speed.approx_decisions
+    # the oracle from the replay tables makes the engine oracle's rounds, and no static cell is cheaper
+    oracle = ReplayOracle(replay.tables, COSTS, 6)
+    for s in seqs:
+        runs = oracle_runs(lm, {l: dec.head(l) for l in LAYERS}, s.prompt_ids, s.continuation, list(LAYERS))
+        eng = dec.generate(s.prompt_ids, Oracle(runs, COSTS, 6), max_new_tokens=len(s.continuation))
+        rep = replay.generate(s.prompt_ids, oracle, max_new_tokens=len(s.continuation))
+        assert [(r.exit_layer, r.drafted, r.accepted) for r in rep.rounds] == \
+            [(r.exit_layer, r.drafted, r.accepted) for r in eng.rounds]
+    best = replay_speed(replay, prompts, oracle, COSTS, max_new_tokens=40)
+    for policy in [Static(l, k) for l in LAYERS for k in (1, 2, 5)]:
+        assert best.aggregate >= replay_speed(replay, prompts, policy, COSTS, max_new_tokens=40).aggregate - 1e-9
 
 
 def test_unknown_prompts_and_layers_fail_clearly(setup):

@@ -38,14 +38,25 @@ def test_round_returns_are_tokens_minus_weighted_cost():
     c = costs()
     rounds = [RoundRecord(None, 0, 0, 0, 0, 0), RoundRecord(3, 4, 2, 0, 0, 0), RoundRecord(1, 1, 1, 0, 0, 0)]
     actions = [0, 2, 5, 5, 5, 4, 1, 5]  # plain; L3 + 3 more + stop; L1 + an ignored "more" at the cap
+    v = {t: ms / c.plain_ms for t, ms in c.verify_ms.items()}
     for w in (1.0, 0.5):
-        r = decision_rewards(actions, rounds, SPACE, c, w)
-        assert len(r) == len(actions)
-        assert r[0] == pytest.approx(1 - w)
-        assert sum(r[1:6]) == pytest.approx(3 - w * (4 * c.draft_ms[3] + c.verify_ms[5]) / c.plain_ms)
-        assert sum(r[6:]) == pytest.approx(2 - w * (c.draft_ms[1] + c.verify_ms[2]) / c.plain_ms)
+        for credit in ("per_draft", "at_verify"):  # the same round returns, split differently
+            r = decision_rewards(actions, rounds, SPACE, c, w, credit)
+            assert len(r) == len(actions)
+            assert r[0] == pytest.approx(1 - w)
+            assert sum(r[1:6]) == pytest.approx(3 - w * (4 * c.draft_ms[3] + c.verify_ms[5]) / c.plain_ms)
+            assert sum(r[6:]) == pytest.approx(2 - w * (c.draft_ms[1] + c.verify_ms[2]) / c.plain_ms)
+        # per draft: drafts 1-2 of the L3 round were accepted, 3-4 not; each pays its draft and verification share
+        r = decision_rewards(actions, rounds, SPACE, c, w, "per_draft")
+        c3 = c.draft_ms[3] / c.plain_ms
+        assert r[1:6] == pytest.approx([1 - w * (c3 + v[2] - v[1]), 1 - w * (c3 + v[3] - v[2]),
+                                        -w * (c3 + v[4] - v[3]), -w * (c3 + v[5] - v[4]), 1 - w])
+        r = decision_rewards(actions, rounds, SPACE, c, w, "at_verify")
+        assert r[1:6] == pytest.approx([-w * c3] * 4 + [3 - w * v[5]])
     with pytest.raises(ValueError, match="logged decisions"):
         decision_rewards(actions[:-1], rounds, SPACE, c)
+    with pytest.raises(ValueError, match="unknown reward credit 'later'"):
+        decision_rewards(actions, rounds, SPACE, c, credit="later")
 
 
 def test_recorder_is_transparent_and_logs_every_decision():
@@ -94,8 +105,10 @@ def test_experience_layout_and_round_trip(experience, tmp_path):
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBCQ", "DiscreteBC"])
 def test_train_and_decode_exactly(experience, tmp_path, algo):
     res = train_policy(experience, algo=algo, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs",
-                       fqe_steps=100)
+                       fqe_steps=100, eval_episodes=3)
     assert len(res.history) == 2
+    # per-epoch metrics on a strided sample of episodes, not all of them
+    assert 2 <= res.policy.info["eval_episodes"] <= 3 < res.policy.info["episodes"]
     if algo == "DiscreteCQL":
         assert {"td_error", "initial_state_value"} <= set(res.history[-1]) and res.fqe_value is not None
     res.policy.save(tmp_path / "p.pt")
@@ -129,6 +142,8 @@ def test_empty_and_mismatched_datasets_fail_clearly(experience):
         bad.check()
     with pytest.raises(PolicyError, match="unknown RL algorithm"):
         train_policy(experience, algo="PPO")
+    with pytest.raises(ValueError, match="eval_episodes=0"):
+        train_policy(experience, eval_episodes=0)
     anonymous = Experience(*[getattr(experience, f) for f in ("space", "names", "obs", "actions", "rewards", "terminals",
                                                               "episode", "behaviour", "prompt", "category")])
     with pytest.raises(PolicyError, match="which model"):  # a policy must name the model it was trained for

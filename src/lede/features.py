@@ -13,16 +13,27 @@ with disjoint ids (``ActionSpace``):
 The phase is a state feature, and a learned policy takes the argmax over the valid ids only.
 
 Reward (per decision; w = ``reward_weight``, costs from the measured cost model in units of one plain
-step, c_L = draft_ms[L] / plain_ms, v_T = verify_ms[T] / plain_ms):
+step, c_L = draft_ms[L] / plain_ms, v_T = verify_ms[T] / plain_ms, v_1 = 1). A round at layer L that drafts
+K tokens and gets A of them accepted emits A + 1 tokens for K·c_L + v_{K+1} plain steps, so its return is
 
-    plain step           r = 1 − w                        (one token for one plain step)
-    choose layer L       r = − w · c_L                    (the first draft is paid)
-    draft one more       r = − w · c_L
-    stop, verify K       r = (A + 1) − w · v_{K+1}        (A accepted drafts + the bonus token)
+    R = (A + 1) − w · (K·c_L + v_{K+1})
 
-so a round's return is (tokens emitted) − w · (round time / plain step time): with w = 1 the return of a
-generation is the number of tokens gained over plain decoding in the same time, and maximising it
-minimises the time to produce the budget. w < 1 favours tokens per round over time (ablation).
+With w = 1 the return of a generation is the number of tokens gained over plain decoding in the same time,
+and maximising it minimises the time to produce the budget; w < 1 favours tokens per round over time
+(ablation). How R is split over the round's decisions is ``credit``:
+
+``per_draft`` (default): each decision is credited, in hindsight, with what it caused —
+    plain step                     r = 1 − w                              (one token, one plain step)
+    choose L / draft one more      r = [A ≥ j] − w · (c_L + v_{j+1} − v_j)  (the j-th draft: its token if
+                                                                           accepted, its draft step and
+                                                                           its share of the verification)
+    stop, verify                   r = 1 − w                              (the bonus token, as a plain step)
+``at_verify``: the drafts pay their cost and the round's tokens arrive at the stop —
+    plain step 1 − w;  choose L / draft one more  − w · c_L;  stop  (A + 1) − w · v_{K+1}.
+
+Both sum to R over a round (so the undiscounted return is the same), but with ``per_draft`` the value of
+"draft one more" is visible at that decision instead of several discounted steps later: the Q-function sees
+the action gap directly (measured by replay in the closing note of the LEDE issue / README).
 
 State (``FeatureTracker.features``; cheap, computed inside the loop, names in ``feature_names``):
 phase; position and prompt length (scaled); the previous round (plain/layer one-hot, drafted and accepted
@@ -185,15 +196,22 @@ class FeatureTracker:
         ]).astype(np.float32)
 
 
+CREDITS = ("per_draft", "at_verify")
+
+
 def decision_rewards(
-    actions: list[int], rounds: list[RoundRecord], space: ActionSpace, costs: CostModel, weight: float = 1.0
+    actions: list[int], rounds: list[RoundRecord], space: ActionSpace, costs: CostModel, weight: float = 1.0,
+    credit: str = "per_draft",
 ) -> list[float]:
     """Rewards for the decisions of one generation (see the module docstring), given its rounds.
 
     A round that drafted K tokens has exactly 1 + K decisions: its round-start action and one decision
     after each draft (K − 1 "more", then "stop" — or a "more" the loop ignored at the maximum draft
-    length or the budget). The verification reward goes on the last one."""
+    length or the budget)."""
+    if credit not in CREDITS:
+        raise ValueError(f"unknown reward credit {credit!r}: use one of {', '.join(CREDITS)}")
     plain = costs.plain_ms
+    v = {t: ms / plain for t, ms in costs.verify_ms.items()}
     out: list[float] = []
     i = 0
     for r in rounds:
@@ -202,8 +220,12 @@ def decision_rewards(
             i += 1
             continue
         c = costs.draft_ms[r.exit_layer] / plain
-        out += [-weight * c] * r.drafted  # the round-start action and K − 1 "more" each pay one draft
-        out.append((r.accepted + 1) - weight * costs.verify_ms[r.drafted + 1] / plain)
+        if credit == "per_draft":  # decision j - 1 drafted token j: its token if accepted, its marginal cost
+            out += [float(j <= r.accepted) - weight * (c + v[j + 1] - v[j]) for j in range(1, r.drafted + 1)]
+            out.append(1.0 - weight * v[1])  # the verification's own token
+        else:  # the round-start action and K − 1 "more" each pay one draft; the round's tokens come at the stop
+            out += [-weight * c] * r.drafted
+            out.append((r.accepted + 1) - weight * v[r.drafted + 1])
         i += 1 + r.drafted
     if i != len(actions):
         raise ValueError(f"{len(actions)} logged decisions but the rounds account for {i}")

@@ -6,6 +6,8 @@ full-model outputs along the model's own greedy continuations, with no model for
     seqs, data, _ = load_distill("results/exits/distill_train.pt")
     dec = ReplayDecoder(lm, replay_tables(lm, heads, seqs, data), max_draft_len=8)
     exp = collect_experience(dec, prompts, behaviours, space, costs, max_new_tokens=128)   # as with a Decoder
+    speed = replay_speed(dec, [s.prompt_ids for s in seqs], policy, costs, max_new_tokens=128)  # offline evaluation
+    speed.median, speed.aggregate      # speedup over plain decoding, timed by the cost model
 
 **Why it is exact (greedy decoding).** Row j of a sequence in a ``DistillSet`` holds the state that predicts
 continuation token c_j (row 0: the prompt's last position). At a round start the engine's pending token is
@@ -28,15 +30,26 @@ mismatch: every later draft is rejected), but a policy that *reads* the draft co
 threshold, a learned policy) may decide there differently than in the engine. Use replay for behaviour
 policies that do not (static cells, random schedules, adaptive K, dynamic exit, ε-perturbations of them):
 their episodes are then the engine's exactly, and only the logged state at those decisions is approximate.
+
+**Offline evaluation** (``replay_speed``): any policy's replayed rounds, timed by the measured cost model
+(a round of K drafts at L costs round_ms(L, K) / plain_ms plain steps and emits A + 1 tokens), give its
+speedup over plain decoding without running the model: seconds per policy instead of an hour of
+interleaved decoding. For a policy that reads the draft confidence only the doomed drafts' "keep drafting?"
+decisions are approximate (their count is reported). It is the cost model's speedup: per-round overheads
+(policy time included) and context-length effects are not in it, so it ranks policies; the engine's
+interleaved evaluation measures them.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
 
+from lede.costs import CostModel
 from lede.distill import DistillSet, Sequence
+from lede.oracle import Oracle
 from lede.policy import DecodeState, Policy, RoundRecord, top_prob_margin_entropy
 
 
@@ -165,3 +178,77 @@ class ReplayDecoder:
         self.decisions += len(approx)
         self.approx_decisions += sum(approx)
         return ReplayGeneration(state.tokens, state.rounds, finish, approx)
+
+
+class ReplayOracle(Oracle):
+    """The hindsight oracle (``lede.oracle.Oracle``) on replayed sequences: each prompt's accepted run lengths
+    come from its replay table (draft token == continuation token, row by row) instead of a model pass."""
+
+    def __init__(self, tables: dict[tuple[int, ...], SequenceTable], costs: CostModel, max_draft_len: int = 8):
+        super().__init__({}, costs, max_draft_len)
+        self.tables = tables
+        self._runs: dict[tuple[int, ...], dict[int, list[int]]] = {}
+
+    def choose_exit(self, state: DecodeState) -> int | None:
+        key = tuple(state.prompt_ids)
+        if key not in self._runs:
+            table = self.tables[key]
+            runs = {}
+            for layer, drafts in table.draft_token.items():
+                run = [0] * (len(drafts) + 1)
+                for j in range(len(drafts) - 1, -1, -1):  # run[j] = agree[j] * (1 + run[j + 1])
+                    run[j] = (1 + run[j + 1]) if drafts[j] == table.continuation[j] else 0
+                runs[layer] = run[:-1]
+            self._runs[key] = runs
+        self.runs = self._runs[key]
+        return super().choose_exit(state)
+
+
+@dataclass
+class ReplayedSpeed:
+    """One policy replayed over a set of sequences, timed by the cost model (units: plain decoding steps)."""
+
+    policy: str
+    speedups: list[float]  # per sequence: tokens emitted / cost of its rounds
+    tokens: int
+    cost: float  # Σ round costs over all sequences, in plain steps
+    rounds: int
+    drafted: int
+    accepted: int
+    decisions: int
+    approx_decisions: int  # decisions that saw an approximate draft confidence (see the module docstring)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.speedups)
+
+    @property
+    def aggregate(self) -> float:
+        return self.tokens / self.cost
+
+
+def replay_speed(dec: ReplayDecoder, prompts: list[list[int]], policy: Policy, costs: CostModel,
+                 max_new_tokens: int = 128) -> ReplayedSpeed:
+    """Replay ``policy`` on each prompt (they must be in ``dec``'s tables) and time its rounds with ``costs``:
+    a round costs ``costs.round_ms(L, K) / costs.plain_ms`` plain steps (a plain step costs 1) and emits
+    A + 1 tokens, so plain decoding replays at exactly 1.0. Rounds with nothing drafted count as plain steps;
+    the first token (the prefill's) is not counted, as in the engine's decode-time speed."""
+    plain = costs.plain_ms
+    out = ReplayedSpeed(policy.name, [], 0, 0.0, 0, 0, 0, 0, 0)
+    for ids in prompts:
+        before, approx_before = dec.decisions, dec.approx_decisions
+        gen = dec.generate(ids, policy, max_new_tokens)
+        tokens = sum(r.emitted for r in gen.rounds)
+        cost = sum(costs.round_ms(r.exit_layer, r.drafted) / plain for r in gen.rounds)
+        if gen.rounds:
+            out.speedups.append(tokens / cost)
+        out.tokens += tokens
+        out.cost += cost
+        out.rounds += len(gen.rounds)
+        out.drafted += sum(r.drafted for r in gen.rounds)
+        out.accepted += sum(r.accepted for r in gen.rounds)
+        out.decisions += dec.decisions - before
+        out.approx_decisions += dec.approx_decisions - approx_before
+    if not out.speedups:
+        raise ValueError("no replayed rounds: the sequences are too short for this token budget")
+    return out

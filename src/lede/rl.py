@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lede.costs import CostModel
 from lede.io import atomic_path, atomic_write_text
-from lede.features import ActionSpace, FeatureTracker, decision_rewards, feature_names
+from lede.features import CREDITS, ActionSpace, FeatureTracker, decision_rewards, feature_names
 from lede.policy import DecodeState, Policy
 
 POLICY_FORMAT = "lede-rl-policy/1"
@@ -156,7 +156,7 @@ class Experience:
         for part in parts[1:]:
             if part.space != first.space or part.names != first.names:
                 raise PolicyError("experience datasets with different action spaces or feature layouts: recollect them")
-        for key in ("model", "reward_weight"):  # a policy is trained for one model and one reward
+        for key in ("model", "reward_weight", "reward_credit"):  # a policy is trained for one model and one reward
             values = {repr(p.meta.get(key)) for p in parts}
             if len(values) > 1:
                 raise PolicyError(f"experience datasets with different {key}s ({', '.join(sorted(values))}): "
@@ -169,7 +169,7 @@ class Experience:
                    [b for p in parts for b in p.behaviour], [u for p in parts for u in p.prompt],
                    [c for p in parts for c in p.category],
                    {"model": first.meta.get("model"), "reward_weight": first.meta.get("reward_weight"),
-                    "parts": [p.meta for p in parts]})
+                    "reward_credit": first.meta.get("reward_credit"), "parts": [p.meta for p in parts]})
 
     @classmethod
     def load(cls, stem: str | Path) -> "Experience":
@@ -193,12 +193,15 @@ class Experience:
 
 def collect_experience(
     decoder, prompts: Sequence[tuple[str, str, list[int]]], behaviours: Sequence[Policy], space: ActionSpace,
-    costs: CostModel, max_new_tokens: int, reward_weight: float = 1.0, progress: bool = True,
+    costs: CostModel, max_new_tokens: int, reward_weight: float = 1.0, credit: str = "per_draft",
+    progress: bool = True,
 ) -> Experience:
     """Run every behaviour policy on every prompt (uid, category, ids) with the real engine (greedy) and
     log each decision. ``decoder`` may be a ``lede.replay.ReplayDecoder`` (teacher-forced replay of the
     distillation sequences; see its module for what is exact): the meta then says how many decisions saw
-    an approximate state."""
+    an approximate state. ``reward_weight`` and ``credit``: the reward (``lede.features``)."""
+    if credit not in CREDITS:
+        raise ValueError(f"unknown reward credit {credit!r}: use one of {', '.join(CREDITS)}")
     obs, actions, rewards, terminals, episode = [], [], [], [], []
     beh, pr, cat = [], [], []
     bar = tqdm(total=len(prompts) * len(behaviours), desc="experience", disable=not progress, mininterval=10)
@@ -209,7 +212,7 @@ def collect_experience(
             if not rec.actions:
                 bar.update()
                 continue  # a generation that ended at the prefill: no decision was made
-            r = decision_rewards(rec.actions, out.rounds, space, costs, reward_weight)
+            r = decision_rewards(rec.actions, out.rounds, space, costs, reward_weight, credit)
             e = len(beh)
             obs += rec.obs
             actions += rec.actions
@@ -224,7 +227,8 @@ def collect_experience(
     exp = Experience(space, feature_names(space), np.asarray(obs, np.float32).reshape(-1, len(feature_names(space))),
                      np.asarray(actions, np.int64), np.asarray(rewards, np.float32), np.asarray(terminals, np.float32),
                      np.asarray(episode, np.int64), beh, pr, cat,
-                     {"model": decoder.lm.name, "reward_weight": reward_weight, "max_new_tokens": max_new_tokens})
+                     {"model": decoder.lm.name, "reward_weight": reward_weight, "reward_credit": credit,
+                      "max_new_tokens": max_new_tokens})
     if hasattr(decoder, "approx_decisions"):  # a replay
         exp.meta["replay"] = {"decisions": decoder.decisions, "approx_decisions": decoder.approx_decisions}
     exp.check()
@@ -396,15 +400,19 @@ def _algo_config(algo: str, batch_size: int, gamma: float, lr: float):
 def train_policy(
     exp: Experience, algo: str = "DiscreteCQL", seed: int = 0, n_steps: int = 20000, n_steps_per_epoch: int = 2000,
     log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
-    lr: float = 3e-4, fqe_steps: int = 5000, progress: bool = False,
+    lr: float = 3e-4, fqe_steps: int = 5000, eval_episodes: int = 256, progress: bool = False,
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
-    with FQE (``DiscreteFQE``)."""
+    with FQE (``DiscreteFQE``). The per-epoch metrics read a fixed, evenly strided sample of
+    ``eval_episodes`` episodes (all of them if fewer): over a million replayed decisions, evaluating every
+    episode each epoch took longer than the training itself."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
     exp.check()
+    if eval_episodes < 1:
+        raise ValueError(f"eval_episodes={eval_episodes} must be >= 1")
     if not exp.meta.get("model"):
         raise PolicyError("the experience does not say which model it was collected with (meta['model']): "
                           "collect it with collect_experience")
@@ -417,8 +425,9 @@ def train_policy(
     model = _algo_config(algo, batch_size, gamma, lr).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
     run_name = run_name or f"{algo}_s{seed}"
     logger = d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir))
-    evaluators = {"td_error": TDErrorEvaluator(dataset.episodes),
-                  "initial_state_value": InitialStateValueEstimationEvaluator(dataset.episodes)}
+    sample = dataset.episodes[:: max(1, math.ceil(len(dataset.episodes) / eval_episodes))]
+    evaluators = {"td_error": TDErrorEvaluator(sample),
+                  "initial_state_value": InitialStateValueEstimationEvaluator(sample)}
     if algo == "DiscreteBC":
         evaluators = {}  # BC has no Q-function
     history = []
@@ -431,10 +440,12 @@ def train_policy(
         fqe = d3rlpy.ope.DiscreteFQE(algo=model, config=d3rlpy.ope.FQEConfig(learning_rate=1e-4, gamma=gamma))
         fqe.fit(dataset, n_steps=fqe_steps, n_steps_per_epoch=fqe_steps, experiment_name=f"{run_name}_fqe",
                 with_timestamp=False, logger_adapter=logger, show_progress=progress, save_interval=10**9,
-                evaluators={"fqe_initial_state_value": InitialStateValueEstimationEvaluator(dataset.episodes)})
+                evaluators={"fqe_initial_state_value": InitialStateValueEstimationEvaluator(sample)})
         fqe_value = float(InitialStateValueEstimationEvaluator(dataset.episodes)(fqe, dataset))
     net, imitator = _export(model, algo)
-    info = {"transitions": len(exp), "episodes": len(exp.behaviour), "n_steps": n_steps, "gamma": gamma,
+    info = {"transitions": len(exp), "episodes": len(exp.behaviour), "eval_episodes": len(sample), "n_steps": n_steps,
+            "gamma": gamma, "reward_weight": exp.meta.get("reward_weight"),
+            "reward_credit": exp.meta.get("reward_credit"),
             "fqe_initial_state_value": fqe_value}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)
@@ -442,9 +453,9 @@ def train_policy(
                     max_draft_len=exp.space.max_draft_len, features=exp.names, mean=mean.tolist(), std=std.tolist(),
                     algo=algo, seed=seed, q_net=net, info=info, imitator=imitator)
     # the exported networks must act as d3rlpy's own policy does (all actions allowed, as d3rlpy sees them)
-    sample = exp.obs[:: max(1, len(exp) // 512)]
-    ours = RLPolicy(pf).choose(sample, np.ones(exp.space.size, dtype=bool))
-    theirs = model.predict(((sample - mean) / std).astype(np.float32))
+    states = exp.obs[:: max(1, len(exp) // 512)]
+    ours = RLPolicy(pf).choose(states, np.ones(exp.space.size, dtype=bool))
+    theirs = model.predict(((states - mean) / std).astype(np.float32))
     if (agree := float((ours == theirs).mean())) < 0.99:  # float32 ties aside
         raise PolicyError(f"exported {algo} policy agrees with d3rlpy's on only {agree:.1%} of states: export bug")
     return TrainResult(pf, history, fqe_value)

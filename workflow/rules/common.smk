@@ -69,6 +69,18 @@ def common_params(base=False):
 
 
 POLICY = config["policy"]
+
+
+def policy_params(*keys, **subsets):
+    """The parts of the policy config a job reads (params trigger reruns: e.g. changing policy.n_steps must
+    not recollect experience). ``subsets``: {key: [subkeys]} for nested sections read only in part."""
+    out = {k: POLICY[k] for k in keys}
+    out.update({k: {s: POLICY[k][s] for s in subs} for k, subs in subsets.items()})
+    return out
+
+
+# what a behaviour-policy run reads: the draft cap, the reward, the ε of the perturbed heuristics
+BEHAVIOUR = ("max_draft_len", "reward_weight", "reward_credit")
 # what every policy run reads besides the adapters: the selected heads, the cost model, the best static cells
 HEADS = [f"{R}/exits/selected.json", f"{R}/costs.json", f"{R}/sweep/best_static.json"]
 

@@ -16,7 +16,7 @@ rule collect_experience:
         **common_params(),
         data_dir=config["data_dir"],
         layers=LAYERS,
-        policy=POLICY,
+        policy=policy_params(*BEHAVIOUR, "collect"),
     threads: config["threads"]
     resources:
         gpu=0,
@@ -45,7 +45,7 @@ rule replay_experience:
     params:
         **common_params(),
         layers=LAYERS,
-        policy=POLICY,
+        policy=policy_params(*BEHAVIOUR, "replay", collect=["epsilon"]),
     threads: config["threads"]
     log:
         f"{R}/rl/replay.log",
@@ -69,6 +69,8 @@ rule train_policy:
     params:
         **common_params(),
         n_steps=POLICY["n_steps"],
+        eval_episodes=POLICY["eval_episodes"],
+        gamma=POLICY["gamma"],
         logs=f"{R}/rl/logs",
     wildcard_constraints:
         algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC",
@@ -82,6 +84,33 @@ rule train_policy:
         "../envs/lede.yaml"
     script:
         "../scripts/train_policy.py"
+
+
+rule replay_eval:
+    """Every trained policy, the baselines and the oracle replayed along the held-out distillation sequences,
+    timed by the cost model (seconds; src/lede/replay.py): the cheap comparison for ablations."""
+    input:
+        model_files=MODEL_FILES,
+        heads=HEADS,
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
+        distill=f"{R}/exits/distill_eval.pt",
+        policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),
+        code=src("replay", "rl", "features", "heuristics", "oracle", "policy", "costs", "distill", "exits"),
+    output:
+        json=f"{R}/rl/replay_eval.json",
+        md=report(f"{R}/rl/replay_eval.md", caption="../report/replay_eval.rst", category="Speed"),
+    params:
+        **common_params(),
+        layers=LAYERS,
+        max_draft_len=POLICY["max_draft_len"],
+        max_new_tokens=config["exits"]["eval"]["max_new_tokens"],
+    threads: config["threads"]
+    log:
+        f"{R}/rl/replay_eval.log",
+    conda:
+        "../envs/lede.yaml"
+    script:
+        "../scripts/replay_eval.py"
 
 
 rule evaluate:
@@ -100,7 +129,7 @@ rule evaluate:
         **common_params(),
         data_dir=config["data_dir"],
         layers=LAYERS,
-        policy=POLICY,
+        policy=policy_params("max_draft_len", "evaluate"),
     threads: config["threads"]
     resources:
         gpu=0,

@@ -21,6 +21,7 @@ logging.info("behaviour policies: %s", [b.name for b in behaviours])
 prompts = prompts_for(p, "train", col["per_category"], extra_gsm8k=col["per_category"])
 items = [(pr.uid, pr.category, lm.encode_chat(pr.text)) for pr in prompts]
 logging.info("%d training prompts x %d behaviours", len(items), len(behaviours))
-exp = collect_experience(dec, items, behaviours, space, costs, col["max_new_tokens"], pol["reward_weight"])
+exp = collect_experience(dec, items, behaviours, space, costs, col["max_new_tokens"], pol["reward_weight"],
+                         pol["reward_credit"])
 logging.info("%d transitions in %d episodes", len(exp), len(exp.behaviour))
 exp.save(out[0].removesuffix(".parquet"))

@@ -28,7 +28,7 @@ replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in p.layers},
 items = [(s.uid, s.category, s.prompt_ids) for s in seqs if s.continuation]
 budget = max(len(s.continuation) for s in seqs)  # each episode runs to its stored continuation's end
 logging.info("%d training sequences x %d behaviours (replayed, up to %d tokens each)", len(items), len(behaviours), budget)
-exp = collect_experience(replay, items, behaviours, space, costs, budget, pol["reward_weight"])
+exp = collect_experience(replay, items, behaviours, space, costs, budget, pol["reward_weight"], pol["reward_credit"])
 r = exp.meta["replay"]
 logging.info("%d transitions in %d episodes; %d of %d decisions (%.1f%%) after a wrong draft saw the teacher-forced "
              "draft confidence", len(exp), len(exp.behaviour), r["approx_decisions"], r["decisions"],
