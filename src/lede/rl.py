@@ -193,7 +193,7 @@ class Experience:
 
 def collect_experience(
     decoder, prompts: Sequence[tuple[str, str, list[int]]], behaviours: Sequence[Policy], space: ActionSpace,
-    costs: CostModel, max_new_tokens: int, reward_weight: float = 1.0, credit: str = "per_draft",
+    costs: CostModel, max_new_tokens: int, reward_weight: float = 1.0, credit: str = "at_verify",
     progress: bool = True,
 ) -> Experience:
     """Run every behaviour policy on every prompt (uid, category, ids) with the real engine (greedy) and
