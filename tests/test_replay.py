@@ -14,7 +14,7 @@ from lede.exits import build_exit_heads
 from lede.features import ActionSpace, decision_rewards
 from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
 from lede.oracle import Oracle, oracle_runs
-from lede.replay import ReplayDecoder, ReplayOracle, replay_speed, replay_tables
+from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables
 from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
 
 LAYERS = (1, 3, 5)
@@ -123,6 +123,13 @@ def test_replayed_speed_is_the_engines_rounds_timed_by_the_cost_model(setup):
                 tokens += sum(r.emitted for r in rounds)
         assert speed.speedups == pytest.approx(expected) and speed.tokens == tokens, policy.name
         assert speed.median == pytest.approx(float(np.median(expected))) and speed.decisions > speed.approx_decisions
+    # replays of disjoint sequence sets combine into the replay of their union
+    whole = replay_speed(replay, prompts, Static(3, 2), COSTS, max_new_tokens=30)
+    combined = ReplayedSpeed.combine([replay_speed(replay, [ids], Static(3, 2), COSTS, max_new_tokens=30)
+                                      for ids in prompts])
+    assert combined.speedups == whole.speedups and combined.cost == pytest.approx(whole.cost)
+    assert (combined.tokens, combined.rounds, combined.drafted, combined.decisions) == \
+        (whole.tokens, whole.rounds, whole.drafted, whole.decisions)
     # the oracle from the replay tables makes the engine oracle's rounds, and no static cell is cheaper
     oracle = ReplayOracle(replay.tables, COSTS, 6)
     for s in seqs:

@@ -192,9 +192,7 @@ class LedeLM(TemplateLM):
         if exit_heads:
             from lede.exits import load_exit_heads
 
-            if not Path(exit_heads).is_file():
-                raise FileNotFoundError(f"exit_heads={exit_heads}: no such selection file")
-            heads = load_exit_heads(self.lm, exit_heads)
+            heads = load_exit_heads(self.lm, exit_heads)  # FileNotFoundError naming the file if it is missing
         draft = getattr(self.policy, "draft_len", 0) or 0
         self.decoder = Decoder(self.lm, exit_heads=heads, max_draft_len=max(16, int(draft)))
         cfg_len = getattr(self.lm.config, "max_position_embeddings", None)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lede.costs import CostModel
-from lede.distill import DistillSet, Sequence
+from lede.distill import DistillSet, Sequence, accepted_runs
 from lede.oracle import Oracle
 from lede.policy import DecodeState, Policy, RoundRecord, top_prob_margin_entropy
 
@@ -193,13 +193,10 @@ class ReplayOracle(Oracle):
         key = tuple(state.prompt_ids)
         if key not in self._runs:
             table = self.tables[key]
-            runs = {}
-            for layer, drafts in table.draft_token.items():
-                run = [0] * (len(drafts) + 1)
-                for j in range(len(drafts) - 1, -1, -1):  # run[j] = agree[j] * (1 + run[j + 1])
-                    run[j] = (1 + run[j + 1]) if drafts[j] == table.continuation[j] else 0
-                runs[layer] = run[:-1]
-            self._runs[key] = runs
+            c = torch.tensor(table.continuation)
+            one_seq = torch.zeros_like(c)
+            self._runs[key] = {layer: accepted_runs(torch.tensor(drafts) == c, one_seq, max_k=len(c)).tolist()
+                               for layer, drafts in table.draft_token.items()}
         self.runs = self._runs[key]
         return super().choose_exit(state)
 
@@ -225,6 +222,13 @@ class ReplayedSpeed:
     @property
     def aggregate(self) -> float:
         return self.tokens / self.cost
+
+    @classmethod
+    def combine(cls, parts: list["ReplayedSpeed"]) -> "ReplayedSpeed":
+        """One policy's replays of disjoint sequence sets (e.g. per category) as one (e.g. all categories)."""
+        return cls(parts[0].policy, [s for p in parts for s in p.speedups],
+                   *[sum(getattr(p, f) for p in parts) for f in ("tokens", "cost", "rounds", "drafted", "accepted",
+                                                                "decisions", "approx_decisions")])
 
 
 def replay_speed(dec: ReplayDecoder, prompts: list[list[int]], policy: Policy, costs: CostModel,
