@@ -30,12 +30,12 @@ def test_alias_loads_offline(smollm2):
 def test_plain_path_equals_transformers_generate(smollm2):
     """Our plain path (own cache, CpuLinear kernels) against transformers' generate with its own layers:
     equal token for token, or different only after a numerical near-tie."""
-    from lede.kernels import reference_linears
+    from lede.kernels import reference_kernels
 
     dec = Decoder(smollm2)
     for text in PROMPTS[:3]:
         ids = smollm2.encode_chat(text)
-        with reference_linears(smollm2.model):
+        with reference_kernels(smollm2.model):
             ref = smollm2.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
         out = dec.generate(ids, Autoregressive(), max_new_tokens=40).token_ids
         i = _first_diff(out, ref)
@@ -44,9 +44,9 @@ def test_plain_path_equals_transformers_generate(smollm2):
 
 
 def _logit_gap(lm, ids):
-    from lede.kernels import reference_linears
+    from lede.kernels import reference_kernels
 
-    with torch.inference_mode(), reference_linears(lm.model):
+    with torch.inference_mode(), reference_kernels(lm.model):
         top2 = torch.topk(lm.model(torch.tensor([ids])).logits[0, -1], 2).values
     return float(top2[0] - top2[1])
 

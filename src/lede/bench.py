@@ -73,12 +73,12 @@ def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int, refe
     is compared with lede on equal kernels)."""
     from contextlib import nullcontext
 
-    from lede.kernels import reference_linears
+    from lede.kernels import reference_kernels
 
     model = decoder.lm.model
     x = torch.tensor([list(ids)], device=decoder.lm.device)
     t = time.perf_counter()
-    with torch.inference_mode(), (reference_linears(model) if reference else nullcontext()):
+    with torch.inference_mode(), (reference_kernels(model) if reference else nullcontext()):
         out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                              pad_token_id=next(iter(decoder.lm.eos_token_ids), 0), **kwargs)
     wall = time.perf_counter() - t

@@ -1,19 +1,30 @@
-"""Faster fp32 linear layers for small-batch decoding on CPU.
+"""Faster fp32 kernels for small-batch decoding on CPU: linear layers and masked attention.
 
-On the 2-core CPU of our machines, ``F.linear`` (x @ W^T) picks slow kernels for the shapes of
-decoding: for T = 2..4 rows a verification pass cost 1.4–2.0x a one-token step, and the one-token step
-itself is slower than a plain matrix-vector product. Measured on a SmolLM2 forward (30 layers + LM head,
-fp32, 2 threads, 300 cached tokens; ms, median of 15):
+On the 2-core CPU of our machines, transformers' layers pick slow kernels for the shapes of decoding.
+Linear: ``F.linear`` (x @ W^T) with one row is a GEMV that does not use both cores well, and with 2..4
+rows a GEMM that is slower still; ``W @ X^T`` with the token count as the narrow side is fast for any
+count >= 2, so a one-token step is computed as a two-row product of the token with itself (the
+arithmetic doubles, but the step is bound by reading the weights). Outputs are made contiguous: a
+transposed output sent every later op, and attention, to their slow strided paths. Attention with
+several query tokens and an explicit mask (a verification pass; prefill) made transformers' "sdpa"
+repeat the key/value heads (grouped-query attention) and fall back to the math kernel; ``lede_sdpa``
+calls SDPA with ``enable_gqa`` and the mask instead, which stays on the fused CPU kernel.
 
-    T          1     2     3     4     5     8
-    F.linear  57   103   123    87    77    90
-    this      51    46    59    48    57    64
+Measured on a SmolLM2-135M forward (30 layers + LM head, fp32, 2 threads; ms, median of 10 after
+warm-up; T tokens in one pass over a cache of ``ctx`` tokens; ``python -m lede.kernels`` measures both
+interleaved on the machine at hand):
 
-``CpuLinear`` computes T = 1 as ``x @ W^T`` from a transposed copy of the weight (a plain GEMV) and
-T > 1 as ``(W @ x^T)^T`` (a GEMM whose narrow side is the token count). It is the same maths with a
-different summation order, so results can differ from ``F.linear`` in the last bits (a near-tie can
-flip a greedy choice, as with any change of kernel). ``load_model`` applies it on CPU in float32 by
-default; pass ``fast_linear=False`` to keep transformers' layers untouched.
+    ctx   T:  1     2     3     5        kernels
+    256      46    46    52    56        F.linear-style GEMV (T=1) / transposed GEMM output (T>1), "sdpa"
+    256      31    28    36    44        this module
+    2048     52    81    93    96        before
+    2048     37    41    52    64        this module
+
+``CpuLinear`` is the same maths with a different summation order, so results can differ from
+``F.linear`` in the last bits (a near-tie can flip a greedy choice, as with any change of kernel);
+``lede_sdpa`` is SDPA's own fused kernel. ``load_model`` applies both on CPU in float32 by default
+(``use_cpu_kernels``); pass ``fast_linear=False`` to keep transformers' layers untouched, and use
+``reference_kernels`` to time transformers' own path on the same model.
 """
 
 from __future__ import annotations
@@ -30,39 +41,106 @@ class CpuLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # [out, in], shared (the LM head may be tied to the embedding)
         self.bias = linear.bias
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)  # [in, out]
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if not self.enabled or (torch.is_grad_enabled() and self.weight.requires_grad):
             return nn.functional.linear(x, self.weight, self.bias)  # reference path; training
         rows = x.shape[:-1].numel()
-        if rows == 1:
-            y = x @ self.weight_t
+        x2 = x.reshape(rows, -1)  # [rows, in]
+        if rows == 1:  # two copies of the row: a GEMM, faster here than the GEMV for one
+            y = (self.weight @ torch.cat([x2, x2]).T)[:, 0].contiguous()  # [out]
         else:
-            y = (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], self.out_features)
+            y = (self.weight @ x2.T).T.contiguous()  # [out, rows] -> [rows, out]
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-def use_cpu_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of a causal LM (decoder layers and LM head) by CpuLinear; returns the count."""
+ATTENTION = "lede_sdpa"
+
+
+def masked_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' "sdpa" attention, except that several query tokens with an explicit mask go to SDPA
+    with ``enable_gqa`` (no repeated key/value heads, the fused kernel) -> ([B, T, H, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or query.shape[2] == 1 or dropout or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    mask = attention_mask[:, :, :, : key.shape[-2]]
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Replace every nn.Linear of a causal LM (decoder layers and LM head) by CpuLinear and switch its
+    attention to ``lede_sdpa`` (when it uses "sdpa"); returns the number of linears replaced."""
+    from transformers import AttentionInterface
+
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, CpuLinear(child))
                 count += 1
+    if model.config._attn_implementation == "sdpa":
+        AttentionInterface.register(ATTENTION, masked_gqa_sdpa)
+        model.set_attn_implementation(ATTENTION)
     return count
 
 
 @contextmanager
-def reference_linears(model: nn.Module):
-    """Temporarily compute every CpuLinear with F.linear (e.g. to time transformers' own generate)."""
+def reference_kernels(model: nn.Module):
+    """Temporarily compute every CpuLinear with F.linear and attention with transformers' "sdpa" (e.g. to
+    time transformers' own generate, or as the reference in tests)."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    attention = model.config._attn_implementation
     for m in layers:
         m.enabled = False
+    if attention == ATTENTION:
+        model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
         for m in layers:
             m.enabled = True
+        if attention == ATTENTION:
+            model.set_attn_implementation(ATTENTION)
+
+
+def _benchmark(contexts=(256, 2048), tokens=(1, 2, 3, 5), repeats: int = 15, threads: int = 2) -> None:
+    """One forward of T tokens over a cache of ctx tokens, this module's kernels vs transformers' (interleaved),
+    on the embedded default; prints medians and their ratio."""
+    import statistics
+    import time
+
+    from lede.engine import Decoder
+    from lede.model import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    dec = Decoder(lm)
+    ids = torch.randint(100, 40000, (max(contexts) + max(tokens),), generator=torch.Generator().manual_seed(0)).tolist()
+    print(f"model={lm.name} threads={torch.get_num_threads()} repeats={repeats} (ms, median; ratio = reference / lede)")
+    with torch.inference_mode():
+        for ctx in contexts:
+            cache = dec.new_cache(ctx + max(tokens))
+            dec._layers(dec.embed(torch.tensor([ids[:ctx]])), 0, dec.n_layers, cache)
+            for t in tokens:
+                times: dict[str, list[float]] = {"lede": [], "reference": []}
+                for _ in range(repeats):
+                    for name in times:  # alternating blocks of 4 passes; the first of each block warms up
+                        with reference_kernels(lm.model) if name == "reference" else contextmanager(lambda: (yield))():
+                            for i in range(4):
+                                start = time.perf_counter()
+                                dec._verify(ids[ctx : ctx + t], None, cache)
+                                if i:
+                                    times[name].append(time.perf_counter() - start)
+                                cache.crop(ctx)
+                fast, ref = (statistics.median(times[n]) * 1e3 for n in ("lede", "reference"))
+                print(f"ctx={ctx:5d} T={t}  lede {fast:6.1f}  reference {ref:6.1f}  ratio {ref / fast:.2f}x", flush=True)
+
+
+if __name__ == "__main__":  # python -m lede.kernels
+    _benchmark()

@@ -191,7 +191,7 @@ def load_model(
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
     ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
-    ``fast_linear``: on CPU in float32, use ``lede.kernels.CpuLinear`` (faster small-batch kernels).
+    ``fast_linear``: on CPU in float32, use ``lede.kernels`` (faster small-batch linear and attention kernels).
     ``early_exit_weights``: an artefact of ``lede.early_exit`` for this base model; its deltas are merged
     into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
     (``smollm2-135m-ee``): then the weights are required.
@@ -225,7 +225,7 @@ def load_model(
         merge_early_exit(model, spec, blob, str(early_exit_weights))  # before CpuLinear copies the weights
         name, draft_vocab = spec + EARLY_EXIT_SUFFIX, blob.get("vocab")
     if fast_linear and dev.type == "cpu" and torch_dtype == torch.float32:
-        from lede.kernels import use_cpu_linears
+        from lede.kernels import use_cpu_kernels
 
-        use_cpu_linears(model)
+        use_cpu_kernels(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, draft_vocab=draft_vocab)
