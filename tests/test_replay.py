@@ -152,3 +152,23 @@ def test_unknown_prompts_and_layers_fail_clearly(setup):
     data = collect(lm, seqs, [1], progress=False)
     with pytest.raises(ValueError, match=r"no hidden states for exit layers \[3\]"):
         replay_tables(lm, {1: dec.head(1), 3: dec.head(3)}, seqs, data, progress=False)
+
+
+@pytest.mark.parametrize("scale", [0.5, 5.0, 40.0])
+def test_confidence_one_row_equals_the_batched_formula_and_softmax(scale):
+    """The engine's per-row confidence (numpy) and the replay tables' batched one (torch) are the same
+    numbers, and both are softmax's top-1 probability, top-1 − top-2 margin and entropy; a -inf logit (a
+    token outside a draft vocabulary) and a tied maximum are handled."""
+    from lede.policy import Confidence, top_prob_margin_entropy
+
+    x = torch.randn(4, 3000, generator=torch.Generator().manual_seed(int(scale))) * scale
+    x[1, ::3] = -torch.inf
+    x[2, 7] = x[2, 11] = x[2].max() + 1  # tie at the top: margin 0
+    p = torch.softmax(x.double(), -1)
+    top2 = torch.topk(p, 2, -1).values
+    ref = np.stack([top2[:, 0], top2[:, 0] - top2[:, 1], -(p * p.clamp_min(1e-300).log()).sum(-1)], 1)
+    batched = np.stack([t.numpy() for t in top_prob_margin_entropy(x)], 1)
+    rows = np.array([[c.top_prob, c.margin, c.entropy] for c in map(Confidence, x)])
+    np.testing.assert_allclose(batched, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rows, ref, rtol=1e-4, atol=1e-5)
+    assert rows[2, 1] == 0.0 and not np.isnan(rows).any()

@@ -77,7 +77,7 @@ class SequenceTable:
 @torch.inference_mode()
 def _confidences(logits: torch.Tensor) -> tuple[list[int], list[Conf]]:
     """argmax and (top-1 probability, entropy, top-1 − top-2) per row of [T, V] logits, as ``Confidence``."""
-    top, margin, entropy = top_prob_margin_entropy(torch.softmax(logits.float(), dim=-1))
+    top, margin, entropy = top_prob_margin_entropy(logits)
     return logits.argmax(-1).tolist(), [Conf(*row) for row in zip(top.tolist(), entropy.tolist(), margin.tolist())]
 
 
