@@ -491,3 +491,25 @@ def test_check_data_dir_lists_every_missing_file(tiny_dir: Path) -> None:
     with pytest.raises(DataError) as exc:
         data.check_data_dir(tiny_dir)
     assert "train.jsonl" in str(exc.value) and "test.jsonl" in str(exc.value)
+
+
+@needs_real_data
+def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
+    """Experience and threshold tuning use training prompts the exit adapters never saw; asking for more than
+    the distillation leaves is a clear error naming the settings to lower."""
+    import sys
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+    from _common import policy_train_prompts, split_prompts
+
+    cats = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+    p = types.SimpleNamespace(categories=cats, data_dir=REAL_DATA,
+                              prompts={"spec_bench_per_category": 30, "gsm8k": 5, "nq_open": 0, "max_new_tokens": 8})
+    distilled = {pr.uid for pr in split_prompts(p, "train")[0]}
+    got = policy_train_prompts(p, 10, extra_gsm8k=3)
+    assert not distilled & {pr.uid for pr in got}
+    counts = collections.Counter(pr.category for pr in got)
+    assert counts == {**{c: 10 for c in cats if c != "math_reasoning"}, "gsm8k": 3}
+    with pytest.raises(SystemExit, match="mt_bench has 10 of the 11 needed.*spec_bench_per_category"):
+        policy_train_prompts(p, 11)

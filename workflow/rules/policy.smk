@@ -17,6 +17,7 @@ rule collect_experience:
         data_dir=config["data_dir"],
         layers=LAYERS,
         policy=policy_params(*BEHAVIOUR, "collect"),
+        prompts=EXITS["train"],  # the adapters' distillation prompts, which experience must not reuse
     threads: config["threads"]
     resources:
         gpu=0,
@@ -130,6 +131,7 @@ rule evaluate:
         data_dir=config["data_dir"],
         layers=LAYERS,
         policy=policy_params("max_draft_len", "evaluate"),
+        prompts=EXITS["train"],  # the adapters' distillation prompts, which threshold tuning must not reuse
     threads: config["threads"]
     resources:
         gpu=0,

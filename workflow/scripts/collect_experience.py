@@ -5,7 +5,7 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, decoder_from_selection, prompts_for, setup  # noqa: E402
+from _common import behaviour_policies, decoder_from_selection, policy_train_prompts, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.costs import CostModel  # noqa: E402
@@ -18,7 +18,7 @@ lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
 costs = CostModel.load(inp.heads[1])
 space, behaviours = behaviour_policies(p, inp.sweep, costs, col["static_cells"], col["random"])
 logging.info("behaviour policies: %s", [b.name for b in behaviours])
-prompts = prompts_for(p, "train", col["per_category"], extra_gsm8k=col["per_category"])
+prompts = policy_train_prompts(p, col["per_category"], extra_gsm8k=col["per_category"])  # none the adapters saw
 items = [(pr.uid, pr.category, lm.encode_chat(pr.text)) for pr in prompts]
 logging.info("%d training prompts x %d behaviours", len(items), len(behaviours))
 exp = collect_experience(dec, items, behaviours, space, costs, col["max_new_tokens"], pol["reward_weight"],

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, decoder_from_selection, prompts_for, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, decoder_from_selection, policy_train_prompts, prompts_for, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
@@ -28,8 +28,9 @@ lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
 costs = CostModel.load(inp.heads[1])
 best_l, best_k = best_static_cell(inp.heads[2], kmax)
 
-# the confidence threshold is tuned on TRAINING prompts (a short real-engine run per candidate)
-tune_prompts = [lm.encode_chat(pr.text) for pr in prompts_for(p, "train", 1)]
+# the confidence threshold is tuned on TRAINING prompts the adapters were not distilled on (a short real-engine
+# run per candidate)
+tune_prompts = [lm.encode_chat(pr.text) for pr in policy_train_prompts(p, 1)]
 
 
 def tokens_per_s(threshold):
