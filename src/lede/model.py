@@ -222,7 +222,7 @@ def load_model(
     if blob is not None:
         from lede.early_exit import merge_early_exit
 
-        merge_early_exit(model, spec, blob, str(early_exit_weights))  # before CpuLinear copies the weights
+        merge_early_exit(model, spec, blob, str(early_exit_weights))  # before use_cpu_kernels wraps the linears
         name, draft_vocab = spec + EARLY_EXIT_SUFFIX, blob.get("vocab")
     if fast_linear and dev.type == "cpu" and torch_dtype == torch.float32:
         from lede.kernels import use_cpu_kernels

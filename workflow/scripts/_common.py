@@ -26,6 +26,17 @@ def load_lm(params, device=None, fast_linear=True):
                       early_exit_weights=params.get("early_exit_weights"))
 
 
+def first_per_category(pool, take, exclude=frozenset()):
+    """The first ``take[category]`` prompts of each category of ``pool`` (in the pool's deterministic order),
+    skipping uids in ``exclude``; returns (prompts, count taken per category)."""
+    prompts, seen = [], {}
+    for pr in pool:
+        if pr.uid not in exclude and seen.get(pr.category, 0) < take.get(pr.category, 0):
+            prompts.append(pr)
+            seen[pr.category] = seen.get(pr.category, 0) + 1
+    return prompts, seen
+
+
 def split_prompts(params, split):
     """The distillation prompts of a split (exits.train / exits.eval in the config), in the split's order."""
     import logging
@@ -40,11 +51,7 @@ def split_prompts(params, split):
     else:
         pool = prompt_pool(params.data_dir, "eval", categories=list(params.categories), include_extra=False)
         take = {c: cfg["per_category"] for c in params.categories}
-    prompts, seen = [], {}
-    for pr in pool:  # the pool is in the split's deterministic order; keep the first N per category
-        if seen.get(pr.category, 0) < take.get(pr.category, 0):
-            prompts.append(pr)
-            seen[pr.category] = seen.get(pr.category, 0) + 1
+    prompts, seen = first_per_category(pool, take)
     logging.info("%s prompts per category: %s", split, seen)
     if not prompts:
         raise SystemExit(f"no {split} prompts selected: check exits.{split} in the config")
@@ -142,12 +149,8 @@ def policy_train_prompts(params, per_category, extra_gsm8k=0):
     if extra_gsm8k:
         take["gsm8k"] = extra_gsm8k
     pool = prompt_pool(params.data_dir, "train", categories=list(take), include_extra=bool(extra_gsm8k))
-    out, seen = [], dict.fromkeys(take, 0)
-    for pr in pool:
-        if pr.uid not in distilled and seen.get(pr.category, 0) < take.get(pr.category, 0):
-            out.append(pr)
-            seen[pr.category] += 1
-    short = {c: n for c, n in seen.items() if n < take[c]}
+    out, seen = first_per_category(pool, take, exclude=distilled)
+    short = {c: seen.get(c, 0) for c in take if seen.get(c, 0) < take[c]}
     if short:
         raise SystemExit(
             "not enough training prompts that the exit adapters were not distilled on: "
