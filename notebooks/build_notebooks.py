@@ -322,9 +322,10 @@ NOTEBOOKS["static_heatmap"] = dict(
     intro="""
 The teacher-forced replay of every static configuration Static(L, K) under the measured cost model
 (`R/exits/report.csv`, held-out prompts, all categories), with the exit head selected per layer on the
-training data (`R/exits/selected.json`). Solid box: the best cell on these prompts; dashed box: the cell
-chosen on the training data (`R/sweep/best_static.json`), which the benchmark and LEDE compare against.""",
-    params='''split = "eval"  # eval: held-out prompts; train: the prompts the selection was made on
+dev split (`R/exits/selected.json`; training prompts the adapters were never distilled on). Solid box: the best
+cell on these prompts; dashed box: the cell chosen on the dev split (`R/sweep/best_static.json`), which the
+benchmark and LEDE compare against.""",
+    params='''split = "eval"  # eval: held-out prompts; dev: the prompts the selection was made on; train: the distillation prompts
 category = "all"''',
     cells=[
         ("code", r'''
@@ -339,9 +340,9 @@ if rows.empty:
     raise ValueError(f"no rows for split={split!r} category={category!r} with the selected heads {heads}")
 grid = rows.pivot(index="layer", columns="draft_len", values="replay_speedup").sort_index().sort_index(axis=1)
 best_layer, best_k = grid.stack().idxmax()
-train_cell = (chosen[0]["exit_layer"], chosen[0]["draft_len"]) if chosen else None
+dev_cell = (chosen[0]["exit_layer"], chosen[0]["draft_len"]) if chosen else None
 print(f"best on {split}/{category}: L={best_layer} K={best_k} ({grid.loc[best_layer, best_k]:.3f}x); "
-      f"chosen on train: {train_cell}")
+      f"chosen on dev: {dev_cell}")
 grid.round(3)'''),
         ("code", r'''
 fig, ax = plt.subplots(figsize=(max(1.1 * grid.shape[1] + 5, 10), max(0.6 * grid.shape[0] + 2.4, 4.5)),
@@ -352,7 +353,7 @@ ax.set_yticklabels([f"L={l}  ({head_label(heads[l])})" for l in grid.index], rot
 ax.set_xticklabels([f"{k}" for k in grid.columns])
 ax.set_xlabel("draft length K (tokens drafted per round)")
 ax.set_ylabel("exit layer (selected head)")
-where = {"eval": "held-out prompts", "train": "training prompts"}.get(split, split)
+where = {"eval": "held-out prompts", "dev": "dev prompts", "train": "distillation prompts"}.get(split, split)
 ax.set_title(f"Replayed speedup of static self-speculation over plain decoding\n{where}, "
              f"{'all categories' if category == 'all' else category_label(category)}")
 
@@ -364,24 +365,24 @@ def box(cell, **kw):
 
 handles = [Rectangle((0, 0), 1, 1, fill=False, ec="black", lw=2.5, label=f"best here (L={best_layer}, K={best_k})")]
 box((best_layer, best_k), ec="black", lw=2.5)
-if train_cell and train_cell[0] in grid.index and train_cell[1] in grid.columns:
-    i, j = list(grid.index).index(train_cell[0]), list(grid.columns).index(train_cell[1])
+if dev_cell and dev_cell[0] in grid.index and dev_cell[1] in grid.columns:
+    i, j = list(grid.index).index(dev_cell[0]), list(grid.columns).index(dev_cell[1])
     ax.add_patch(Rectangle((j + 0.08, i + 0.08), 0.84, 0.84, fill=False, ec="#009e73", lw=2.5, ls="--"))
     handles.append(Rectangle((0, 0), 1, 1, fill=False, ec="#009e73", lw=2.5, ls="--",
-                             label=f"chosen on training data (L={train_cell[0]}, K={train_cell[1]})"))
+                             label=f"chosen on the dev split (L={dev_cell[0]}, K={dev_cell[1]})"))
 ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
 save_figure(fig)'''),
         ("code", r'''
 table = grid.map(lambda v: fmt(v, 3))
 table.loc[best_layer, best_k] += " *"
-if train_cell and train_cell[0] in grid.index and train_cell[1] in grid.columns:
-    table.loc[train_cell] += " †"
+if dev_cell and dev_cell[0] in grid.index and dev_cell[1] in grid.columns:
+    table.loc[dev_cell] += " †"
 table.index = [f"L={l} ({head_label(heads[l])})" for l in grid.index]
 table.index.name = "Exit layer (head)"
 table.columns = [f"K={k}" for k in grid.columns]
 write_table([(None, table)], caption=f"Replayed speedup over plain decoding of Static(L, K), {split} split, "
             f"{'all categories' if category == 'all' else category_label(category)}, selected head per layer.",
-            note="* best cell on these prompts; † cell chosen on the training data (the best static baseline).")'''),
+            note="* best cell on these prompts; † cell chosen on the dev split (the best static baseline).")'''),
     ],
 )
 
@@ -424,7 +425,7 @@ g.set_axis_labels("exit layer L", "agreement with full model (%)")
 g.set(ylim=(-2, min(102, ev.agreement_pct.max() * 1.1 + 5)))
 sns.move_legend(g, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(head_order), title="exit head")
 g.figure.suptitle("Early-exit greedy token equal to the full model's, " +
-                  {"eval": "held-out prompts", "train": "training prompts"}.get(split, split), y=1.03,
+                  {"eval": "held-out prompts", "dev": "dev prompts", "train": "distillation prompts"}.get(split, split), y=1.03,
                   fontweight="bold")
 save_figure(g.figure)'''),
         ("code", r'''

@@ -513,3 +513,9 @@ def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
     assert counts == {**{c: 10 for c in cats if c != "math_reasoning"}, "gsm8k": 3}
     with pytest.raises(SystemExit, match="mt_bench has 10 of the 11 needed.*spec_bench_per_category"):
         policy_train_prompts(p, 11)
+    # the dev split (distill_data split=dev: head selection, static sweep, replayed experience) is exactly the
+    # policy's prompts, generated to the distillation's length
+    p.dev_per_category = 10
+    dev, max_new = split_prompts(p, "dev")
+    assert [pr.uid for pr in dev] == [pr.uid for pr in policy_train_prompts(p, 10, extra_gsm8k=10)]
+    assert max_new == 8 and not distilled & {pr.uid for pr in dev}

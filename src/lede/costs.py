@@ -4,12 +4,22 @@
     costs = measure_costs(decoder, exit_layers=[4, 8, 12], max_draft_len=8)
     costs.save("results/costs.json")
     costs.round_ms(layer=8, drafted=3)    # 3 draft steps at L = 8 + verifying 4 tokens
+    costs = measure_costs(decoder, [4, 8, 12], 8, context_len=256, long_contexts=[1024, 2048])
+    costs.at(position=1500).round_ms(8, 3)    # the same round with ~1.5k tokens in the cache
 
 ``draft_ms[L]``: one token through layers [0, L) and layer L's exit head (adapter and reduced
 vocabulary included, as the decoder is configured). ``verify_ms[T]``: T tokens through all layers and
 the full LM head (T = K + 1: the pending token and K drafts; T = 1 is a plain decoding step).
 Each is the median of ``repeats`` runs after warm-up, measured round-robin over all items so that
 drift of a shared machine spreads evenly, at a fixed context length (attention cost grows with it).
+
+**Context.** Attention makes every pass slower as the cache grows, and not uniformly: verifying several
+tokens at a 2,048-token context costs relatively more than at 256 (on the 2-core CPU, 2 tokens: 1.10 vs
+1.01 plain steps; long-prompt categories such as summarization and RAG live there). ``long_contexts``
+measures the same items at more context lengths; ``at(position)`` returns the model measured at the
+context nearest to ``position`` (log scale), and every consumer that knows where a round happens (the
+reward, the replayed speed, the oracle, dynamic exit) prices it there. Without ``long_contexts`` every
+position gets the one measured context.
 
 Derived quantities (units of one plain step, c = draft_ms[L] / verify_ms[1], v_T = verify_ms[T] / verify_ms[1]):
 a round that drafts K tokens costs K·c + v_{K+1} plain steps and emits A + 1 tokens (A accepted), so
@@ -19,6 +29,7 @@ its speedup over plain decoding is (A + 1) / (K·c + v_{K+1}).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +51,18 @@ class CostModel:
     verify_ms: dict[int, float]
     draft_plain_ms: dict[int, float] = field(default_factory=dict)  # plain head: final norm + full LM head
     spread: dict[str, float] = field(default_factory=dict)  # (q75 - q25) / median per item
+    # more context lengths: {context_len: CostModel of the same items there} (without nested by_context)
+    by_context: dict[int, "CostModel"] = field(default_factory=dict)
+
+    def at(self, position: int) -> "CostModel":
+        """The costs at the measured context length nearest to ``position`` (tokens in the cache), in log scale."""
+        if not self.by_context:
+            return self
+        best, best_d = self, abs(math.log(max(position, 1) / self.context_len))
+        for ctx, cm in self.by_context.items():
+            if (d := abs(math.log(max(position, 1) / ctx))) < best_d:
+                best, best_d = cm, d
+        return best
 
     @property
     def plain_ms(self) -> float:
@@ -63,12 +86,26 @@ class CostModel:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostModel":
-        blob = json.loads(Path(path).read_text())
+    def from_dict(cls, blob: dict) -> "CostModel":
+        blob = dict(blob)
         blob["draft_ms"] = {int(k): v for k, v in blob["draft_ms"].items()}
         blob["verify_ms"] = {int(k): v for k, v in blob["verify_ms"].items()}
         blob["draft_plain_ms"] = {int(k): v for k, v in blob.get("draft_plain_ms", {}).items()}
+        blob["by_context"] = {int(k): cls.from_dict(v) for k, v in blob.get("by_context", {}).items()}
         return cls(**blob)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def round_costs(costs: CostModel, prompt_len: int, rounds: list) -> list[CostModel]:
+    """The cost model at each round's context: the prompt, the prefill's token and the tokens emitted before it."""
+    out, pos = [], prompt_len + 1
+    for r in rounds:
+        out.append(costs.at(pos))
+        pos += r.emitted
+    return out
 
 
 @torch.inference_mode()
@@ -79,40 +116,51 @@ def measure_costs(
     context_len: int = 256,
     repeats: int = 15,
     warmup: int = 3,
+    long_contexts: list[int] = (),
 ) -> CostModel:
+    """Median times of every draft step and verification pass at ``context_len`` tokens in the cache (and
+    at each of ``long_contexts``, in ``by_context``), measured round-robin over all items and contexts."""
     for layer in exit_layers:
         decoder._check_exit(layer)
     if max_draft_len < 1:
         raise ValueError(f"max_draft_len={max_draft_len} must be >= 1")
-    cache = decoder.new_cache(context_len + max_draft_len + 2)
+    contexts = [context_len] + [int(c) for c in long_contexts if int(c) != context_len]
+    if any(c < 1 for c in contexts) or len(set(contexts)) != len(contexts):
+        raise ValueError(f"context lengths {contexts} must be distinct and >= 1")
+    if (limit := decoder.lm.model.config.max_position_embeddings) < max(contexts) + max_draft_len + 2:
+        raise ValueError(f"context length {max(contexts)} (+ a round of {max_draft_len + 1} tokens) exceeds the "
+                         f"model's {limit} positions: lower costs.long_contexts")
     vocab = decoder.lm.model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (context_len,), generator=gen).tolist()
-    decoder._verify(prefix, None, cache)  # fill the cache to the context length
+    prefix = torch.randint(0, vocab, (max(contexts),), generator=gen).tolist()
+    items = []
+    for ctx in contexts:
+        cache = decoder.new_cache(ctx + max_draft_len + 2)
+        decoder._verify(prefix[:ctx], None, cache)  # fill the cache to the context length
 
-    def draft(layer, head=None):
-        h = decoder.embed(torch.tensor([[7]], device=decoder.lm.device))
-        h = decoder._layers(h, 0, layer, cache)
-        (head or decoder.head(layer))(h[0, -1])
-        cache.crop(context_len)
+        def draft(layer, head=None, cache=cache, ctx=ctx):
+            h = decoder.embed(torch.tensor([[7]], device=decoder.lm.device))
+            h = decoder._layers(h, 0, layer, cache)
+            (head or decoder.head(layer))(h[0, -1])
+            cache.crop(ctx)
 
-    def verify(t):
-        decoder._verify([7] * t, None, cache)
-        cache.crop(context_len)
+        def verify(t, cache=cache, ctx=ctx):
+            decoder._verify([7] * t, None, cache)
+            cache.crop(ctx)
 
-    items = [(f"draft_{l}", lambda l=l: draft(l)) for l in exit_layers]
-    items += [(f"draftplain_{l}", lambda l=l: draft(l, decoder.plain_head)) for l in exit_layers]
-    items += [(f"verify_{t}", lambda t=t: verify(t)) for t in range(1, max_draft_len + 2)]
-    times: dict[str, list[float]] = {name: [] for name, _ in items}
+        items += [((ctx, f"draft_{l}"), lambda l=l, f=draft: f(l)) for l in exit_layers]
+        items += [((ctx, f"draftplain_{l}"), lambda l=l, f=draft: f(l, decoder.plain_head)) for l in exit_layers]
+        items += [((ctx, f"verify_{t}"), lambda t=t, f=verify: f(t)) for t in range(1, max_draft_len + 2)]
+    times: dict[tuple[int, str], list[float]] = {key: [] for key, _ in items}
     sync = torch.cuda.synchronize if decoder.lm.device.type == "cuda" else (lambda: None)
     for rep in range(warmup + repeats):
-        for name, fn in items:
+        for key, fn in items:
             sync()
             t = time.perf_counter()
             fn()
             sync()
             if rep >= warmup:
-                times[name].append((time.perf_counter() - t) * 1000)
+                times[key].append((time.perf_counter() - t) * 1000)
 
     def med(xs):
         return statistics.median(xs)
@@ -121,11 +169,16 @@ def measure_costs(
         q = statistics.quantiles(xs, n=4)
         return (q[2] - q[0]) / med(xs)
 
-    return CostModel(
-        model=decoder.lm.name, dtype=str(decoder.lm.dtype).removeprefix("torch."), device=str(decoder.lm.device),
-        threads=torch.get_num_threads(), context_len=context_len,
-        draft_ms={l: med(times[f"draft_{l}"]) for l in exit_layers},
-        verify_ms={t: med(times[f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
-        draft_plain_ms={l: med(times[f"draftplain_{l}"]) for l in exit_layers},
-        spread={name: spread(xs) for name, xs in times.items()},
-    )
+    def model_at(ctx: int) -> CostModel:
+        return CostModel(
+            model=decoder.lm.name, dtype=str(decoder.lm.dtype).removeprefix("torch."), device=str(decoder.lm.device),
+            threads=torch.get_num_threads(), context_len=ctx,
+            draft_ms={l: med(times[ctx, f"draft_{l}"]) for l in exit_layers},
+            verify_ms={t: med(times[ctx, f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
+            draft_plain_ms={l: med(times[ctx, f"draftplain_{l}"]) for l in exit_layers},
+            spread={name: spread(xs) for (c, name), xs in times.items() if c == ctx},
+        )
+
+    base = model_at(context_len)
+    base.by_context = {c: model_at(c) for c in contexts[1:]}
+    return base

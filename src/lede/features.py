@@ -13,7 +13,8 @@ with disjoint ids (``ActionSpace``):
 The phase is a state feature, and a learned policy takes the argmax over the valid ids only.
 
 Reward (per decision; w = ``reward_weight``, costs from the measured cost model in units of one plain
-step, c_L = draft_ms[L] / plain_ms, v_T = verify_ms[T] / plain_ms, v_1 = 1). A round at layer L that drafts
+step, c_L = draft_ms[L] / plain_ms, v_T = verify_ms[T] / plain_ms, v_1 = 1, all at the round's context when the
+cost model measured several: ``CostModel.at``). A round at layer L that drafts
 K tokens and gets A of them accepted emits A + 1 tokens for K·c_L + v_{K+1} plain steps, so its return is
 
     R = (A + 1) − w · (K·c_L + v_{K+1})
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lede.costs import CostModel
+from lede.costs import CostModel, round_costs
 from lede.policy import DecodeState, RoundRecord
 
 PLAIN = 0
@@ -123,6 +124,10 @@ class FeatureTracker:
         self.ema = ema
         self.names = feature_names(space)
         self._idx = {l: i for i, l in enumerate(space.exit_layers)}
+        self._slots = {k: self.names.index(n) for k, n in (
+            ("prev", "prev_plain"), ("prev_drafted", "prev_drafted"), ("ema", f"ema_accept_L{space.exit_layers[0]}"),
+            ("verify", "verify_top_prob"), ("cur", f"cur_L{space.exit_layers[0]}"), ("drafted", "drafted"))}
+        self._buf = np.zeros(len(self.names), dtype=np.float32)
         self._state = None
         self.reset([])
 
@@ -166,36 +171,33 @@ class FeatureTracker:
         return float(tuple(seq[-2:]) in self._ngrams2), float(tuple(seq[-3:]) in self._ngrams3)
 
     def features(self, state: DecodeState, start_of_round: bool) -> np.ndarray:
+        """The state vector [F] (float32, a fresh array), in ``feature_names`` order. Written into a
+        preallocated buffer by slot: this runs at every decision inside the decoding loop."""
         if state is not self._state:  # a new generation
             self._state = state
             self.reset(state.prompt_ids)
         self._update(state)
-        space, m = self.space, len(self.space.exit_layers)
-        kmax = float(space.max_draft_len)
-        prev = np.zeros(m + 1, dtype=np.float32)
-        p_drafted = p_accepted = p_all = 0.0
+        m, kmax, o = len(self.space.exit_layers), float(self.space.max_draft_len), self._slots
+        x = self._buf
+        x.fill(0.0)
+        x[0], x[1], x[2] = float(start_of_round), state.position / 4096.0, math.log1p(state.prompt_len) / 10.0
         if state.rounds:
             r = state.rounds[-1]
-            prev[0 if r.exit_layer is None else 1 + self._idx.get(r.exit_layer, 0)] = 1.0
-            p_drafted, p_accepted = r.drafted / kmax, r.accepted / kmax
-            p_all = float(r.drafted > 0 and r.accepted == r.drafted)
-        v = state.last_verify
-        cur = np.zeros(m, dtype=np.float32)
-        drafted = d_top = d_ent = d_margin = 0.0
+            x[o["prev"] + (0 if r.exit_layer is None else 1 + self._idx.get(r.exit_layer, 0))] = 1.0
+            i = o["prev_drafted"]
+            x[i], x[i + 1], x[i + 2] = r.drafted / kmax, r.accepted / kmax, float(r.drafted > 0 and r.accepted == r.drafted)
+        x[o["ema"] : o["ema"] + m] = self.accept
+        x[o["ema"] + m], x[o["ema"] + m + 1] = self.tokens_per_round / kmax, self.plain_share
+        if (v := state.last_verify) is not None:
+            i = o["verify"]
+            x[i], x[i + 1], x[i + 2] = v.top_prob, v.entropy / 10.0, v.margin
         if not start_of_round:
             if state.exit_layer in self._idx:
-                cur[self._idx[state.exit_layer]] = 1.0
-            drafted = state.drafted / kmax
-            d = state.draft
-            d_top, d_ent, d_margin = d.top_prob, d.entropy / 10.0, d.margin
-        c2, c3 = self._copy_signals(state)
-        return np.concatenate([
-            [float(start_of_round), state.position / 4096.0, math.log1p(state.prompt_len) / 10.0],
-            prev, [p_drafted, p_accepted, p_all],
-            self.accept, [self.tokens_per_round / kmax, self.plain_share],
-            [v.top_prob, v.entropy / 10.0, v.margin] if v is not None else [0.0, 0.0, 0.0],
-            cur, [drafted, d_top, d_ent, d_margin], [c2, c3],
-        ]).astype(np.float32)
+                x[o["cur"] + self._idx[state.exit_layer]] = 1.0
+            d, i = state.draft, o["drafted"]
+            x[i], x[i + 1], x[i + 2], x[i + 3] = state.drafted / kmax, d.top_prob, d.entropy / 10.0, d.margin
+        x[-2], x[-1] = self._copy_signals(state)
+        return x.copy()
 
 
 CREDITS = ("per_draft", "at_verify")
@@ -203,25 +205,28 @@ CREDITS = ("per_draft", "at_verify")
 
 def decision_rewards(
     actions: list[int], rounds: list[RoundRecord], space: ActionSpace, costs: CostModel, weight: float = 1.0,
-    credit: str = "at_verify",
+    credit: str = "at_verify", prompt_len: int | None = None,
 ) -> list[float]:
-    """Rewards for the decisions of one generation (see the module docstring), given its rounds.
+    """Rewards for the decisions of one generation (see the module docstring), given its rounds. With
+    ``prompt_len`` each round is priced at its own context (``CostModel.at``: plain steps *there*, so a
+    round that pays at 256 tokens of context may not at 2,048); without it, at the cost model's base context.
 
     A round that drafted K tokens has exactly 1 + K decisions: its round-start action and one decision
     after each draft (K − 1 "more", then "stop" — or a "more" the loop ignored at the maximum draft
     length or the budget)."""
     if credit not in CREDITS:
         raise ValueError(f"unknown reward credit {credit!r}: use one of {', '.join(CREDITS)}")
-    plain = costs.plain_ms
-    v = {t: ms / plain for t, ms in costs.verify_ms.items()}
+    at = round_costs(costs, prompt_len, rounds) if prompt_len is not None else [costs] * len(rounds)
     out: list[float] = []
     i = 0
-    for r in rounds:
+    for r, cm in zip(rounds, at):
         if r.drafted == 0:  # a plain step (or a layer chosen with no budget left to draft)
             out.append(1.0 - weight)
             i += 1
             continue
-        c = costs.draft_ms[r.exit_layer] / plain
+        plain = cm.plain_ms
+        v = {t: ms / plain for t, ms in cm.verify_ms.items()}
+        c = cm.draft_ms[r.exit_layer] / plain
         if credit == "per_draft":  # decision j - 1 drafted token j: its token if accepted, its marginal cost
             out += [float(j <= r.accepted) - weight * (c + v[j + 1] - v[j]) for j in range(1, r.drafted + 1)]
             out.append(1.0 - weight * v[1])  # the verification's own token

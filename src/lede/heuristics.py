@@ -146,7 +146,7 @@ class DynamicExit:
 
     **Decision.** With E_K(alpha) = (1 - alpha^(K+1)) / (1 - alpha) expected tokens per round, pick
 
-        (L, K) = argmax_{L, 1 <= K <= K_max}  E_K(alpha_L) / costs.round_ms(L, K)
+        (L, K) = argmax_{L, 1 <= K <= K_max}  E_K(alpha_L) / costs.round_ms(L, K)   (at the round's context)
 
     (K_max = min(max_len, remaining budget - 1)) and draft exactly K from L if that rate beats plain
     decoding's 1 / costs.plain_ms; otherwise take a plain step (None).
@@ -200,6 +200,7 @@ class DynamicExit:
         self._last_chosen: dict[int, int] = {}  # layer -> round index
         self._seen = 0
         self._k = 0
+        self._costs = self.costs  # at the current round's context (CostModel.at)
         self.explored = 0  # rounds chosen by exploration, this generation
 
     # ---- estimates ------------------------------------------------------------------------------
@@ -218,8 +219,8 @@ class DynamicExit:
         return (self._acc[layer] + self.prior_accept * w) / (self._tried[layer] + w)
 
     def _rate(self, layer: int, k: int) -> float:
-        """Expected tokens per ms of a round drafting k from layer."""
-        return expected_tokens(self.acceptance(layer), k) / self.costs.round_ms(layer, k, self.plain_head)
+        """Expected tokens per ms of a round drafting k from layer (costs at the current context)."""
+        return expected_tokens(self.acceptance(layer), k) / self._costs.round_ms(layer, k, self.plain_head)
 
     def _best_k(self, layer: int, k_max: int) -> tuple[int, float]:
         best_k, best = 1, -math.inf
@@ -232,8 +233,9 @@ class DynamicExit:
     def plan(self, state: DecodeState) -> tuple[int | None, int]:
         """(exit layer or None, draft length) by expected tokens per ms, without exploration."""
         k_max = min(self.max_len, state.max_new_tokens - len(state.tokens) - 1)
+        self._costs = self.costs.at(state.position)
         best: tuple[int | None, int] = (None, 0)
-        best_rate = 1.0 / self.costs.plain_ms
+        best_rate = 1.0 / self._costs.plain_ms
         if k_max < 1:
             return best
         for layer in self.exit_layers:
@@ -249,6 +251,7 @@ class DynamicExit:
             self.update(record)
         now = len(state.rounds)
         k_max = min(self.max_len, state.max_new_tokens - len(state.tokens) - 1)
+        self._costs = self.costs.at(state.position)
         stale = [l for l in self.exit_layers if now - self._last_chosen.get(l, -math.inf) > self.explore_every]
         if stale and k_max >= 1:
             layer = min(stale, key=lambda l: self._last_chosen.get(l, -math.inf))  # least recently tried

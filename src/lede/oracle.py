@@ -6,7 +6,8 @@
 ``runs[L][j]`` is how many consecutive drafts from exit layer L would be accepted in a round whose
 first draft predicts continuation token j (teacher-forced on the model's own greedy continuation, which
 is what greedy decoding produces; see ``lede.distill``). Each round the oracle takes the (L, K) — or a
-plain step — with the most tokens per millisecond under the cost model: (min(K, run) + 1) / round_ms(L, K).
+plain step — with the most tokens per millisecond under the cost model at the round's context:
+(min(K, run) + 1) / round_ms(L, K).
 It is myopic (best round by round), the upper bound the paper reports next to LEDE.
 """
 
@@ -27,11 +28,12 @@ class Oracle:
 
     def choose_exit(self, state: DecodeState) -> int | None:
         row = len(state.tokens)
-        best, choice = 1.0 / self.costs.plain_ms, (None, 0)
+        costs = self.costs.at(state.position)  # priced at this round's context
+        best, choice = 1.0 / costs.plain_ms, (None, 0)
         for layer, runs in self.runs.items():
             run = runs[row] if row < len(runs) else 0
             for k in range(1, self.max_draft_len + 1):
-                rate = (min(k, run) + 1) / self.costs.round_ms(layer, k)
+                rate = (min(k, run) + 1) / costs.round_ms(layer, k)
                 if rate > best:
                     best, choice = rate, (layer, k)
         layer, self._k = choice

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lede.costs import CostModel
+from lede.costs import CostModel, round_costs
 from lede.distill import DistillSet, Sequence, accepted_runs
 from lede.oracle import Oracle
 from lede.policy import DecodeState, Policy, RoundRecord, top_prob_margin_entropy
@@ -236,14 +236,15 @@ def replay_speed(dec: ReplayDecoder, prompts: list[list[int]], policy: Policy, c
     """Replay ``policy`` on each prompt (they must be in ``dec``'s tables) and time its rounds with ``costs``:
     a round costs ``costs.round_ms(L, K) / costs.plain_ms`` plain steps (a plain step costs 1) and emits
     A + 1 tokens, so plain decoding replays at exactly 1.0. Rounds with nothing drafted count as plain steps;
-    the first token (the prefill's) is not counted, as in the engine's decode-time speed."""
-    plain = costs.plain_ms
+    the first token (the prefill's) is not counted, as in the engine's decode-time speed. Each round is
+    priced at its context (``CostModel.at``): in plain steps at that context."""
     out = ReplayedSpeed(policy.name, [], 0, 0.0, 0, 0, 0, 0, 0)
     for ids in prompts:
         before, approx_before = dec.decisions, dec.approx_decisions
         gen = dec.generate(ids, policy, max_new_tokens)
         tokens = sum(r.emitted for r in gen.rounds)
-        cost = sum(costs.round_ms(r.exit_layer, r.drafted) / plain for r in gen.rounds)
+        cost = sum(c.round_ms(r.exit_layer, r.drafted) / c.plain_ms
+                   for r, c in zip(gen.rounds, round_costs(costs, len(ids), gen.rounds)))
         if gen.rounds:
             out.speedups.append(tokens / cost)
         out.tokens += tokens

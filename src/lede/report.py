@@ -25,7 +25,7 @@ ALL = "all"
 
 @dataclass
 class ReportRow:
-    split: str  # train | eval
+    split: str  # train (distillation prompts) | dev (training prompts never distilled on) | eval (held out)
     category: str
     layer: int
     head: str
@@ -71,25 +71,32 @@ def exit_rows(
 
 def _replay_ms(rep, layer: int, k: int, costs: CostModel, plain_head: bool) -> float:
     """Time of the replayed rounds: the drafted tokens, and a (K+1)-token verification per round (a
-    short final round is charged a full verification: a small, conservative overestimate)."""
+    short final round is charged a full verification: a small, conservative overestimate). Priced at the
+    cost model's base context (aggregate counts carry no positions); ``lede.replay.replay_speed`` prices
+    each round at its own context."""
     draft_ms = costs.draft_plain_ms if plain_head else costs.draft_ms
     return rep.drafted * draft_ms[layer] + rep.rounds * costs.verify_ms[k + 1]
 
 
-def select_heads(rows: list[ReportRow]) -> dict[int, str]:
-    """Per layer, the head with the best replayed speedup (at its best K) on the training data."""
+def select_heads(rows: list[ReportRow], split: str = "dev") -> dict[int, str]:
+    """Per layer, the head with the best replayed speedup (at its best K) on ``split``: by default the dev
+    split, training prompts the adapters were not distilled on (on their own training prompts a
+    higher-capacity adapter looks better than it is)."""
     best: dict[int, tuple[float, str]] = {}
     for r in rows:
-        if r.split == "train" and r.category == ALL and r.replay_speedup > best.get(r.layer, (-1.0, ""))[0]:
+        if r.split == split and r.category == ALL and r.replay_speedup > best.get(r.layer, (-1.0, ""))[0]:
             best[r.layer] = (r.replay_speedup, r.head)
+    if not best:
+        raise ValueError(f"no {split!r} rows to select the exit heads on")
     return {layer: head for layer, (_, head) in best.items()}
 
 
-def best_cells(rows: list[ReportRow], selected: dict[int, str], top: int) -> list[dict]:
-    cells = [r for r in rows if r.split == "train" and r.category == ALL and selected.get(r.layer) == r.head]
+def best_cells(rows: list[ReportRow], selected: dict[int, str], top: int, split: str = "dev") -> list[dict]:
+    """The ``top`` static (L, K) cells by replayed speedup on ``split``, with the selected head per layer."""
+    cells = [r for r in rows if r.split == split and r.category == ALL and selected.get(r.layer) == r.head]
     cells.sort(key=lambda r: -r.replay_speedup)
     return [{"exit_layer": r.layer, "draft_len": r.draft_len, "head": r.head,
-             "train_replay_speedup": round(r.replay_speedup, 4), "train_agreement": round(r.agreement, 4)}
+             "replay_speedup": round(r.replay_speedup, 4), "agreement": round(r.agreement, 4)}
             for r in cells[:top]]
 
 
@@ -102,7 +109,7 @@ def markdown(rows: list[ReportRow], selected: dict[int, str], costs: CostModel) 
            f"Plain step {costs.plain_ms:.1f} ms; verifying K+1 tokens: "
            + ", ".join(f"{t - 1}:{v / costs.plain_ms:.2f}x" for t, v in sorted(costs.verify_ms.items())), "",
            "## Agreement with the model's greedy token, held-out prompts (all categories)", "",
-           "| layer | draft ms (plain / adapted) | " + " | ".join(heads) + " | selected (on train) |",
+           "| layer | draft ms (plain / adapted) | " + " | ".join(heads) + " | selected (on dev) |",
            "|---|---|" + "---|" * len(heads) + "---|"]
     agree = {(r.layer, r.head, r.category): r.agreement for r in ev if r.draft_len == ev[0].draft_len}
     for layer in sorted({r.layer for r in ev}):

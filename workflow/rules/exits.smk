@@ -3,8 +3,10 @@
 
 rule distill_data:
     """The model's own greedy continuations of the {split} prompts, teacher-forced, with the hidden
-    state after every candidate exit layer (split=train: training half + GSM8K train + NQ-open;
-    split=eval: the evaluation half of Spec-Bench)."""
+    state after every candidate exit layer. split=train: the adapters' distillation prompts (training
+    half + GSM8K train + NQ-open); split=dev: the policy's prompts, training prompts never distilled on
+    (the same as collect_experience's; head selection, static sweep, replayed experience); split=eval:
+    the evaluation half of Spec-Bench."""
     input:
         code=src("data", "model", "distill"),
         model_files=MODEL_FILES,
@@ -14,10 +16,11 @@ rule distill_data:
         **common_params(),
         data_dir=config["data_dir"],
         layers=LAYERS,
-        prompts=lambda wc: EXITS[wc.split],  # only this split's settings, so the other's do not rerun it
+        prompts=lambda wc: EXITS["eval" if wc.split == "eval" else "train"],  # only the settings this split reads
+        dev_per_category=lambda wc: POLICY["collect"]["per_category"] if wc.split == "dev" else 0,
         batch_size=EXITS["train"]["batch_size"],
     wildcard_constraints:
-        split="train|eval",
+        split="train|dev|eval",
     threads: config["threads"]
     log:
         f"{R}/exits/distill_{{split}}.log",
@@ -62,7 +65,7 @@ rule train_adapter:
 
 rule cost_model:
     """Time of a draft step per exit layer (with its adapter and draft vocabulary) and of verifying
-    K+1 tokens, on the machine that runs this rule."""
+    K+1 tokens, on the machine that runs this rule, at the base context and at each long context."""
     input:
         model_files=MODEL_FILES,
         data=f"{R}/exits/distill_train.pt",
@@ -75,6 +78,7 @@ rule cost_model:
         layers=LAYERS,
         max_draft_len=max(config["sweep"]["draft_lens"]),
         context_len=config["costs"]["context_len"],
+        long_contexts=config["costs"]["long_contexts"],
         repeats=config["costs"]["repeats"],
         vocab_size=EXITS["vocab_size"],
     threads: config["threads"]
@@ -87,12 +91,13 @@ rule cost_model:
 
 
 rule exit_report:
-    """Per layer and head design: agreement with the full model per category (held-out prompts),
-    accepted run lengths and replayed speedup for every K; picks the head per layer by replayed speedup
-    on the *training* data, and the best static (L, K) cell."""
+    """Per layer and head design: agreement with the full model per category (train, dev and held-out
+    prompts), accepted run lengths and replayed speedup for every K; picks the head per layer and the best
+    static (L, K) cells by replayed speedup on the dev split (training prompts the adapters never saw)."""
     input:
         model_files=MODEL_FILES,
         train=f"{R}/exits/distill_train.pt",
+        dev=f"{R}/exits/distill_dev.pt",
         eval=f"{R}/exits/distill_eval.pt",
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         costs=f"{R}/costs.json",
@@ -101,7 +106,7 @@ rule exit_report:
         csv=f"{R}/exits/report.csv",
         md=report(f"{R}/exits/report.md", caption="../report/exits.rst", category="Exit adapters"),
         selected=f"{R}/exits/selected.json",
-        sweep=f"{R}/sweep/replay_train.csv",
+        sweep=f"{R}/sweep/replay_dev.csv",
         best=f"{R}/sweep/best_static.json",
     params:
         **common_params(),

@@ -8,7 +8,7 @@ rule collect_experience:
         model_files=MODEL_FILES,
         heads=HEADS,
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        sweep=f"{R}/sweep/replay_train.csv",
+        sweep=f"{R}/sweep/replay_dev.csv",
         code=src("rl", "features", "heuristics", "engine", "policy", "costs", "data"),
     output:
         multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
@@ -33,13 +33,14 @@ rule collect_experience:
 
 rule replay_experience:
     """Extra experience without model forwards: the behaviour policies that do not read the draft confidence,
-    replayed along the distillation sequences of the training prompts (exact episodes; src/lede/replay.py)."""
+    replayed along the dev split's sequences, the policy's training prompts that the adapters never saw
+    (exact episodes; src/lede/replay.py)."""
     input:
         model_files=MODEL_FILES,
         heads=HEADS,
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        distill=f"{R}/exits/distill_train.pt",
-        sweep=f"{R}/sweep/replay_train.csv",
+        distill=f"{R}/exits/distill_dev.pt",
+        sweep=f"{R}/sweep/replay_dev.csv",
         code=src("replay", "rl", "features", "heuristics", "policy", "costs", "distill", "exits"),
     output:
         multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json"),
@@ -70,6 +71,7 @@ rule train_policy:
     params:
         **common_params(),
         n_steps=POLICY["n_steps"],
+        hidden_units=POLICY["hidden_units"],
         eval_episodes=POLICY["eval_episodes"],
         gamma=POLICY["gamma"],
         logs=f"{R}/rl/logs",

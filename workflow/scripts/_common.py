@@ -38,12 +38,17 @@ def first_per_category(pool, take, exclude=frozenset()):
 
 
 def split_prompts(params, split):
-    """The distillation prompts of a split (exits.train / exits.eval in the config), in the split's order."""
+    """The prompts of a distillation split, in the split's order: train and eval as set in exits.train /
+    exits.eval (``params.prompts``); dev = ``policy_train_prompts`` with ``params.dev_per_category`` (the
+    policy's prompts, never distilled on), generated to exits.train.max_new_tokens."""
     import logging
 
     from lede.data import prompt_pool
 
     cfg = params.prompts
+    if split == "dev":
+        n = params.dev_per_category
+        return policy_train_prompts(params, n, extra_gsm8k=n), cfg["max_new_tokens"]
     if split == "train":
         pool = prompt_pool(params.data_dir, "train", include_extra=True)
         take = {c: cfg["spec_bench_per_category"] for c in params.categories}
@@ -109,7 +114,7 @@ def baseline_policy(name, params, best, costs, max_draft_len):
 
 def behaviour_policies(params, sweep_csv, costs, static_cells, random, random_seed=0, confidence=True):
     """The behaviour policies that experience is collected with: the ``static_cells`` best static cells of
-    the replayed training sweep, ``random`` random schedules (seeds ``random_seed``..), ε-perturbed adaptive K,
+    the replayed dev sweep, ``random`` random schedules (seeds ``random_seed``..), ε-perturbed adaptive K,
     confidence threshold (only with ``confidence``: it reads the draft confidence, which replay knows only
     approximately) and dynamic exit, and plain decoding."""
     import csv

@@ -18,6 +18,9 @@ for path, layer in zip(snakemake.input.adapters, p.layers):  # noqa: F821
     adapters[layer] = load_adapter(path, lm.name, layer, lm.hidden_size)
 vocab = next(iter(adapters.values())).vocab
 dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters, vocab), max_draft_len=p.max_draft_len)
-costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len, repeats=p.repeats)
-logging.info("plain step %.2f ms; draft %s; verify %s; spread %s", costs.plain_ms, costs.draft_ms, costs.verify_ms, costs.spread)
+costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len, repeats=p.repeats,
+                      long_contexts=p.long_contexts)
+for c in [costs, *costs.by_context.values()]:
+    logging.info("context %d: plain step %.2f ms; draft %s; verify %s; spread %s", c.context_len, c.plain_ms, c.draft_ms,
+                 c.verify_ms, c.spread)
 costs.save(snakemake.output[0])  # noqa: F821

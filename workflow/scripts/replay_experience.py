@@ -1,5 +1,6 @@
-"""Rule replay_experience: extra experience by teacher-forced replay of the distillation sequences (training
-prompts only) for behaviour policies that do not read the draft confidence; see src/lede/replay.py."""
+"""Rule replay_experience: extra experience by teacher-forced replay of the dev split's sequences (training
+prompts the exit adapters were never distilled on) for behaviour policies that do not read the draft
+confidence; see src/lede/replay.py."""
 
 import logging
 import sys
@@ -22,8 +23,9 @@ space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"],
                                        confidence=False)
 logging.info("behaviour policies: %s", [b.name for b in behaviours])
 seqs, data, meta = load_distill(inp.distill)
-if meta.get("split", "train") != "train":
-    raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: replay only training sequences")
+if meta.get("split") != "dev":
+    raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: replay only the dev split's sequences "
+                     "(training prompts the adapters were not distilled on)")
 replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in p.layers}, seqs, data), kmax)
 items = [(s.uid, s.category, s.prompt_ids) for s in seqs if s.continuation]
 budget = max(len(s.continuation) for s in seqs)  # each episode runs to its stored continuation's end

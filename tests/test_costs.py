@@ -1,0 +1,78 @@
+"""The cost model at several context lengths: measured per context, looked up by position, and used to price
+each round where it happens (rewards, replayed speed, the oracle, dynamic exit)."""
+
+import pytest
+
+from lede.costs import CostModel, measure_costs, round_costs
+from lede.engine import Decoder
+from lede.features import ActionSpace, decision_rewards
+from lede.heuristics import DynamicExit
+from lede.oracle import Oracle
+from lede.policy import DecodeState, RoundRecord
+from conftest import tiny
+
+SPACE = ActionSpace((1, 2), 4)
+
+
+def _cm(ctx, plain, draft, verify2, **kw):
+    return CostModel(model="tiny", dtype="float32", device="cpu", threads=1, context_len=ctx,
+                     draft_ms={1: draft, 2: 2 * draft}, verify_ms={1: plain, 2: verify2, 3: verify2 * 1.3,
+                                                                  4: verify2 * 1.6, 5: verify2 * 1.9}, **kw)
+
+
+# at 8 tokens a one-draft round costs 0.1 + 1.0 plain steps; at 64, 0.1 + 1.5
+SHORT = _cm(8, 10.0, 1.0, 10.0, by_context={64: _cm(64, 20.0, 2.0, 30.0)})
+
+
+def test_at_picks_the_nearest_measured_context_in_log_scale(tmp_path) -> None:
+    long = SHORT.by_context[64]
+    assert [SHORT.at(p).context_len for p in (1, 8, 22, 23, 64, 5000)] == [8, 8, 8, 64, 64, 64]  # sqrt(8*64) = 22.6
+    assert _cm(8, 1, 1, 1).at(10**6).context_len == 8  # one context: every position
+    SHORT.save(tmp_path / "c.json")
+    back = CostModel.load(tmp_path / "c.json")
+    assert back == SHORT and back.at(100).verify_ms == long.verify_ms and isinstance(back.by_context[64], CostModel)
+    rounds = [RoundRecord(1, 1, 1, 0, 0, 0)] * 3  # 2 tokens each
+    assert [c.context_len for c in round_costs(SHORT, 19, rounds)] == [8, 8, 64]  # positions 20, 22, 24
+
+
+def test_rewards_price_each_round_at_its_context() -> None:
+    rounds = [RoundRecord(1, 1, 0, 0, 0, 0), RoundRecord(1, 1, 0, 0, 0, 0)]  # one rejected draft each
+    actions = [1, 3, 1, 3]
+    base = decision_rewards(actions, rounds, SPACE, SHORT)  # no prompt_len: every round at the base context
+    assert base == pytest.approx([-0.1, 1 - 1.0, -0.1, 1 - 1.0])
+    # a 60-token prompt: both rounds at ~61-62 tokens, priced in plain steps of the 64-token context
+    assert decision_rewards(actions, rounds, SPACE, SHORT, prompt_len=60) == pytest.approx([-0.1, 1 - 1.5, -0.1, 1 - 1.5])
+    # a 4-token prompt whose second round is still short: the base context for both
+    assert decision_rewards(actions, rounds, SPACE, SHORT, prompt_len=4) == pytest.approx(base)
+
+
+def test_oracle_and_dynamic_exit_stop_drafting_where_rounds_cost_more() -> None:
+    # a one-token accepted run: 2 tokens for 1.1 plain steps at 8 tokens of context pays; for 1.6 at 64 too,
+    # but a round at layer 2 (1.2 / 1.7 plain steps) whose draft is rejected does not
+    oracle = Oracle({1: [1] * 100}, SHORT, max_draft_len=4)
+    short = DecodeState(num_layers=4, prompt_len=5, max_new_tokens=50, tokens=[1])
+    long = DecodeState(num_layers=4, prompt_len=70, max_new_tokens=50, tokens=[1])
+    assert oracle.choose_exit(short) == 1 and oracle.choose_exit(long) == 1
+    oracle = Oracle({1: [0] * 100}, _cm(8, 10.0, 0.1, 9.0, by_context={64: _cm(64, 20.0, 2.0, 30.0)}), 4)
+    assert oracle.choose_exit(short) == 1  # drafting is cheaper than a plain step at 8 tokens (verify 2 < plain)
+    assert oracle.choose_exit(long) is None
+    # dynamic exit with acceptance estimates at the prior 0.5: E_1 = 1.5 tokens per round
+    dyn = DynamicExit([1], _cm(8, 10.0, 1.0, 10.0, by_context={64: _cm(64, 10.0, 1.0, 16.0)}), 1, explore_every=10**6)
+    assert dyn.plan(short) == (1, 1)  # 1.5 / 11 ms > 1 / 10 ms
+    assert dyn.plan(long) == (None, 0)  # 1.5 / 17 ms < 1 / 10 ms
+
+
+def test_measure_costs_times_every_context() -> None:
+    lm = tiny("llama")
+    dec = Decoder(lm, max_draft_len=3)
+    cm = measure_costs(dec, [1, 2], 3, context_len=16, repeats=3, warmup=1, long_contexts=[128])
+    assert cm.context_len == 16 and list(cm.by_context) == [128]
+    long = cm.by_context[128]
+    for c in (cm, long):
+        assert set(c.draft_ms) == {1, 2} and set(c.verify_ms) == {1, 2, 3, 4} and all(v > 0 for v in c.verify_ms.values())
+    assert not long.by_context  # one level
+    assert cm.at(100) is long and cm.at(20) is cm
+    with pytest.raises(ValueError, match=r"context length 4096 .* exceeds the model's 512 positions: lower costs.long_contexts"):
+        measure_costs(dec, [1], 2, context_len=16, repeats=1, long_contexts=[4096])
+    with pytest.raises(ValueError, match="distinct"):
+        measure_costs(dec, [1], 2, context_len=16, repeats=1, long_contexts=[32, 32])
