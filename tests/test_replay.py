@@ -172,3 +172,11 @@ def test_confidence_one_row_equals_the_batched_formula_and_softmax(scale):
     np.testing.assert_allclose(batched, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(rows, ref, rtol=1e-4, atol=1e-5)
     assert rows[2, 1] == 0.0 and not np.isnan(rows).any()
+    # a reduced draft vocabulary: reading only its ids (the engine passes the head's set) gives the same numbers
+    support = torch.arange(1, 3000, 3)
+    padded = torch.full((3000,), -torch.inf)
+    padded[support] = x[0, support]
+    full, part = Confidence(padded), Confidence(padded, support)
+    assert part.logits is padded and part.support is support
+    np.testing.assert_allclose([part.top_prob, part.margin, part.entropy], [full.top_prob, full.margin, full.entropy],
+                               rtol=1e-6)

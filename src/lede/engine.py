@@ -320,6 +320,7 @@ class Decoder:
         drafts: list[int] = []
         q_rows: list[torch.Tensor] = []  # draft distributions, for the sampling acceptance rule
         x = state.tokens[-1]
+        support = getattr(self.head(layer), "vocab", None) if layer is not None else None  # reduced draft vocabulary
         while layer is not None and len(drafts) < min(self.max_draft_len, budget - 1):
             t = time.perf_counter()
             logits = self._draft_step(x, layer, cache)  # [V]
@@ -330,7 +331,7 @@ class Decoder:
                 x = int(torch.multinomial(q, 1, generator=gen))
                 q_rows.append(q)
             drafts.append(x)
-            state.drafted, state.draft = len(drafts), Confidence(logits)
+            state.drafted, state.draft = len(drafts), Confidence(logits, support)
             state.draft_tokens = drafts
             t2 = time.perf_counter()
             go_on = policy.keep_drafting(state)

@@ -60,18 +60,23 @@ def top_prob_margin_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 class Confidence:
     """Top-1 probability, entropy (nats) and top-1/top-2 margin of one logits row, computed on demand
-    (once, together: a policy that reads one of them reads the others too)."""
+    (once, together: a policy that reads one of them reads the others too). ``support``: the token ids
+    whose logits can be finite (a reduced-vocabulary draft head's set; the others are -inf and add nothing),
+    so that only those are read — 4k instead of 49k entries for SmolLM2's draft heads, ~150 us less per
+    drafted token in the loop."""
 
-    __slots__ = ("logits", "__dict__")
+    __slots__ = ("logits", "support", "__dict__")
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, support: torch.Tensor | None = None):
         self.logits = logits  # [V]
+        self.support = support  # [V'] token ids, or None: every entry
 
     @cached_property
     def _values(self) -> tuple[float, float, float]:
-        if self.logits.device.type != "cpu" or self.logits.dim() != 1:
-            return tuple(float(v) for v in top_prob_margin_entropy(self.logits))
-        x = self.logits.float().numpy()  # the same maths as top_prob_margin_entropy, for one row
+        logits = self.logits if self.support is None else self.logits.index_select(-1, self.support)
+        if logits.device.type != "cpu" or logits.dim() != 1:
+            return tuple(float(v) for v in top_prob_margin_entropy(logits))
+        x = logits.float().numpy()  # the same maths as top_prob_margin_entropy, for one row
         i = int(x.argmax())
         d = np.maximum(x - x[i], -1e4)  # -inf logits (tokens outside a draft vocabulary) add 0, not 0 * -inf
         e = np.exp(d)
