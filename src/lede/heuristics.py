@@ -200,7 +200,6 @@ class DynamicExit:
         self._last_chosen: dict[int, int] = {}  # layer -> round index
         self._seen = 0
         self._k = 0
-        self._costs = self.costs  # at the current round's context (CostModel.at)
         self.explored = 0  # rounds chosen by exploration, this generation
 
     # ---- estimates ------------------------------------------------------------------------------
@@ -218,14 +217,14 @@ class DynamicExit:
         w = self.prior_weight
         return (self._acc[layer] + self.prior_accept * w) / (self._tried[layer] + w)
 
-    def _rate(self, layer: int, k: int) -> float:
-        """Expected tokens per ms of a round drafting k from layer (costs at the current context)."""
-        return expected_tokens(self.acceptance(layer), k) / self._costs.round_ms(layer, k, self.plain_head)
+    def _rate(self, layer: int, k: int, costs: CostModel) -> float:
+        """Expected tokens per ms of a round drafting k from layer (``costs``: at the round's context)."""
+        return expected_tokens(self.acceptance(layer), k) / costs.round_ms(layer, k, self.plain_head)
 
-    def _best_k(self, layer: int, k_max: int) -> tuple[int, float]:
+    def _best_k(self, layer: int, k_max: int, costs: CostModel) -> tuple[int, float]:
         best_k, best = 1, -math.inf
         for k in range(1, k_max + 1):
-            r = self._rate(layer, k)
+            r = self._rate(layer, k, costs)
             if r > best:
                 best_k, best = k, r
         return best_k, best
@@ -233,13 +232,13 @@ class DynamicExit:
     def plan(self, state: DecodeState) -> tuple[int | None, int]:
         """(exit layer or None, draft length) by expected tokens per ms, without exploration."""
         k_max = min(self.max_len, state.max_new_tokens - len(state.tokens) - 1)
-        self._costs = self.costs.at(state.position)
+        costs = self.costs.at(state.position)
         best: tuple[int | None, int] = (None, 0)
-        best_rate = 1.0 / self._costs.plain_ms
+        best_rate = 1.0 / costs.plain_ms
         if k_max < 1:
             return best
         for layer in self.exit_layers:
-            k, r = self._best_k(layer, k_max)
+            k, r = self._best_k(layer, k_max, costs)
             if r > best_rate:
                 best, best_rate = (layer, k), r
         return best
@@ -251,11 +250,10 @@ class DynamicExit:
             self.update(record)
         now = len(state.rounds)
         k_max = min(self.max_len, state.max_new_tokens - len(state.tokens) - 1)
-        self._costs = self.costs.at(state.position)
         stale = [l for l in self.exit_layers if now - self._last_chosen.get(l, -math.inf) > self.explore_every]
         if stale and k_max >= 1:
             layer = min(stale, key=lambda l: self._last_chosen.get(l, -math.inf))  # least recently tried
-            self._k = self._best_k(layer, k_max)[0]
+            self._k = self._best_k(layer, k_max, self.costs.at(state.position))[0]
             self.explored += 1
         else:
             layer, self._k = self.plan(state)
