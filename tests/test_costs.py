@@ -76,3 +76,25 @@ def test_measure_costs_times_every_context() -> None:
         measure_costs(dec, [1], 2, context_len=16, repeats=1, long_contexts=[4096])
     with pytest.raises(ValueError, match="distinct"):
         measure_costs(dec, [1], 2, context_len=16, repeats=1, long_contexts=[32, 32])
+
+
+def test_designs_are_timed_and_priced_per_selected_head(tmp_path) -> None:
+    """measure_costs times other adapter designs (a context adapter through its own cache); with_designs prices
+    each layer's draft by its selected design at every context, and the report's replay uses the same numbers."""
+    from lede.exits import build_adapter, build_exit_heads
+    from lede.report import head_draft_ms
+
+    lm = tiny("llama")
+    ctx_heads = build_exit_heads(lm, {l: build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1])
+                                      for l in (1, 2)})
+    cm = measure_costs(Decoder(lm, max_draft_len=2), [1, 2], 2, context_len=16, repeats=3, warmup=1,
+                       long_contexts=[64], designs={"decoder": ctx_heads})
+    assert set(cm.draft_design_ms["decoder"]) == {1, 2} and set(cm.by_context[64].draft_design_ms["decoder"]) == {1, 2}
+    cm.save(tmp_path / "c.json")
+    cm = CostModel.load(tmp_path / "c.json")
+    sel = cm.with_designs({1: "decoder", 2: "plain"})
+    for base, picked in ((cm, sel), (cm.by_context[64], sel.by_context[64])):
+        assert picked.draft_ms == {1: base.draft_design_ms["decoder"][1], 2: base.draft_plain_ms[2]}
+    assert cm.with_designs({1: "linear"}).draft_ms == cm.draft_ms  # not measured separately: the configured heads
+    assert head_draft_ms(cm, "decoder_V48", 1) == cm.draft_design_ms["decoder"][1]
+    assert head_draft_ms(cm, "plain", 2) == cm.draft_plain_ms[2] and head_draft_ms(cm, "linear_V48", 2) == cm.draft_ms[2]

@@ -108,3 +108,37 @@ def test_reduced_vocab_head_drafts_only_from_the_set(setup):
     logits = head(torch.randn(4, lm.hidden_size, dtype=lm.dtype))
     assert set(logits.argmax(-1).tolist()) <= set(vocab.tolist())
     assert torch.isinf(logits).sum() == 4 * (lm.config.vocab_size - 10)
+
+
+def test_decoder_adapter_trains_on_whole_sequences_and_loads_with_its_model(setup, tmp_path):
+    """The Kangaroo-style design: starts as the plain head (zero output projections), trains on whole sequences,
+    saves and loads (needing the model's layer as template), and drafts in the engine without changing the output."""
+    from lede.adapters import adapted_rows
+    from lede.exits import ContextLayer, build_adapter
+
+    lm, seqs, data = setup
+    template = lm.model.model.layers[-1]
+    fresh = build_adapter("decoder", lm.hidden_size, template=template).to(lm.dtype)
+    assert torch.allclose(adapted_rows(lm, data, 1, fresh, seqs), data.hidden[1].to(lm.dtype), atol=1e-10)
+    before = exit_agreement(lm, data, 1).float().mean()
+    with pytest.raises(ValueError, match="whole sequences"):
+        train_adapter(lm, data, layer=1, design="decoder", epochs=1, progress=False)
+    adapter, log = train_adapter(lm, data, layer=1, design="decoder", epochs=30, lr=3e-3, batch_tokens=64,
+                                 sequences=seqs, progress=False)
+    assert isinstance(adapter, ContextLayer) and log.epoch_loss[-1] < log.epoch_loss[0] / 2
+    after = exit_agreement(lm, data, 1, adapter, sequences=seqs).float().mean()
+    assert after > before + 0.1, (before, after)
+    with pytest.raises(ValueError, match="pass the distillation sequences"):
+        exit_agreement(lm, data, 1, adapter)
+
+    path = tmp_path / "d.pt"
+    save_adapter(path, adapter, AdapterFile(model=lm.name, layer=1, hidden_size=lm.hidden_size, design="decoder"))
+    with pytest.raises(AdapterError, match="template=lm.model.model.layers"):
+        load_adapter(path, lm.name, 1, lm.hidden_size)
+    loaded = load_adapter(path, lm.name, 1, lm.hidden_size, template=template)
+    assert torch.equal(adapted_rows(lm, data, 1, loaded.to(lm.dtype), seqs),
+                       adapted_rows(lm, data, 1, adapter.to(lm.dtype), seqs))
+    dec = Decoder(lm, exit_heads=build_exit_heads(lm, {1: loaded, 3: None}))
+    for s in seqs:
+        out = dec.generate(s.prompt_ids, RandomSchedule([1, 3], 5, seed=len(s.prompt_ids)), max_new_tokens=40)
+        assert out.token_ids == s.continuation

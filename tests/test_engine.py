@@ -88,6 +88,42 @@ def test_random_policy_exact_with_adapters(seed):
     assert {r.exit_layer for r in out.rounds} - {None}, "the random schedule drafted nothing"
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_context_adapters_keep_output_and_draft_from_the_whole_context(seed):
+    """Kangaroo-style context adapters (an extra decoder layer with its own KV cache) at several layers, mixed
+    rounds and plain steps: the output is plain greedy's, and every first draft of a round equals the context
+    layer run over the whole sequence so far, teacher-forced (its cache held exactly the settled positions)."""
+    from lede.adapters import context_rows
+    from lede.distill import Sequence
+    from lede.exits import build_adapter, build_exit_heads
+
+    lm = tiny("llama")
+    torch.manual_seed(seed)
+    adapters = {}
+    for layer in (1, 3):
+        adapters[layer] = build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1])
+        for p in adapters[layer].parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+    heads = build_exit_heads(lm, adapters)
+    dec = Decoder(lm, exit_heads=heads)
+    prompt = [seed + 1, 40, 7, 19]
+    ref = dec.generate(prompt, Autoregressive(), max_new_tokens=40).token_ids
+    out = dec.generate(prompt, RandomSchedule([1, 3, 5], 4, seed=seed, p_plain=0.3), max_new_tokens=40)
+    assert out.token_ids == ref
+    seq = Sequence(prompt, ref)
+    first = {l: heads[l](context_rows(lm, heads[l].context, seq, l)).argmax(-1).tolist() for l in (1, 3)}
+    n, checked = 1, 0  # tokens emitted before the round (the prefill's first)
+    for r in out.rounds:
+        if r.exit_layer in first and r.drafted and r.accepted:  # the first draft was right: compare it
+            assert first[r.exit_layer][n] == ref[n]
+            checked += 1
+        elif r.exit_layer in first and r.drafted:  # rejected: the teacher-forced draft is wrong too
+            assert first[r.exit_layer][n] != ref[n]
+            checked += 1
+        n += r.emitted
+    assert checked >= 3
+
+
 def test_cache_invariant_is_enforced(monkeypatch):
     """The always-on check fires if a round leaves the cache out of sync (guards the guard): here a
     cache that forgets to crop rejected drafts."""

@@ -10,7 +10,7 @@ from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
 from lede.costs import CostModel
 from lede.distill import Sequence, collect
-from lede.exits import build_exit_heads
+from lede.exits import build_adapter, build_exit_heads
 from lede.features import ActionSpace, decision_rewards
 from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
 from lede.oracle import Oracle, oracle_runs
@@ -34,11 +34,25 @@ def behaviours():
                EpsilonPerturbed(DynamicExit(LAYERS, COSTS, 6), SPACE, 0.3, seed=2), Autoregressive()])
 
 
-@pytest.fixture(scope="module", params=["plain heads", "reduced vocabulary"])
+def context_adapters(lm, seed=0):
+    """Kangaroo-style context adapters (copies of the last layer, perturbed so that they differ per layer)."""
+    torch.manual_seed(seed)
+    out = {}
+    for l in LAYERS:
+        out[l] = build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1])
+        for p in out[l].parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+    return out
+
+
+@pytest.fixture(scope="module", params=["plain heads", "reduced vocabulary", "context adapters"])
 def setup(request):
+    """The replay drafts from teacher-forced tables; with context adapters their drafts are computed over whole
+    sequences, so equal episodes also show that the engine's context caches hold the right states."""
     lm = tiny("llama")
     vocab = torch.arange(0, 96, 2) if request.param == "reduced vocabulary" else None
-    dec = Decoder(lm, exit_heads=build_exit_heads(lm, {l: None for l in LAYERS}, vocab), max_draft_len=6)
+    adapters = context_adapters(lm) if request.param == "context adapters" else {l: None for l in LAYERS}
+    dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters, vocab), max_draft_len=6)
     seqs = [Sequence(ids, dec.generate(ids, Autoregressive(), max_new_tokens=40).token_ids, cat, uid)
             for uid, cat, ids in PROMPTS]
     data = collect(lm, seqs, list(LAYERS), progress=False, store_dtype=lm.dtype)

@@ -12,6 +12,11 @@ to the same V. Losses:
 * ``kl``: KL(teacher_V ‖ student_V), teacher renormalised over V — matches the whole distribution;
 * ``ce``: cross-entropy to the model's greedy token (positions whose greedy token lies outside V are
   skipped: no draft from V could match them anyway).
+
+The ``decoder`` design (``lede.exits.ContextLayer``, Kangaroo-style) attends over the whole context, so
+it is trained on whole sequences: the frozen first L layers are run once over every sequence (prompt +
+continuation), then the extra layer is trained on them, batched by length with padding, with the loss on
+the continuation positions (the rows of the ``DistillSet``). Pass the distillation ``sequences``.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lede.distill import DistillSet
-from lede.exits import build_adapter
+from lede.distill import DistillSet, Sequence
+from lede.exits import ContextLayer, build_adapter
 from lede.model import LoadedModel
 
 
@@ -64,14 +69,20 @@ def train_adapter(
     batch_size: int = 512,
     seed: int = 0,
     progress: bool = True,
+    sequences: list[Sequence] | None = None,
+    batch_tokens: int = 4096,
     **design_options,
 ) -> tuple[nn.Module, TrainLog]:
+    """Train one adapter; ``sequences`` (the DistillSet's) and ``batch_tokens`` (tokens per batch of whole
+    sequences) are for the ``decoder`` design, which needs whole contexts."""
     import time
 
     if loss not in ("kl", "ce"):
         raise ValueError(f"loss={loss!r}: use 'kl' or 'ce'")
     if epochs < 1:
         raise ValueError(f"epochs={epochs} must be >= 1")
+    if design == "decoder":
+        return _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_tokens, seed, progress)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     adapter = build_adapter(design, lm.hidden_size, **design_options).float()
@@ -114,17 +125,162 @@ def train_adapter(
     return adapter.eval().requires_grad_(False), log
 
 
+def _causal_mask(lengths: list[int], width: int, device) -> torch.Tensor:
+    """[B, 1, T, T] bool: causal, and only keys inside each (right-padded) sequence."""
+    pos = torch.arange(width, device=device)
+    causal = pos[None, :] <= pos[:, None]  # [T, T]
+    valid = pos[None, :] < torch.tensor(lengths, device=device)[:, None]  # [B, T]
+    return (causal[None] & valid[:, None, :])[:, None]
+
+
+def _rope(rotary: nn.Module, h: torch.Tensor):
+    return rotary(h, torch.arange(h.shape[1], device=h.device)[None])
+
+
+@torch.no_grad()
+def layer_states(lm: LoadedModel, ids: list[int], layer: int) -> torch.Tensor:
+    """[T, D]: the state after the frozen first ``layer`` layers at every position of ``ids`` (one pass)."""
+    inner = lm.model.model
+    h = inner.embed_tokens(torch.tensor([ids], device=lm.device))
+    pe, mask = _rope(inner.rotary_emb, h), _causal_mask([len(ids)], len(ids), lm.device)
+    for block in inner.layers[:layer]:
+        h = block(h, attention_mask=mask, position_embeddings=pe)
+    return h[0]
+
+
+def context_forward(rotary: nn.Module, context: ContextLayer, states: list[torch.Tensor]) -> torch.Tensor:
+    """The context layer over a batch of whole sequences' layer-L states ([T_i, D] each) -> [B, T_max, D]
+    (right-padded; rows past a sequence's end are meaningless). ``rotary``: the model's rotary embedding,
+    on the states' device."""
+    width = max(s.shape[0] for s in states)
+    h = states[0].new_zeros(len(states), width, states[0].shape[-1])
+    for i, s in enumerate(states):
+        h[i, : s.shape[0]] = s
+    mask = _causal_mask([s.shape[0] for s in states], width, h.device)
+    return context(h, attention_mask=mask, position_embeddings=_rope(rotary, h))
+
+
+def _rows_by_sequence(data: DistillSet, sequences: list[Sequence]) -> dict[int, tuple[int, int]]:
+    """Sequence index -> its rows [lo, hi) in ``data``; checks they belong to ``sequences``."""
+    bounds: dict[int, list[int]] = {}
+    for row, s in enumerate(data.seq.tolist()):
+        bounds.setdefault(s, [row, row])[1] = row + 1
+    for s, (lo, hi) in bounds.items():
+        if s >= len(sequences) or hi - lo != len(sequences[s].continuation):
+            raise ValueError(f"sequence {s}: the distillation data's rows do not belong to these sequences")
+    return {s: (lo, hi) for s, (lo, hi) in bounds.items()}
+
+
+@torch.no_grad()
+def adapted_rows(lm: LoadedModel, data: DistillSet, layer: int, adapter: nn.Module | None,
+                 sequences: list[Sequence] | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """[P, D]: what the exit head's norm + LM head read at each row of ``data`` (or rows [lo, hi)), in the
+    model's dtype: the layer-L state, through the adapter. A context adapter needs the ``sequences`` (it
+    is run over each whole sequence, teacher-forced, as the engine's cache would hold it)."""
+    lo, hi = rows or (0, len(data))
+    if not isinstance(adapter, ContextLayer):
+        h = data.hidden[layer][lo:hi].to(lm.device, lm.dtype)
+        return adapter.to(lm.device, lm.dtype)(h) if adapter is not None else h
+    if sequences is None:
+        raise ValueError("a 'decoder' (context) adapter reads whole sequences: pass the distillation sequences")
+    context = adapter.to(lm.device, lm.dtype)
+    out = []
+    for s, (s_lo, s_hi) in _rows_by_sequence(data, sequences).items():
+        if s_hi <= lo or s_lo >= hi:
+            continue
+        out.append(context_rows(lm, context, sequences[s], layer)[max(lo - s_lo, 0) : hi - s_lo])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def context_rows(lm: LoadedModel, context: ContextLayer, seq: Sequence, layer: int) -> torch.Tensor:
+    """[len(continuation), D]: the context layer's output at the positions predicting ``seq``'s continuation,
+    teacher-forced over the whole sequence (what the engine's context cache holds when the drafts so far
+    were accepted)."""
+    states = layer_states(lm, seq.prompt_ids + seq.continuation, layer)
+    return context_forward(lm.model.model.rotary_emb, context, [states])[0, len(seq.prompt_ids) - 1 : -1]
+
+
+def _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_tokens, seed, progress):
+    """Train a ContextLayer (from the model's last layer) on whole sequences; the loss on continuation rows."""
+    import copy
+    import time
+
+    if sequences is None:
+        raise ValueError("the 'decoder' design trains on whole sequences: pass sequences=<the DistillSet's>")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    context = build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1]).float().cpu()
+    context.train().requires_grad_(True)
+    norm, w = _norm(lm), _head_weight(lm, vocab)
+    rotary = copy.deepcopy(lm.model.model.rotary_emb).cpu()  # training runs on CPU whatever the model's device
+    rows = _rows_by_sequence(data, sequences)
+    states = {s: layer_states(lm, sequences[s].prompt_ids + sequences[s].continuation, layer).float().cpu()
+              for s in tqdm(rows, desc=f"layer {layer} states", disable=not progress, mininterval=10)}
+    if vocab is not None and loss == "ce":
+        pos = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
+        pos[vocab] = torch.arange(len(vocab))
+        target_all = pos[data.target]
+    else:
+        target_all = data.target
+    # batches of whole sequences of similar length, about batch_tokens tokens (padded) each
+    order = sorted(rows, key=lambda s: states[s].shape[0])
+    batches, cur = [], []
+    for s in order:
+        if cur and (len(cur) + 1) * states[s].shape[0] > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    batches.append(cur)
+    opt = torch.optim.AdamW([p for p in context.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(batches), pct_start=0.1)
+    log = TrainLog(layer, "decoder", loss, epochs, len(data))
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=epochs * len(batches), desc=f"adapter L{layer} decoder", disable=not progress, mininterval=10)
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            batch = batches[b]
+            out = context_forward(rotary, context, [states[s] for s in batch])  # [B, T, D]
+            h = torch.cat([out[i, len(sequences[s].prompt_ids) - 1 : states[s].shape[0] - 1] for i, s in enumerate(batch)])
+            idx = torch.cat([torch.arange(*rows[s]) for s in batch])
+            student = norm(h) @ w.T  # [rows, |V|]
+            if loss == "kl":
+                with torch.no_grad():
+                    teacher = F.log_softmax(norm(data.final[idx].float()) @ w.T, dim=-1)
+                value = F.kl_div(F.log_softmax(student, -1), teacher, log_target=True, reduction="batchmean")
+            else:
+                keep = target_all[idx] >= 0
+                value = F.cross_entropy(student[keep], target_all[idx][keep])
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            sched.step()
+            total, count = total + float(value.detach()) * len(idx), count + len(idx)
+            bar.update()
+        log.epoch_loss.append(total / max(count, 1))
+    bar.close()
+    log.seconds = time.perf_counter() - t0
+    return context.eval().requires_grad_(False), log
+
+
 @torch.no_grad()
 def exit_agreement(
     lm: LoadedModel, data: DistillSet, layer: int, adapter: nn.Module | None = None,
-    vocab: torch.Tensor | None = None, batch_size: int = 4096,
+    vocab: torch.Tensor | None = None, batch_size: int = 4096, sequences: list[Sequence] | None = None,
 ) -> torch.Tensor:
-    """[P] bool: does the exit head's greedy draft equal the model's greedy token at each position?"""
+    """[P] bool: does the exit head's greedy draft equal the model's greedy token at each position?
+    (``sequences``: needed for a context adapter, see :func:`adapted_rows`.)"""
     norm, w = _norm(lm), _head_weight(lm, vocab)
-    adapter = adapter.float() if adapter is not None else None
+    if isinstance(adapter, ContextLayer):
+        hidden = adapted_rows(lm, data, layer, adapter, sequences).float().cpu()
+        adapter = None
+    else:
+        hidden = data.hidden[layer]
+        adapter = adapter.float() if adapter is not None else None
     out = []
     for b in range(0, len(data), batch_size):
-        h = data.hidden[layer][b : b + batch_size].float()
+        h = hidden[b : b + batch_size].float()
         if adapter is not None:
             h = adapter(h)
         best = (norm(h) @ w.T).argmax(-1)

@@ -8,7 +8,8 @@
     costs.at(position=1500).round_ms(8, 3)    # the same round with ~1.5k tokens in the cache
 
 ``draft_ms[L]``: one token through layers [0, L) and layer L's exit head (adapter and reduced
-vocabulary included, as the decoder is configured). ``verify_ms[T]``: T tokens through all layers and
+vocabulary included, as the decoder is configured; a context adapter's step attends over the context but
+excludes feeding it the verified positions, about one layer on the round's A + 1 tokens). ``verify_ms[T]``: T tokens through all layers and
 the full LM head (T = K + 1: the pending token and K drafts; T = 1 is a plain decoding step).
 Each is the median of ``repeats`` runs after warm-up, measured round-robin over all items so that
 drift of a shared machine spreads evenly, at a fixed context length (attention cost grows with it).
@@ -50,6 +51,8 @@ class CostModel:
     draft_ms: dict[int, float]  # with the decoder's configured exit heads
     verify_ms: dict[int, float]
     draft_plain_ms: dict[int, float] = field(default_factory=dict)  # plain head: final norm + full LM head
+    # more exit heads, by adapter design: {design: {layer: ms}} (``measure_costs(..., designs=)``)
+    draft_design_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     spread: dict[str, float] = field(default_factory=dict)  # (q75 - q25) / median per item
     # more context lengths: {context_len: CostModel of the same items there} (without nested by_context)
     by_context: dict[int, "CostModel"] = field(default_factory=dict)
@@ -63,6 +66,20 @@ class CostModel:
             if (d := abs(math.log(max(position, 1) / ctx))) < best_d:
                 best, best_d = cm, d
         return best
+
+    def with_designs(self, designs: dict[int, str]) -> "CostModel":
+        """The costs of a decoder whose exit head at layer L has adapter design ``designs[L]`` (e.g. the exit
+        report's selection): ``draft_ms[L]`` from ``draft_design_ms`` where it was measured (``plain``: the
+        full plain head's ``draft_plain_ms``), at every context. Others keep ``draft_ms``."""
+        import copy
+
+        out = copy.deepcopy(self)
+        for cm in [out, *out.by_context.values()]:
+            for layer, design in designs.items():
+                measured = cm.draft_plain_ms if design == "plain" else cm.draft_design_ms.get(design, {})
+                if layer in measured:
+                    cm.draft_ms[layer] = measured[layer]
+        return out
 
     @property
     def plain_ms(self) -> float:
@@ -91,6 +108,7 @@ class CostModel:
         blob["draft_ms"] = {int(k): v for k, v in blob["draft_ms"].items()}
         blob["verify_ms"] = {int(k): v for k, v in blob["verify_ms"].items()}
         blob["draft_plain_ms"] = {int(k): v for k, v in blob.get("draft_plain_ms", {}).items()}
+        blob["draft_design_ms"] = {d: {int(k): v for k, v in ms.items()} for d, ms in blob.get("draft_design_ms", {}).items()}
         blob["by_context"] = {int(k): cls.from_dict(v) for k, v in blob.get("by_context", {}).items()}
         return cls(**blob)
 
@@ -117,9 +135,12 @@ def measure_costs(
     repeats: int = 15,
     warmup: int = 3,
     long_contexts: list[int] = (),
+    designs: dict | None = None,
 ) -> CostModel:
     """Median times of every draft step and verification pass at ``context_len`` tokens in the cache (and
-    at each of ``long_contexts``, in ``by_context``), measured round-robin over all items and contexts."""
+    at each of ``long_contexts``, in ``by_context``), measured round-robin over all items and contexts.
+    ``designs``: {design: {layer: ExitHead}}, more exit heads to time (``draft_design_ms``); a context
+    adapter's head needs its own cache, so it is timed through a decoder that drafts with it."""
     for layer in exit_layers:
         decoder._check_exit(layer)
     if max_draft_len < 1:
@@ -136,12 +157,13 @@ def measure_costs(
     items = []
     for ctx in contexts:
         cache = decoder.new_cache(ctx + max_draft_len + 2)
-        decoder._verify(prefix[:ctx], None, cache)  # fill the cache to the context length
+        states: dict[int, torch.Tensor] = {}
+        decoder._verify(prefix[:ctx], None, cache, states)  # fill the cache to the context length
+        for layer, c in cache.context.items():  # context adapters consume it at their first (warm-up) draft
+            c.backlog.append(states[layer])
 
         def draft(layer, head=None, cache=cache, ctx=ctx):
-            h = decoder.embed(torch.tensor([[7]], device=decoder.lm.device))
-            h = decoder._layers(h, 0, layer, cache)
-            (head or decoder.head(layer))(h[0, -1])
+            decoder._draft_step(7, layer, cache, head)
             cache.crop(ctx)
 
         def verify(t, cache=cache, ctx=ctx):
@@ -149,6 +171,19 @@ def measure_costs(
             cache.crop(ctx)
 
         items += [((ctx, f"draft_{l}"), lambda l=l, f=draft: f(l)) for l in exit_layers]
+        for design, heads in (designs or {}).items():
+            alt = Decoder(decoder.lm, exit_heads=heads, max_draft_len=decoder.max_draft_len)
+            alt_cache = alt.new_cache(ctx + max_draft_len + 2)
+            alt_states: dict[int, torch.Tensor] = {}
+            alt._verify(prefix[:ctx], None, alt_cache, alt_states)
+            for layer, c in alt_cache.context.items():
+                c.backlog.append(alt_states[layer])
+
+            def alt_draft(layer, alt=alt, cache=alt_cache, ctx=ctx):
+                alt._draft_step(7, layer, cache)
+                cache.crop(ctx)
+
+            items += [((ctx, f"design_{design}_{l}"), lambda l=l, f=alt_draft: f(l)) for l in heads if l in exit_layers]
         items += [((ctx, f"draftplain_{l}"), lambda l=l, f=draft: f(l, decoder.plain_head)) for l in exit_layers]
         items += [((ctx, f"verify_{t}"), lambda t=t, f=verify: f(t)) for t in range(1, max_draft_len + 2)]
     times: dict[tuple[int, str], list[float]] = {key: [] for key, _ in items}
@@ -176,6 +211,8 @@ def measure_costs(
             draft_ms={l: med(times[ctx, f"draft_{l}"]) for l in exit_layers},
             verify_ms={t: med(times[ctx, f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
             draft_plain_ms={l: med(times[ctx, f"draftplain_{l}"]) for l in exit_layers},
+            draft_design_ms={d: {l: med(times[ctx, f"design_{d}_{l}"]) for l in heads if l in exit_layers}
+                             for d, heads in (designs or {}).items()},
             spread={name: spread(xs) for (c, name), xs in times.items() if c == ctx},
         )
 

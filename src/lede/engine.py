@@ -27,6 +27,15 @@ emitted token is pending), whatever exit layers earlier rounds used.
 Verification *recomputes* layers [0, L) for the drafted positions instead of reusing the draft's KV
 entries (LayerSkip's forward_remainder). Measured on a 2-core CPU the reuse gained under 2%; the
 choice lives in ``_verify`` alone.
+
+**Context adapters** (``decoder`` design, Kangaroo-style: an extra decoder layer after layer L with its
+own KV cache, ``lede.exits.ContextLayer``). Its cache must hold the layer-L state of every position before
+the one it drafts from. The prefill and every verification pass hand each context layer the layer-L states
+of the positions they settle (the prompt; x0 and the accepted drafts); the context layer consumes this
+backlog lazily, in one pass, the next time a round drafts at its layer, so a layer that is not drafted at
+costs nothing but keeping references. In a round that drafts at L, the context layer's entries for x0 and
+the accepted drafts are kept (the drafted tokens are the verified ones) and the rejected ones are cropped.
+Invariant between rounds: context cache length + backlog length = the main cache's length.
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * num_layers
         self.max_len = max_len
+        self.context: dict[int, ContextCache] = {}  # exit layer -> its context adapter's cache
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         n, t = self.lengths[layer_idx], key_states.shape[-2]
@@ -85,12 +95,29 @@ class KVCache:
         return self.k[layer_idx, :, :, : n + t], self.v[layer_idx, :, :, : n + t]
 
     def crop(self, length: int, layers: range | None = None) -> None:
+        """Crop the given layers (default: every layer and every context adapter's cache) to ``length``."""
         for i in layers if layers is not None else range(len(self.lengths)):
             if self.lengths[i] > length:
                 self.lengths[i] = length
+        if layers is None:
+            for ctx in self.context.values():
+                ctx.kv.crop(length)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
+
+
+@dataclass
+class ContextCache:
+    """A context adapter's one-layer KV cache, and the layer-L states [1, t, D] of settled positions that it
+    has not consumed yet (in position order)."""
+
+    kv: KVCache
+    backlog: list[torch.Tensor]
+
+    @property
+    def settled(self) -> int:
+        return self.kv.lengths[0] + sum(h.shape[1] for h in self.backlog)
 
 
 @dataclass
@@ -209,42 +236,76 @@ class Decoder:
     def head(self, layer: int) -> ExitHead:
         return self.exit_heads.get(layer, self.plain_head)
 
-    def _layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache) -> torch.Tensor:
-        """Run layers [start, end) on h [1, T, D], at positions cache.lengths[start] .. +T-1."""
-        pos0, t = cache.lengths[start], h.shape[1]
+    def _run(self, blocks, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
+        """Run decoder layers ``blocks`` on h [1, T, D] at positions pos0 .. pos0+T-1 of ``cache``."""
+        t = h.shape[1]
         cos, sin = self._rope
         pe = (cos[:, pos0 : pos0 + t], sin[:, pos0 : pos0 + t])
         mask = None
         if t > 1:  # explicit bottom-right-aligned causal mask: sdpa's is_causal is top-left aligned
             q_pos = torch.arange(pos0, pos0 + t, device=h.device)[:, None]
             mask = (torch.arange(pos0 + t, device=h.device)[None, :] <= q_pos)[None, None]  # [1,1,T,pos0+T]
-        for layer in self.layers[start:end]:
+        for layer in blocks:
             h = layer(h, attention_mask=mask, position_embeddings=pe, cache=cache, use_cache=True)
         return h
 
-    def _draft_step(self, token: int, layer: int, cache: KVCache) -> torch.Tensor:
-        """One token through layers [0, L) and the exit head -> draft logits [V]."""
+    def _layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache) -> torch.Tensor:
+        """Run layers [start, end) on h [1, T, D], at positions cache.lengths[start] .. +T-1."""
+        return self._run(self.layers[start:end], h, cache, cache.lengths[start])
+
+    def _context(self, layer: int, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Layer L's context adapter on h [1, T, D] (the next positions), consuming its backlog in the same pass
+        (one call instead of two: the backlog is often one token, the last round's bonus)."""
+        ctx, t = cache.context[layer], h.shape[1]
+        if ctx.backlog:
+            h = torch.cat([*ctx.backlog, h], dim=1)  # [1, backlog + T, D]
+            ctx.backlog.clear()
+        return self._run([self.head(layer).context], h, ctx.kv, ctx.kv.lengths[0])[:, -t:]
+
+    def _draft_step(self, token: int, layer: int, cache: KVCache, head: ExitHead | None = None) -> torch.Tensor:
+        """One token through layers [0, L) (and L's context adapter, if any) and the exit head -> draft logits [V]."""
+        head = head or self.head(layer)
         h = self.embed(torch.tensor([[token]], device=self._device))
         h = self._layers(h, 0, layer, cache)
-        return self.head(layer)(h[0, -1])
+        if head.context is not None:
+            h = self._context(layer, h, cache)
+        return head(h[0, -1])
 
-    def _verify(self, tokens: list[int], exit_layer: int | None, cache: KVCache) -> torch.Tensor:
-        """Full-model logits [T, V] for ``tokens`` (pending token + drafts) in one pass.
+    def _all_layers(self, h: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """All N layers on h [1, T, D]; also returns the state after L layers for every context adapter's L."""
+        states, at = {}, 0
+        for layer in sorted(cache.context):
+            h = self._layers(h, at, layer, cache)
+            states[layer], at = h, layer
+        return self._layers(h, at, self.n_layers, cache), states
+
+    def _verify(self, tokens: list[int], exit_layer: int | None, cache: KVCache,
+                states: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Full-model logits [T, V] for ``tokens`` (pending token + drafts) in one pass; fills ``states`` with the
+        context adapters' layer-L states of these positions.
 
         Recomputes layers [0, L): they are cropped back to the round's start first."""
         start = cache.lengths[-1]
         if exit_layer is not None:
             cache.crop(start, range(exit_layer))
         h = self.embed(torch.tensor([tokens], device=self._device))
-        h = self._layers(h, 0, self.n_layers, cache)
+        h, captured = self._all_layers(h, cache)
+        if states is not None:
+            states.update(captured)
         return self.lm_head(self.norm(h[0]))
 
     def new_cache(self, max_len: int) -> KVCache:
-        """An empty cache for sequences up to ``max_len`` tokens (also sets up the rotary table)."""
+        """An empty cache for sequences up to ``max_len`` tokens (also sets up the rotary table), with a
+        context cache for every exit layer whose head has a context adapter."""
         self._device = self.lm.device
         positions = torch.arange(max_len, device=self._device)[None]
         self._rope = self.rotary(self.embed.weight[:1][None], positions)  # cos, sin: [1, max_len, hd]
-        return KVCache(self.n_layers, self._kv_heads, self._head_dim, max_len, self.lm.dtype, self._device)
+        cache = KVCache(self.n_layers, self._kv_heads, self._head_dim, max_len, self.lm.dtype, self._device)
+        for layer, head in self.exit_heads.items():
+            if head.context is not None:
+                kv = KVCache(1, self._kv_heads, self._head_dim, max_len, self.lm.dtype, self._device)
+                cache.context[layer] = ContextCache(kv, [])
+        return cache
 
     # ---- the loop -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -275,7 +336,9 @@ class Decoder:
         policy.reset()
 
         t0 = time.perf_counter()
-        h = self._layers(self.embed(torch.tensor([prompt_ids], device=self._device)), 0, self.n_layers, cache)
+        h, states = self._all_layers(self.embed(torch.tensor([prompt_ids], device=self._device)), cache)
+        for layer, ctx in cache.context.items():
+            ctx.backlog.append(states[layer])
         first_logits = self.lm_head(self.norm(h[0, -1]))
         first = self._pick(first_logits, sampling, gen)
         state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids))
@@ -307,8 +370,9 @@ class Decoder:
     def _round(self, state: DecodeState, policy: Policy, cache: KVCache, sampling: Sampling, gen) -> list[int]:
         """One draft→verify round; returns the emitted tokens (accepted drafts + one from the full model)."""
         start = state.position - 1  # the cache holds prompt + tokens[:-1]; tokens[-1] is pending
-        if any(n != start for n in cache.lengths):  # cheap, always on: a broken cache is silent garbage
-            raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, expected {start} each")
+        if any(n != start for n in cache.lengths) or any(c.settled != start for c in cache.context.values()):
+            raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, context adapters "  # cheap, always
+                               f"{ {l: c.settled for l, c in cache.context.items()} }, expected {start} each")  # on
         budget = state.max_new_tokens - len(state.tokens)  # tokens we may still emit
         t = time.perf_counter()
         layer = policy.choose_exit(state)
@@ -341,7 +405,8 @@ class Decoder:
                 break
 
         t = time.perf_counter()
-        logits = self._verify([state.tokens[-1], *drafts], layer if drafts else None, cache)  # [K+1, V]
+        states: dict[int, torch.Tensor] = {}  # layer-L states of these positions, for the context adapters
+        logits = self._verify([state.tokens[-1], *drafts], layer if drafts else None, cache, states)  # [K+1, V]
         if sampling.greedy:
             target = logits.argmax(-1)  # [K+1]
             k = len(drafts)
@@ -351,6 +416,10 @@ class Decoder:
         else:
             a, emitted = self._accept_sampled(drafts, q_rows, logits, sampling, gen)
         cache.crop(start + a + 1)  # keep the pending token and the accepted drafts
+        for l, ctx in cache.context.items():  # settle x0 + the accepted drafts in every context cache
+            have = ctx.settled - start  # the layer drafted at fed x0, d1..d(K-1) itself (cropped to a + 1 above)
+            if have < a + 1:
+                ctx.backlog.append(states[l][:, have : a + 1])
         state.last_verify = Confidence(logits[a])
         verify_s = time.perf_counter() - t
 

@@ -3,6 +3,15 @@
 An exit head is ``lm_head(final_norm(adapter(h_L)))``: the model's own final norm and LM head,
 optionally preceded by a small per-layer adapter trained to make early layers draftable (trained by
 ``lede.adapters``; the base model stays frozen, so verification keeps the output exactly the model's).
+
+Three adapter designs, of increasing cost per draft token:
+
+* ``linear``: h + W h (full rank, zero-initialised): a per-position map, ~D² multiply-adds;
+* ``lowrank``: h + B A h (rank r);
+* ``decoder`` (Kangaroo-style, :class:`ContextLayer`): one extra decoder layer, initialised from the model's
+  last layer, that *attends* over the layer-L states of the whole context through its own KV cache. It costs
+  about one layer per draft token (plus feeding it the verified positions, see ``lede.engine``), and it is
+  the only design that can look back at the context (copying from the prompt, the running topic).
 Adapters are saved as one ``torch.save`` file with their metadata and are checked on load: an adapter
 for another model, layer or hidden size is a clear error, never a silent mismatch.
 """
@@ -50,12 +59,49 @@ class LowRankResidual(nn.Module):
         return h + self.up(self.down(h))
 
 
-def build_adapter(design: str, hidden_size: int, **options) -> nn.Module:
+class ContextLayer(nn.Module):
+    """Kangaroo-style adapter: one decoder layer of the model's architecture over the layer-L hidden states,
+    attending to every earlier position's layer-L state through its own one-layer KV cache (cache layer 0).
+
+    Called like a decoder layer (``h [B, T, D]``, ``attention_mask``, ``position_embeddings``, ``cache``) ->
+    [B, T, D]; the decoder owns the cache and the positions. Unlike the per-position designs it needs the whole context, so the
+    training data, the agreement report and the replay tables compute it over full sequences
+    (``lede.adapters.adapted_rows``).
+    """
+
+    def __init__(self, layer: nn.Module, zero_output: bool = False):
+        super().__init__()
+        self.layer = layer
+        self.layer.self_attn.layer_idx = 0  # its own cache, not the model's layer (N-1)
+        if zero_output:  # start as the identity (the plain exit head), as the other designs do
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                nn.init.zeros_(proj.weight)
+                if getattr(proj, "bias", None) is not None:
+                    nn.init.zeros_(proj.bias)
+
+    def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
+        return self.layer(hidden_states, **layer_kwargs)
+
+
+DESIGNS = ("linear", "lowrank", "decoder")
+
+
+def build_adapter(design: str, hidden_size: int, template: nn.Module | None = None, **options) -> nn.Module:
+    """A fresh adapter. ``template``: for ``decoder``, the decoder layer to copy (the model's last layer)."""
+    import copy
+
     if design == "linear":
         return LinearResidual(hidden_size)
     if design == "lowrank":
         return LowRankResidual(hidden_size, int(options.get("rank", 64)))
-    raise AdapterError(f"unknown adapter design {design!r}: use 'linear' or 'lowrank'")
+    if design == "decoder":
+        if template is None:
+            raise AdapterError("a 'decoder' adapter is built from a decoder layer of its model: pass "
+                               "template=lm.model.model.layers[-1]")
+        # the last layer's weights, except its two output projections: zero, so that training starts from the
+        # plain head (the last layer applied as is to a shallow state is far worse: KL ~14 nats at L = 2)
+        return ContextLayer(copy.deepcopy(template), zero_output=bool(options.get("zero_output", True)))
+    raise AdapterError(f"unknown adapter design {design!r}: use one of {', '.join(DESIGNS)}")
 
 
 @dataclass
@@ -82,9 +128,11 @@ def save_adapter(path: str | Path, adapter: nn.Module, meta: AdapterFile, vocab:
     tmp.replace(path)
 
 
-def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int) -> nn.Module:
+def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int,
+                 template: nn.Module | None = None) -> nn.Module:
     """Load an adapter and check it was trained for this model and exit layer (its draft vocabulary,
-    if any, is ``adapter.vocab``)."""
+    if any, is ``adapter.vocab``). ``template``: the model's last decoder layer, needed by ``decoder``
+    adapters (their file holds the weights, the architecture comes from the model)."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file {path} does not exist: train it first (lede adapters) or fix the path")
@@ -101,8 +149,14 @@ def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int
         problems.append(f"hidden size {meta.hidden_size} (model has {hidden_size})")
     if problems:
         raise AdapterError(f"adapter {path} was trained for " + ", ".join(problems) + ": retrain it for this model/layer")
-    adapter = build_adapter(meta.design, meta.hidden_size, **meta.options)
-    adapter.load_state_dict(blob["state_dict"])
+    if meta.design == "decoder" and template is None:
+        raise AdapterError(f"{path} is a 'decoder' (Kangaroo-style) adapter: load it with "
+                           "template=lm.model.model.layers[-1] (lede.exits.load_exit_heads does)")
+    adapter = build_adapter(meta.design, meta.hidden_size, template=template, **meta.options)
+    try:
+        adapter.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise AdapterError(f"adapter {path} does not fit this model's layers ({e}): retrain it for this model") from e
     adapter.vocab = blob.get("vocab")
     return adapter
 
@@ -114,6 +168,10 @@ class ExitHead(nn.Module):
     draft head: the full 49k-row head of a small model costs as much as several layers); the other
     logits are -inf, so drafts come from the set and the draft distribution q is zero outside it.
     Verification always uses the full head.
+
+    A :class:`ContextLayer` adapter is kept as ``context``, not applied by ``forward``: it needs a KV cache
+    and positions, which the caller owns (the engine's draft step; ``lede.adapters.adapted_rows``), so
+    ``forward`` takes the context layer's output.
     """
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module, adapter: nn.Module | None = None,
@@ -121,7 +179,8 @@ class ExitHead(nn.Module):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
-        self.adapter = adapter
+        self.context = adapter if isinstance(adapter, ContextLayer) else None
+        self.adapter = None if self.context is not None else adapter
         self.vocab = vocab
         if vocab is not None:
             self.register_buffer("sub_weight", lm_head.weight[vocab].detach().clone(), persistent=False)
@@ -157,7 +216,8 @@ def heads_from_selection(lm, selection: dict, base_dir: str | Path = ".") -> dic
     vocab = torch.tensor(selection["vocab"], dtype=torch.long) if selection.get("vocab") else None
     adapters = {}
     for layer, path in selection["layers"].items():
-        adapters[int(layer)] = load_adapter(Path(base_dir) / path, lm.name, int(layer), lm.hidden_size) if path else None
+        adapters[int(layer)] = (load_adapter(Path(base_dir) / path, lm.name, int(layer), lm.hidden_size,
+                                             template=lm.model.model.layers[-1]) if path else None)
     return build_exit_heads(lm, adapters, vocab)
 
 

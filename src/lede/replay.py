@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lede.adapters import context_rows
 from lede.costs import CostModel, round_costs
 from lede.distill import DistillSet, Sequence, accepted_runs
 from lede.oracle import Oracle
@@ -107,7 +108,9 @@ def replay_tables(lm, heads: dict, sequences: list[Sequence], data: DistillSet,
         _, verify = _confidences(lm_head(norm(data.final[lo:hi].to(dev, dt))))
         table = SequenceTable(list(s.prompt_ids), list(s.continuation), verify, {}, {})
         for layer, head in heads.items():
-            table.draft_token[layer], table.draft[layer] = _confidences(head(data.hidden[layer][lo:hi].to(dev, dt)))
+            h = (context_rows(lm, head.context, s, layer) if getattr(head, "context", None) is not None
+                 else data.hidden[layer][lo:hi].to(dev, dt))  # a context adapter reads the whole sequence
+            table.draft_token[layer], table.draft[layer] = _confidences(head(h))
         tables[tuple(s.prompt_ids)] = table
     return tables
 

@@ -45,10 +45,12 @@ def _by_category(data: DistillSet) -> dict[str, list[int]]:
 
 def exit_rows(
     lm, data: DistillSet, split: str, heads: dict[str, tuple[nn.Module | None, torch.Tensor | None]],
-    layers: list[int], draft_lens: list[int], costs: CostModel,
+    layers: list[int], draft_lens: list[int], costs: CostModel, sequences: list | None = None,
 ) -> list[ReportRow]:
-    """``heads`` maps a head name to (adapter per layer or None, vocab or None); adapters are looked up
-    as ``adapter[layer]`` when a dict is given."""
+    """``heads`` maps a head name (``<design>[_V<size>]`` or ``plain[_V<size>]``) to (adapter per layer or None,
+    vocab or None); adapters are looked up as ``adapter[layer]`` when a dict is given. ``sequences``: the
+    data's sequences, needed by context (``decoder``) adapters. Each head's draft is priced by its design's
+    measured cost (``CostModel.draft_design_ms``) where the cost model has it."""
     rows = []
     groups = _by_category(data)
     for layer in layers:
@@ -56,26 +58,33 @@ def exit_rows(
             adapter = adapters.get(layer) if isinstance(adapters, dict) else adapters
             if isinstance(adapters, dict) and adapter is None:
                 continue
-            agree = exit_agreement(lm, data, layer, adapter, vocab)
+            agree = exit_agreement(lm, data, layer, adapter, vocab, sequences=sequences)
             for cat, seq_ids in groups.items():
                 mask = torch.isin(data.seq, torch.tensor(seq_ids))
                 a, s = agree[mask], data.seq[mask]
                 for k in draft_lens:
                     rep = replay_static(accepted_runs(a, s, k), s, k)
-                    time_ms = _replay_ms(rep, layer, k, costs, plain_head=(head == "plain"))
+                    time_ms = _replay_ms(rep, layer, k, costs, head)
                     speedup = rep.tokens * costs.plain_ms / time_ms if time_ms else float("nan")
                     rows.append(ReportRow(split, cat, layer, head, float(a.float().mean()), int(a.numel()), k,
                                           rep.tokens / max(rep.rounds, 1), speedup))
     return rows
 
 
-def _replay_ms(rep, layer: int, k: int, costs: CostModel, plain_head: bool) -> float:
+def _replay_ms(rep, layer: int, k: int, costs: CostModel, head: str) -> float:
     """Time of the replayed rounds: the drafted tokens, and a (K+1)-token verification per round (a
     short final round is charged a full verification: a small, conservative overestimate). Priced at the
     cost model's base context (aggregate counts carry no positions); ``lede.replay.replay_speed`` prices
     each round at its own context."""
-    draft_ms = costs.draft_plain_ms if plain_head else costs.draft_ms
-    return rep.drafted * draft_ms[layer] + rep.rounds * costs.verify_ms[k + 1]
+    return rep.drafted * head_draft_ms(costs, head, layer) + rep.rounds * costs.verify_ms[k + 1]
+
+
+def head_draft_ms(costs: CostModel, head: str, layer: int) -> float:
+    """The measured draft step of head ``<design>[_V<size>]`` at ``layer``: ``plain`` (full vocabulary) has its
+    own measurement, a design timed by the cost model its own; anything else (``plain_V``) the configured heads'."""
+    if head == "plain":
+        return costs.draft_plain_ms[layer]
+    return costs.draft_design_ms.get(head.split("_V")[0], {}).get(layer, costs.draft_ms[layer])
 
 
 def select_heads(rows: list[ReportRow], split: str = "dev") -> dict[int, str]:
@@ -109,12 +118,14 @@ def markdown(rows: list[ReportRow], selected: dict[int, str], costs: CostModel) 
            f"Plain step {costs.plain_ms:.1f} ms; verifying K+1 tokens: "
            + ", ".join(f"{t - 1}:{v / costs.plain_ms:.2f}x" for t, v in sorted(costs.verify_ms.items())), "",
            "## Agreement with the model's greedy token, held-out prompts (all categories)", "",
-           "| layer | draft ms (plain / adapted) | " + " | ".join(heads) + " | selected (on dev) |",
+           f"| layer | draft ms (plain / {' / '.join(['configured', *costs.draft_design_ms])}) | " + " | ".join(heads)
+           + " | selected (on dev) |",
            "|---|---|" + "---|" * len(heads) + "---|"]
     agree = {(r.layer, r.head, r.category): r.agreement for r in ev if r.draft_len == ev[0].draft_len}
     for layer in sorted({r.layer for r in ev}):
         cells = [f"{agree[(layer, h, ALL)]:.3f}" if (layer, h, ALL) in agree else "–" for h in heads]
-        out.append(f"| {layer} | {costs.draft_plain_ms.get(layer, float('nan')):.1f} / {costs.draft_ms.get(layer, float('nan')):.1f} | "
+        ms = [costs.draft_plain_ms.get(layer), costs.draft_ms.get(layer), *(d.get(layer) for d in costs.draft_design_ms.values())]
+        out.append(f"| {layer} | {' / '.join(f'{m:.1f}' if m is not None else '–' for m in ms)} | "
                    + " | ".join(cells) + f" | {selected.get(layer, '–')} |")
     out += ["", "## Agreement per category (held-out): plain head → selected head", "",
             "| layer | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]

@@ -48,10 +48,11 @@ rule train_adapter:
         epochs=EXITS["epochs"],
         lr=EXITS["lr"],
         rank=EXITS["lowrank_rank"],
+        decoder=EXITS["decoder"],
         vocab_size=EXITS["vocab_size"],
     wildcard_constraints:
         layer=r"\d+",
-        design="linear|lowrank",
+        design="linear|lowrank|decoder",
     threads: config["threads"]
     log:
         f"{R}/exits/adapters/L{{layer}}_{{design}}.log",
@@ -64,18 +65,20 @@ rule train_adapter:
 
 
 rule cost_model:
-    """Time of a draft step per exit layer (with its adapter and draft vocabulary) and of verifying
-    K+1 tokens, on the machine that runs this rule, at the base context and at each long context."""
+    """Time of a draft step per exit layer (with its adapter and draft vocabulary; draft_ms: the first design,
+    draft_design_ms: every design) and of verifying K+1 tokens, on the machine that runs this rule, at the
+    base context and at each long context."""
     input:
         model_files=MODEL_FILES,
         data=f"{R}/exits/distill_train.pt",
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{DESIGNS[0]}.pt", layer=LAYERS),
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", design=DESIGNS, layer=LAYERS),
         code=src("costs", "engine", "exits", "model"),
     output:
         f"{R}/costs.json",
     params:
         **common_params(),
         layers=LAYERS,
+        designs=DESIGNS,
         max_draft_len=max(config["sweep"]["draft_lens"]),
         context_len=config["costs"]["context_len"],
         long_contexts=config["costs"]["long_contexts"],

@@ -5,17 +5,16 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, decoder_from_selection, policy_train_prompts, setup  # noqa: E402
+from _common import behaviour_policies, decoder_from_selection, load_costs, policy_train_prompts, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.costs import CostModel  # noqa: E402
 from lede.rl import collect_experience  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, col = p.policy, p.policy["collect"]
 kmax = pol["max_draft_len"]
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
-costs = CostModel.load(inp.heads[1])
+costs = load_costs(inp.heads[1], inp.heads[0])
 space, behaviours = behaviour_policies(p, inp.sweep, costs, col["static_cells"], col["random"])
 logging.info("behaviour policies: %s", [b.name for b in behaviours])
 prompts = policy_train_prompts(p, col["per_category"], extra_gsm8k=col["per_category"])  # none the adapters saw

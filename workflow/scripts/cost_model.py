@@ -13,14 +13,15 @@ from lede.engine import Decoder  # noqa: E402
 from lede.exits import build_exit_heads, load_adapter  # noqa: E402
 
 lm = load_lm(p)
-adapters = {}
-for path, layer in zip(snakemake.input.adapters, p.layers):  # noqa: F821
-    adapters[layer] = load_adapter(path, lm.name, layer, lm.hidden_size)
-vocab = next(iter(adapters.values())).vocab
-dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters, vocab), max_draft_len=p.max_draft_len)
+paths = iter(snakemake.input.adapters)  # noqa: F821  (design-major, as the rule expands them)
+adapters = {d: {l: load_adapter(next(paths), lm.name, l, lm.hidden_size, template=lm.model.model.layers[-1])
+                for l in p.layers} for d in p.designs}
+vocab = next(iter(adapters[p.designs[0]].values())).vocab
+dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters[p.designs[0]], vocab), max_draft_len=p.max_draft_len)
 costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len, repeats=p.repeats,
-                      long_contexts=p.long_contexts)
+                      long_contexts=p.long_contexts,
+                      designs={d: build_exit_heads(lm, adapters[d], vocab) for d in p.designs[1:]})
 for c in [costs, *costs.by_context.values()]:
-    logging.info("context %d: plain step %.2f ms; draft %s; verify %s; spread %s", c.context_len, c.plain_ms, c.draft_ms,
-                 c.verify_ms, c.spread)
+    logging.info("context %d: plain step %.2f ms; draft %s; by design %s; verify %s; spread %s", c.context_len,
+                 c.plain_ms, c.draft_ms, c.draft_design_ms, c.verify_ms, c.spread)
 costs.save(snakemake.output[0])  # noqa: F821

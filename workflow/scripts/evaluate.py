@@ -8,13 +8,12 @@ from collections import Counter
 from dataclasses import asdict
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, decoder_from_selection, policy_train_prompts, prompts_for, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
 
 from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
-from lede.costs import CostModel  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
 from lede.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.oracle import Oracle, oracle_runs  # noqa: E402
@@ -25,7 +24,7 @@ inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, ev = p.policy, p.policy["evaluate"]
 kmax = pol["max_draft_len"]
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
-costs = CostModel.load(inp.heads[1])
+costs = load_costs(inp.heads[1], inp.heads[0])
 best_l, best_k = best_static_cell(inp.heads[2], kmax)
 
 # the confidence threshold is tuned on TRAINING prompts the adapters were not distilled on (a short real-engine

@@ -19,9 +19,9 @@ from lede.io import atomic_write_text  # noqa: E402
 from lede.report import best_cells, exit_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
-_, train, _ = load_distill(inp.train)
-_, dev, _ = load_distill(inp.dev)
-_, evald, _ = load_distill(inp.eval)
+train_seqs, train, _ = load_distill(inp.train)
+dev_seqs, dev, _ = load_distill(inp.dev)
+eval_seqs, evald, _ = load_distill(inp.eval)
 costs = CostModel.load(inp.costs)
 lm = load_lm(p, device="cpu")
 layers = sorted(train.layers)
@@ -31,7 +31,7 @@ paths: dict[tuple[int, str], str] = {}
 vocab = None
 for path in inp.adapters:
     layer, design = Path(path).stem[1:].split("_")
-    a = load_adapter(path, lm.name, int(layer), lm.hidden_size)
+    a = load_adapter(path, lm.name, int(layer), lm.hidden_size, template=lm.model.model.layers[-1])
     vocab = a.vocab
     adapters.setdefault(design, {})[int(layer)] = a
     paths[(int(layer), design)] = path
@@ -42,8 +42,8 @@ if vocab is not None:
 heads.update({d + suffix: (a, vocab) for d, a in adapters.items()})
 
 rows = []
-for split, data in (("train", train), ("dev", dev), ("eval", evald)):
-    rows += exit_rows(lm, data, split, heads, layers, p.draft_lens, costs)
+for split, data, seqs in (("train", train, train_seqs), ("dev", dev, dev_seqs), ("eval", evald, eval_seqs)):
+    rows += exit_rows(lm, data, split, heads, layers, p.draft_lens, costs, sequences=seqs)
     logging.info("%s rows done", split)
 selected = select_heads(rows)
 cells = best_cells(rows, selected, p.top)

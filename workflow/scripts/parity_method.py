@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, load_lm, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, load_costs, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded
@@ -23,9 +23,7 @@ else:
     selected, costs_path, best_path = snakemake.input.heads  # noqa: F821
     best_l, best_k = best_static_cell(best_path, kmax)
     if method in ("best_static", "adaptive_k", "dynamic_exit"):
-        from lede.costs import CostModel
-
-        policy = baseline_policy(method, p, (best_l, best_k), CostModel.load(costs_path), kmax)
+        policy = baseline_policy(method, p, (best_l, best_k), load_costs(costs_path, selected), kmax)
     else:  # a LEDE policy: lede_<algo>_s<seed>
         from lede.rl import RLPolicy
 

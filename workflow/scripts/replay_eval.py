@@ -7,10 +7,9 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, decoder_from_selection, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, decoder_from_selection, load_costs, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.costs import CostModel  # noqa: E402
 from lede.distill import load_distill  # noqa: E402
 from lede.heuristics import ConfidenceThreshold  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
@@ -21,7 +20,7 @@ from lede.rl import RLPolicy  # noqa: E402
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 kmax = p.max_draft_len
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
-costs = CostModel.load(inp.heads[1])
+costs = load_costs(inp.heads[1], inp.heads[0])
 best = best_static_cell(inp.heads[2], kmax)
 seqs, data, meta = load_distill(inp.distill)
 if meta.get("split") != "eval":

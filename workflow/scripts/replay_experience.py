@@ -6,10 +6,9 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, decoder_from_selection, setup  # noqa: E402
+from _common import behaviour_policies, decoder_from_selection, load_costs, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.costs import CostModel  # noqa: E402
 from lede.distill import load_distill  # noqa: E402
 from lede.replay import ReplayDecoder, replay_tables  # noqa: E402
 from lede.rl import collect_experience  # noqa: E402
@@ -18,7 +17,7 @@ inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, rep = p.policy, p.policy["replay"]
 kmax = pol["max_draft_len"]
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
-costs = CostModel.load(inp.heads[1])
+costs = load_costs(inp.heads[1], inp.heads[0])
 space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
                                        confidence=False)
 logging.info("behaviour policies: %s", [b.name for b in behaviours])

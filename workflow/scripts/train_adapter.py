@@ -18,9 +18,10 @@ seqs, data, meta = load_distill(snakemake.input.data)  # noqa: F821
 lm = load_lm(p, device="cpu")  # training runs on CPU copies of norm + head
 vocab = top_vocab(seqs, p.vocab_size) if 0 < p.vocab_size < lm.config.vocab_size else None
 options = {"rank": p.rank} if design == "lowrank" else {}
-adapter, log = train_adapter(lm, data, layer, design, vocab=vocab, loss=p.loss, epochs=p.epochs, lr=p.lr,
-                             seed=p.seed, **options)
-agree = float(exit_agreement(lm, data, layer, adapter, vocab).float().mean())
+epochs, lr = (p.decoder["epochs"], p.decoder["lr"]) if design == "decoder" else (p.epochs, p.lr)
+adapter, log = train_adapter(lm, data, layer, design, vocab=vocab, loss=p.loss, epochs=epochs, lr=lr, seed=p.seed,
+                             sequences=seqs, batch_tokens=p.decoder["batch_tokens"], **options)
+agree = float(exit_agreement(lm, data, layer, adapter, vocab, sequences=seqs).float().mean())
 logging.info("layer %d %s: train agreement %.4f, losses %s, %.1f s", layer, design, agree, log.epoch_loss, log.seconds)
 save_adapter(snakemake.output[0], adapter, AdapterFile(  # noqa: F821
     model=p.model, layer=layer, hidden_size=lm.hidden_size, design=design, options=options,
