@@ -123,6 +123,8 @@ def test_decoder_adapter_trains_on_whole_sequences_and_loads_with_its_model(setu
     before = exit_agreement(lm, data, 1).float().mean()
     with pytest.raises(ValueError, match="whole sequences"):
         train_adapter(lm, data, layer=1, design="decoder", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="init='first'"):
+        train_adapter(lm, data, layer=1, design="decoder", sequences=seqs, init="first", progress=False)
     adapter, log = train_adapter(lm, data, layer=1, design="decoder", epochs=30, lr=3e-3, batch_tokens=64,
                                  sequences=seqs, progress=False)
     assert isinstance(adapter, ContextLayer) and log.epoch_loss[-1] < log.epoch_loss[0] / 2

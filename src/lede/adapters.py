@@ -71,10 +71,12 @@ def train_adapter(
     progress: bool = True,
     sequences: list[Sequence] | None = None,
     batch_tokens: int = 4096,
+    init: str = "next",
     **design_options,
 ) -> tuple[nn.Module, TrainLog]:
-    """Train one adapter; ``sequences`` (the DistillSet's) and ``batch_tokens`` (tokens per batch of whole
-    sequences) are for the ``decoder`` design, which needs whole contexts."""
+    """Train one adapter; ``sequences`` (the DistillSet's), ``batch_tokens`` (tokens per batch of whole
+    sequences) and ``init`` (which layer's weights it starts from: ``next``, the model's layer L, the one that
+    reads h_L; ``last``, the model's last layer as in Kangaroo) are for the ``decoder`` design."""
     import time
 
     if loss not in ("kl", "ce"):
@@ -82,7 +84,7 @@ def train_adapter(
     if epochs < 1:
         raise ValueError(f"epochs={epochs} must be >= 1")
     if design == "decoder":
-        return _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_tokens, seed, progress)
+        return _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_tokens, seed, progress, init)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     adapter = build_adapter(design, lm.hidden_size, **design_options).float()
@@ -201,8 +203,10 @@ def context_rows(lm: LoadedModel, context: ContextLayer, seq: Sequence, layer: i
     return context_forward(lm.model.model.rotary_emb, context, [states])[0, len(seq.prompt_ids) - 1 : -1]
 
 
-def _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_tokens, seed, progress):
-    """Train a ContextLayer (from the model's last layer) on whole sequences; the loss on continuation rows."""
+def _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_tokens, seed, progress, init):
+    """Train a ContextLayer (from the model's layer L or its last layer) on whole sequences; the loss on
+    continuation rows. Measured on 360 sequences, held-out agreement at L = 2: init ``next`` 0.243 (8 epochs),
+    ``last`` 0.231 (12 epochs; 0.225 at 6), the linear design 0.239; at L = 4: 0.244, 0.246, 0.258."""
     import copy
     import time
 
@@ -210,7 +214,10 @@ def _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_to
         raise ValueError("the 'decoder' design trains on whole sequences: pass sequences=<the DistillSet's>")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    context = build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1]).float().cpu()
+    if init not in ("next", "last"):
+        raise ValueError(f"init={init!r}: use 'next' (the model's layer L) or 'last' (its last layer)")
+    template = lm.model.model.layers[layer if init == "next" else -1]
+    context = build_adapter("decoder", lm.hidden_size, template=template).float().cpu()
     context.train().requires_grad_(True)
     norm, w = _norm(lm), _head_weight(lm, vocab)
     rotary = copy.deepcopy(lm.model.model.rotary_emb).cpu()  # training runs on CPU whatever the model's device

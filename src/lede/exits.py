@@ -8,8 +8,9 @@ Three adapter designs, of increasing cost per draft token:
 
 * ``linear``: h + W h (full rank, zero-initialised): a per-position map, ~D² multiply-adds;
 * ``lowrank``: h + B A h (rank r);
-* ``decoder`` (Kangaroo-style, :class:`ContextLayer`): one extra decoder layer, initialised from the model's
-  last layer, that *attends* over the layer-L states of the whole context through its own KV cache. It costs
+* ``decoder`` (Kangaroo-style, :class:`ContextLayer`): one extra decoder layer, initialised from one of the
+  model's layers (layer L, the one that reads h_L, by default; Kangaroo's last layer as an option), that
+  *attends* over the layer-L states of the whole context through its own KV cache. It costs
   about one layer per draft token (plus feeding it the verified positions, see ``lede.engine``), and it is
   the only design that can look back at the context (copying from the prompt, the running topic).
 Adapters are saved as one ``torch.save`` file with their metadata and are checked on load: an adapter
@@ -87,7 +88,8 @@ DESIGNS = ("linear", "lowrank", "decoder")
 
 
 def build_adapter(design: str, hidden_size: int, template: nn.Module | None = None, **options) -> nn.Module:
-    """A fresh adapter. ``template``: for ``decoder``, the decoder layer to copy (the model's last layer)."""
+    """A fresh adapter. ``template``: for ``decoder``, the decoder layer to copy (any of the model's layers:
+    training picks which, loading only needs the architecture)."""
     import copy
 
     if design == "linear":
@@ -98,7 +100,7 @@ def build_adapter(design: str, hidden_size: int, template: nn.Module | None = No
         if template is None:
             raise AdapterError("a 'decoder' adapter is built from a decoder layer of its model: pass "
                                "template=lm.model.model.layers[-1]")
-        # the last layer's weights, except its two output projections: zero, so that training starts from the
+        # the template's weights, except its two output projections: zero, so that training starts from the
         # plain head (the last layer applied as is to a shallow state is far worse: KL ~14 nats at L = 2)
         return ContextLayer(copy.deepcopy(template), zero_output=bool(options.get("zero_output", True)))
     raise AdapterError(f"unknown adapter design {design!r}: use one of {', '.join(DESIGNS)}")
