@@ -79,10 +79,9 @@ def test_measure_costs_times_every_context() -> None:
 
 
 def test_designs_are_timed_and_priced_per_selected_head(tmp_path) -> None:
-    """measure_costs times other adapter designs (a context adapter through its own cache); with_designs prices
-    each layer's draft by its selected design at every context, and the report's replay uses the same numbers."""
+    """measure_costs times other adapter designs (a context adapter through its own cache); with_heads prices
+    each layer's draft as its selected head at every context, with the numbers the report's replay uses."""
     from lede.exits import build_adapter, build_exit_heads
-    from lede.report import head_draft_ms
 
     lm = tiny("llama")
     ctx_heads = build_exit_heads(lm, {l: build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1])
@@ -92,9 +91,10 @@ def test_designs_are_timed_and_priced_per_selected_head(tmp_path) -> None:
     assert set(cm.draft_design_ms["decoder"]) == {1, 2} and set(cm.by_context[64].draft_design_ms["decoder"]) == {1, 2}
     cm.save(tmp_path / "c.json")
     cm = CostModel.load(tmp_path / "c.json")
-    sel = cm.with_designs({1: "decoder", 2: "plain"})
+    sel = cm.with_heads({1: "decoder_V48", 2: "plain"})
     for base, picked in ((cm, sel), (cm.by_context[64], sel.by_context[64])):
         assert picked.draft_ms == {1: base.draft_design_ms["decoder"][1], 2: base.draft_plain_ms[2]}
-    assert cm.with_designs({1: "linear"}).draft_ms == cm.draft_ms  # not measured separately: the configured heads
-    assert head_draft_ms(cm, "decoder_V48", 1) == cm.draft_design_ms["decoder"][1]
-    assert head_draft_ms(cm, "plain", 2) == cm.draft_plain_ms[2] and head_draft_ms(cm, "linear_V48", 2) == cm.draft_ms[2]
+    # not measured separately: the configured heads' cost (a reduced-vocabulary plain head is not the full one)
+    assert cm.with_heads({1: "linear_V48", 2: "plain_V48"}).draft_ms == cm.draft_ms
+    assert cm.head_draft_ms("decoder_V48", 1) == cm.draft_design_ms["decoder"][1]
+    assert cm.head_draft_ms("plain", 2) == cm.draft_plain_ms[2] and cm.head_draft_ms("linear_V48", 2) == cm.draft_ms[2]

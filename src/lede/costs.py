@@ -67,18 +67,23 @@ class CostModel:
                 best, best_d = cm, d
         return best
 
-    def with_designs(self, designs: dict[int, str]) -> "CostModel":
-        """The costs of a decoder whose exit head at layer L has adapter design ``designs[L]`` (e.g. the exit
-        report's selection): ``draft_ms[L]`` from ``draft_design_ms`` where it was measured (``plain``: the
-        full plain head's ``draft_plain_ms``), at every context. Others keep ``draft_ms``."""
+    def head_draft_ms(self, head: str, layer: int) -> float:
+        """The draft step at ``layer`` of the exit head named as the exit report names them (``plain``,
+        ``plain_V<size>``, ``<design>[_V<size>]``): ``plain`` (full vocabulary) has its own measurement, a design
+        timed separately (``draft_design_ms``) its own; anything else (``plain_V``, the configured design) the
+        configured heads' ``draft_ms``."""
+        if head == "plain":
+            return self.draft_plain_ms[layer]
+        return self.draft_design_ms.get(head.split("_V")[0], {}).get(layer, self.draft_ms[layer])
+
+    def with_heads(self, heads: dict[int, str]) -> "CostModel":
+        """The costs of a decoder with exit head ``heads[L]`` at layer L (the exit report's selection, by name):
+        ``draft_ms[L] = head_draft_ms(heads[L], L)`` at every context; other layers keep ``draft_ms``."""
         import copy
 
         out = copy.deepcopy(self)
         for cm in [out, *out.by_context.values()]:
-            for layer, design in designs.items():
-                measured = cm.draft_plain_ms if design == "plain" else cm.draft_design_ms.get(design, {})
-                if layer in measured:
-                    cm.draft_ms[layer] = measured[layer]
+            cm.draft_ms.update({layer: cm.head_draft_ms(head, layer) for layer, head in heads.items()})
         return out
 
     @property

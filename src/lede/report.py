@@ -76,15 +76,7 @@ def _replay_ms(rep, layer: int, k: int, costs: CostModel, head: str) -> float:
     short final round is charged a full verification: a small, conservative overestimate). Priced at the
     cost model's base context (aggregate counts carry no positions); ``lede.replay.replay_speed`` prices
     each round at its own context."""
-    return rep.drafted * head_draft_ms(costs, head, layer) + rep.rounds * costs.verify_ms[k + 1]
-
-
-def head_draft_ms(costs: CostModel, head: str, layer: int) -> float:
-    """The measured draft step of head ``<design>[_V<size>]`` at ``layer``: ``plain`` (full vocabulary) has its
-    own measurement, a design timed by the cost model its own; anything else (``plain_V``) the configured heads'."""
-    if head == "plain":
-        return costs.draft_plain_ms[layer]
-    return costs.draft_design_ms.get(head.split("_V")[0], {}).get(layer, costs.draft_ms[layer])
+    return rep.drafted * costs.head_draft_ms(head, layer) + rep.rounds * costs.verify_ms[k + 1]
 
 
 def select_heads(rows: list[ReportRow], split: str = "dev") -> dict[int, str]:

@@ -85,13 +85,13 @@ def decoder_from_selection(params, selected_path, max_draft_len):
 
 
 def load_costs(costs_path, selected_path):
-    """The measured cost model, each layer's draft priced by its selected head's design (exit report)."""
+    """The measured cost model, each layer's draft priced as its selected exit head (exit report)."""
     import json
 
     from lede.costs import CostModel
 
     heads = json.loads(Path(selected_path).read_text()).get("heads", {})
-    return CostModel.load(costs_path).with_designs({int(l): h.split("_V")[0] for l, h in heads.items()})
+    return CostModel.load(costs_path).with_heads({int(l): h for l, h in heads.items()})
 
 
 def best_static_cell(best_path, max_draft_len):
