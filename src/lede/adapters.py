@@ -91,9 +91,7 @@ def train_adapter(
     norm, w = _norm(lm), _head_weight(lm, vocab)
     h_all, final_all, target_all = data.hidden[layer].float(), data.final.float(), data.target
     if vocab is not None and loss == "ce":  # map greedy tokens into V; drop those outside it
-        pos = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
-        pos[vocab] = torch.arange(len(vocab))
-        target_all = pos[target_all]
+        target_all = _in_vocab(lm, vocab, target_all)
         keep = target_all >= 0
         h_all, final_all, target_all = h_all[keep], final_all[keep], target_all[keep]
     n = h_all.shape[0]
@@ -125,6 +123,13 @@ def train_adapter(
     bar.close()
     log.seconds = time.perf_counter() - t0
     return adapter.eval().requires_grad_(False), log
+
+
+def _in_vocab(lm: LoadedModel, vocab: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids -> their index in the draft vocabulary ``vocab``, -1 outside it."""
+    pos = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
+    pos[vocab] = torch.arange(len(vocab))
+    return pos[tokens]
 
 
 def _causal_mask(lengths: list[int], width: int, device) -> torch.Tensor:
@@ -162,36 +167,25 @@ def context_forward(rotary: nn.Module, context: ContextLayer, states: list[torch
     return context(h, attention_mask=mask, position_embeddings=_rope(rotary, h))
 
 
-def _rows_by_sequence(data: DistillSet, sequences: list[Sequence]) -> dict[int, tuple[int, int]]:
-    """Sequence index -> its rows [lo, hi) in ``data``; checks they belong to ``sequences``."""
-    bounds: dict[int, list[int]] = {}
-    for row, s in enumerate(data.seq.tolist()):
-        bounds.setdefault(s, [row, row])[1] = row + 1
-    for s, (lo, hi) in bounds.items():
-        if s >= len(sequences) or hi - lo != len(sequences[s].continuation):
-            raise ValueError(f"sequence {s}: the distillation data's rows do not belong to these sequences")
-    return {s: (lo, hi) for s, (lo, hi) in bounds.items()}
+@torch.no_grad()
+def adapted_rows(lm: LoadedModel, data: DistillSet, layer: int, context: ContextLayer,
+                 sequences: list[Sequence] | None) -> torch.Tensor:
+    """[P, D]: a context adapter's output at every row of ``data``, in the model's dtype, run over each whole
+    sequence of ``sequences`` teacher-forced (as the engine's cache would hold it)."""
+    if sequences is None:
+        raise ValueError("a 'decoder' (context) adapter reads whole sequences: pass the distillation sequences")
+    context = context.to(lm.device, lm.dtype)
+    return torch.cat([context_rows(lm, context, sequences[s], layer) for s in data.rows_by_sequence(sequences)])
 
 
 @torch.no_grad()
-def adapted_rows(lm: LoadedModel, data: DistillSet, layer: int, adapter: nn.Module | None,
-                 sequences: list[Sequence] | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """[P, D]: what the exit head's norm + LM head read at each row of ``data`` (or rows [lo, hi)), in the
-    model's dtype: the layer-L state, through the adapter. A context adapter needs the ``sequences`` (it
-    is run over each whole sequence, teacher-forced, as the engine's cache would hold it)."""
-    lo, hi = rows or (0, len(data))
-    if not isinstance(adapter, ContextLayer):
-        h = data.hidden[layer][lo:hi].to(lm.device, lm.dtype)
-        return adapter.to(lm.device, lm.dtype)(h) if adapter is not None else h
-    if sequences is None:
-        raise ValueError("a 'decoder' (context) adapter reads whole sequences: pass the distillation sequences")
-    context = adapter.to(lm.device, lm.dtype)
-    out = []
-    for s, (s_lo, s_hi) in _rows_by_sequence(data, sequences).items():
-        if s_hi <= lo or s_lo >= hi:
-            continue
-        out.append(context_rows(lm, context, sequences[s], layer)[max(lo - s_lo, 0) : hi - s_lo])
-    return torch.cat(out)
+def head_input(lm: LoadedModel, head, data: DistillSet, layer: int, seq: Sequence,
+               rows: tuple[int, int]) -> torch.Tensor:
+    """What exit head ``head`` (an ``ExitHead``) reads at ``data``'s rows [lo, hi), which are ``seq``'s: the
+    layer-L states, or its context adapter's output over the whole sequence."""
+    if head.context is not None:
+        return context_rows(lm, head.context, seq, layer)
+    return data.hidden[layer][rows[0] : rows[1]].to(lm.device, lm.dtype)
 
 
 @torch.no_grad()
@@ -221,15 +215,10 @@ def _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_to
     context.train().requires_grad_(True)
     norm, w = _norm(lm), _head_weight(lm, vocab)
     rotary = copy.deepcopy(lm.model.model.rotary_emb).cpu()  # training runs on CPU whatever the model's device
-    rows = _rows_by_sequence(data, sequences)
+    rows = data.rows_by_sequence(sequences)
     states = {s: layer_states(lm, sequences[s].prompt_ids + sequences[s].continuation, layer).float().cpu()
               for s in tqdm(rows, desc=f"layer {layer} states", disable=not progress, mininterval=10)}
-    if vocab is not None and loss == "ce":
-        pos = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
-        pos[vocab] = torch.arange(len(vocab))
-        target_all = pos[data.target]
-    else:
-        target_all = data.target
+    target_all = _in_vocab(lm, vocab, data.target) if vocab is not None and loss == "ce" else data.target
     # batches of whole sequences of similar length, about batch_tokens tokens (padded) each
     order = sorted(rows, key=lambda s: states[s].shape[0])
     batches, cur = [], []
@@ -249,7 +238,8 @@ def _train_context(lm, data, sequences, layer, vocab, loss, epochs, lr, batch_to
         for b in torch.randperm(len(batches), generator=gen).tolist():
             batch = batches[b]
             out = context_forward(rotary, context, [states[s] for s in batch])  # [B, T, D]
-            h = torch.cat([out[i, len(sequences[s].prompt_ids) - 1 : states[s].shape[0] - 1] for i, s in enumerate(batch)])
+            h = torch.cat([out[i, len(sequences[s].prompt_ids) - 1 : states[s].shape[0] - 1]  # continuation rows
+                           for i, s in enumerate(batch)])
             idx = torch.cat([torch.arange(*rows[s]) for s in batch])
             student = norm(h) @ w.T  # [rows, |V|]
             if loss == "kl":

@@ -9,8 +9,8 @@
 
 ``draft_ms[L]``: one token through layers [0, L) and layer L's exit head (adapter and reduced
 vocabulary included, as the decoder is configured; a context adapter's step attends over the context but
-excludes feeding it the verified positions, about one layer on the round's A + 1 tokens). ``verify_ms[T]``: T tokens through all layers and
-the full LM head (T = K + 1: the pending token and K drafts; T = 1 is a plain decoding step).
+excludes feeding it the verified positions, about one layer on the round's A + 1 tokens). ``verify_ms[T]``:
+T tokens through all layers and the full LM head (T = K + 1: the pending token and K drafts; T = 1 is a plain decoding step).
 Each is the median of ``repeats`` runs after warm-up, measured round-robin over all items so that
 drift of a shared machine spreads evenly, at a fixed context length (attention cost grows with it).
 
@@ -34,11 +34,12 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from lede.engine import Decoder
+from lede.engine import Decoder, KVCache
 
 
 @dataclass
@@ -113,7 +114,8 @@ class CostModel:
         blob["draft_ms"] = {int(k): v for k, v in blob["draft_ms"].items()}
         blob["verify_ms"] = {int(k): v for k, v in blob["verify_ms"].items()}
         blob["draft_plain_ms"] = {int(k): v for k, v in blob.get("draft_plain_ms", {}).items()}
-        blob["draft_design_ms"] = {d: {int(k): v for k, v in ms.items()} for d, ms in blob.get("draft_design_ms", {}).items()}
+        blob["draft_design_ms"] = {d: {int(k): v for k, v in ms.items()}
+                                   for d, ms in blob.get("draft_design_ms", {}).items()}
         blob["by_context"] = {int(k): cls.from_dict(v) for k, v in blob.get("by_context", {}).items()}
         return cls(**blob)
 
@@ -159,38 +161,34 @@ def measure_costs(
     vocab = decoder.lm.model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (max(contexts),), generator=gen).tolist()
+    alts = {d: Decoder(decoder.lm, exit_heads=heads, max_draft_len=decoder.max_draft_len)
+            for d, heads in (designs or {}).items()}  # a context adapter drafts through its decoder's cache
+
+    def filled(dec: Decoder, ctx: int) -> KVCache:
+        """A cache holding ctx tokens (a context adapter's backlog is consumed at its first, warm-up, draft)."""
+        cache = dec.new_cache(ctx + max_draft_len + 2)
+        dec._prefill(prefix[:ctx], cache)
+        return cache
+
+    def draft(dec, cache, ctx, layer, head=None):
+        dec._draft_step(7, layer, cache, head)
+        cache.crop(ctx)
+
+    def verify(cache, ctx, t):
+        decoder._verify([7] * t, None, cache)
+        cache.crop(ctx)
+
     items = []
     for ctx in contexts:
-        cache = decoder.new_cache(ctx + max_draft_len + 2)
-        states: dict[int, torch.Tensor] = {}
-        decoder._verify(prefix[:ctx], None, cache, states)  # fill the cache to the context length
-        for layer, c in cache.context.items():  # context adapters consume it at their first (warm-up) draft
-            c.backlog.append(states[layer])
-
-        def draft(layer, head=None, cache=cache, ctx=ctx):
-            decoder._draft_step(7, layer, cache, head)
-            cache.crop(ctx)
-
-        def verify(t, cache=cache, ctx=ctx):
-            decoder._verify([7] * t, None, cache)
-            cache.crop(ctx)
-
-        items += [((ctx, f"draft_{l}"), lambda l=l, f=draft: f(l)) for l in exit_layers]
-        for design, heads in (designs or {}).items():
-            alt = Decoder(decoder.lm, exit_heads=heads, max_draft_len=decoder.max_draft_len)
-            alt_cache = alt.new_cache(ctx + max_draft_len + 2)
-            alt_states: dict[int, torch.Tensor] = {}
-            alt._verify(prefix[:ctx], None, alt_cache, alt_states)
-            for layer, c in alt_cache.context.items():
-                c.backlog.append(alt_states[layer])
-
-            def alt_draft(layer, alt=alt, cache=alt_cache, ctx=ctx):
-                alt._draft_step(7, layer, cache)
-                cache.crop(ctx)
-
-            items += [((ctx, f"design_{design}_{l}"), lambda l=l, f=alt_draft: f(l)) for l in heads if l in exit_layers]
-        items += [((ctx, f"draftplain_{l}"), lambda l=l, f=draft: f(l, decoder.plain_head)) for l in exit_layers]
-        items += [((ctx, f"verify_{t}"), lambda t=t, f=verify: f(t)) for t in range(1, max_draft_len + 2)]
+        cache = filled(decoder, ctx)
+        items += [((ctx, f"draft_{l}"), partial(draft, decoder, cache, ctx, l)) for l in exit_layers]
+        for design, alt in alts.items():
+            alt_cache = filled(alt, ctx)
+            items += [((ctx, f"design_{design}_{l}"), partial(draft, alt, alt_cache, ctx, l))
+                      for l in alt.exit_heads if l in exit_layers]
+        items += [((ctx, f"draftplain_{l}"), partial(draft, decoder, cache, ctx, l, decoder.plain_head))
+                  for l in exit_layers]
+        items += [((ctx, f"verify_{t}"), partial(verify, cache, ctx, t)) for t in range(1, max_draft_len + 2)]
     times: dict[tuple[int, str], list[float]] = {key: [] for key, _ in items}
     sync = torch.cuda.synchronize if decoder.lm.device.type == "cuda" else (lambda: None)
     for rep in range(warmup + repeats):

@@ -51,6 +51,18 @@ class DistillSet:
     def __len__(self) -> int:
         return int(self.target.shape[0])
 
+    def rows_by_sequence(self, sequences: list[Sequence]) -> dict[int, tuple[int, int]]:
+        """Sequence index -> its rows [lo, hi), in order; checks that the rows belong to ``sequences``."""
+        bounds: dict[int, list[int]] = {}
+        for row, s in enumerate(self.seq.tolist()):
+            bounds.setdefault(s, [row, row])[1] = row + 1
+        for s, (lo, hi) in bounds.items():
+            n = len(sequences[s].continuation) if s < len(sequences) else None
+            if hi - lo != n:
+                raise ValueError(f"sequence {s}: {hi - lo} rows for {n} continuation tokens: "
+                                 "the distillation data does not belong to these sequences")
+        return {s: (lo, hi) for s, (lo, hi) in bounds.items()}
+
     def select(self, seq_ids: list[int]) -> "DistillSet":
         mask = torch.isin(self.seq, torch.tensor(seq_ids, dtype=torch.long))
         return DistillSet(self.layers, {l: h[mask] for l, h in self.hidden.items()}, self.final[mask],

@@ -253,14 +253,14 @@ class Decoder:
         """Run layers [start, end) on h [1, T, D], at positions cache.lengths[start] .. +T-1."""
         return self._run(self.layers[start:end], h, cache, cache.lengths[start])
 
-    def _context(self, layer: int, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Layer L's context adapter on h [1, T, D] (the next positions), consuming its backlog in the same pass
-        (one call instead of two: the backlog is often one token, the last round's bonus)."""
-        ctx, t = cache.context[layer], h.shape[1]
+    def _context(self, context: nn.Module, ctx: ContextCache, h: torch.Tensor) -> torch.Tensor:
+        """A context adapter on h [1, T, D] (the next positions), consuming its backlog in the same pass (one
+        call instead of two: the backlog is often one token, the last round's bonus)."""
+        t = h.shape[1]
         if ctx.backlog:
             h = torch.cat([*ctx.backlog, h], dim=1)  # [1, backlog + T, D]
             ctx.backlog.clear()
-        return self._run([self.head(layer).context], h, ctx.kv, ctx.kv.lengths[0])[:, -t:]
+        return self._run([context], h, ctx.kv, ctx.kv.lengths[0])[:, -t:]
 
     def _draft_step(self, token: int, layer: int, cache: KVCache, head: ExitHead | None = None) -> torch.Tensor:
         """One token through layers [0, L) (and L's context adapter, if any) and the exit head -> draft logits [V]."""
@@ -268,7 +268,7 @@ class Decoder:
         h = self.embed(torch.tensor([[token]], device=self._device))
         h = self._layers(h, 0, layer, cache)
         if head.context is not None:
-            h = self._context(layer, h, cache)
+            h = self._context(head.context, cache.context[layer], h)
         return head(h[0, -1])
 
     def _all_layers(self, h: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -278,6 +278,14 @@ class Decoder:
             h = self._layers(h, at, layer, cache)
             states[layer], at = h, layer
         return self._layers(h, at, self.n_layers, cache), states
+
+    def _prefill(self, prompt_ids: list[int], cache: KVCache) -> torch.Tensor:
+        """The prompt through all N layers into an empty ``cache`` -> final hidden states [1, T, D]; every context
+        adapter gets the prompt's layer-L states as its backlog."""
+        h, states = self._all_layers(self.embed(torch.tensor([prompt_ids], device=self._device)), cache)
+        for layer, ctx in cache.context.items():
+            ctx.backlog.append(states[layer])
+        return h
 
     def _verify(self, tokens: list[int], exit_layer: int | None, cache: KVCache,
                 states: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -336,9 +344,7 @@ class Decoder:
         policy.reset()
 
         t0 = time.perf_counter()
-        h, states = self._all_layers(self.embed(torch.tensor([prompt_ids], device=self._device)), cache)
-        for layer, ctx in cache.context.items():
-            ctx.backlog.append(states[layer])
+        h = self._prefill(prompt_ids, cache)
         first_logits = self.lm_head(self.norm(h[0, -1]))
         first = self._pick(first_logits, sampling, gen)
         state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids))
@@ -370,9 +376,10 @@ class Decoder:
     def _round(self, state: DecodeState, policy: Policy, cache: KVCache, sampling: Sampling, gen) -> list[int]:
         """One draft→verify round; returns the emitted tokens (accepted drafts + one from the full model)."""
         start = state.position - 1  # the cache holds prompt + tokens[:-1]; tokens[-1] is pending
+        # cheap, always on: a broken cache is silent garbage
         if any(n != start for n in cache.lengths) or any(c.settled != start for c in cache.context.values()):
-            raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, context adapters "  # cheap, always
-                               f"{ {l: c.settled for l, c in cache.context.items()} }, expected {start} each")  # on
+            raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, context adapters "
+                               f"{ {l: c.settled for l, c in cache.context.items()} }, expected {start} each")
         budget = state.max_new_tokens - len(state.tokens)  # tokens we may still emit
         t = time.perf_counter()
         layer = policy.choose_exit(state)

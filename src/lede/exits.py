@@ -65,9 +65,9 @@ class ContextLayer(nn.Module):
     attending to every earlier position's layer-L state through its own one-layer KV cache (cache layer 0).
 
     Called like a decoder layer (``h [B, T, D]``, ``attention_mask``, ``position_embeddings``, ``cache``) ->
-    [B, T, D]; the decoder owns the cache and the positions. Unlike the per-position designs it needs the whole context, so the
-    training data, the agreement report and the replay tables compute it over full sequences
-    (``lede.adapters.adapted_rows``).
+    [B, T, D]; the decoder owns the cache and the positions. Unlike the per-position designs it needs the whole
+    context, so the training data, the agreement report, the replay tables and the oracle compute it over full
+    sequences (``lede.adapters.context_rows``).
     """
 
     def __init__(self, layer: nn.Module, zero_output: bool = False):
@@ -172,7 +172,7 @@ class ExitHead(nn.Module):
     Verification always uses the full head.
 
     A :class:`ContextLayer` adapter is kept as ``context``, not applied by ``forward``: it needs a KV cache
-    and positions, which the caller owns (the engine's draft step; ``lede.adapters.adapted_rows``), so
+    and positions, which the caller owns (the engine's draft step; ``lede.adapters.head_input``), so
     ``forward`` takes the context layer's output.
     """
 

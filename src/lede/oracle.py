@@ -47,17 +47,15 @@ def oracle_runs(lm, heads: dict, prompt_ids: list[int], continuation: list[int],
     """Accepted run lengths per exit layer along a greedy continuation (exit heads as the engine drafts)."""
     import torch
 
-    from lede.adapters import adapted_rows
+    from lede.adapters import head_input
     from lede.distill import Sequence, accepted_runs, collect
 
-    seqs = [Sequence(prompt_ids, continuation)]
-    data = collect(lm, seqs, layers, progress=False, store_dtype=lm.dtype)
+    seq = Sequence(prompt_ids, continuation)
+    data = collect(lm, [seq], layers, progress=False, store_dtype=lm.dtype)
     out = {}
     with torch.no_grad():
         for layer in layers:
-            head = heads[layer]  # a context adapter reads the whole sequence; the others each row
-            logits = head(adapted_rows(lm, data, layer, head.context, seqs) if head.context is not None
-                          else data.hidden[layer].to(lm.device))
+            logits = heads[layer](head_input(lm, heads[layer], data, layer, seq, (0, len(data))))
             agree = logits.argmax(-1).cpu() == data.target
             out[layer] = accepted_runs(agree, data.seq, max_k=10**6).tolist()
     return out

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lede.adapters import context_rows
+from lede.adapters import head_input
 from lede.costs import CostModel, round_costs
 from lede.distill import DistillSet, Sequence, accepted_runs
 from lede.oracle import Oracle
@@ -95,21 +95,14 @@ def replay_tables(lm, heads: dict, sequences: list[Sequence], data: DistillSet,
         raise ValueError(f"the distillation data has no hidden states for exit layers {missing} "
                          f"(it has {data.layers}): recollect it with these layers")
     norm, lm_head, dev, dt = lm.model.model.norm, lm.model.lm_head, lm.device, lm.dtype
-    seq = data.seq.tolist()
-    bounds: dict[int, list[int]] = {}
-    for row, s in enumerate(seq):
-        bounds.setdefault(s, [row, row])[1] = row + 1
     tables = {}
+    bounds = data.rows_by_sequence(sequences)
     for s_idx, (lo, hi) in tqdm(bounds.items(), desc="replay tables", disable=not progress, mininterval=10):
         s = sequences[s_idx]
-        if hi - lo != len(s.continuation):
-            raise ValueError(f"sequence {s_idx}: {hi - lo} rows for {len(s.continuation)} continuation tokens: "
-                             "the distillation data does not belong to these sequences")
         _, verify = _confidences(lm_head(norm(data.final[lo:hi].to(dev, dt))))
         table = SequenceTable(list(s.prompt_ids), list(s.continuation), verify, {}, {})
         for layer, head in heads.items():
-            h = (context_rows(lm, head.context, s, layer) if getattr(head, "context", None) is not None
-                 else data.hidden[layer][lo:hi].to(dev, dt))  # a context adapter reads the whole sequence
+            h = head_input(lm, head, data, layer, s, (lo, hi))
             table.draft_token[layer], table.draft[layer] = _confidences(head(h))
         tables[tuple(s.prompt_ids)] = table
     return tables
