@@ -84,6 +84,15 @@ def decoder_from_selection(params, selected_path, max_draft_len):
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
 
+def adapter_files(paths):
+    """{(layer, design): path} of the train_adapter rule's outputs (``.../L{layer}_{design}.pt``)."""
+    out = {}
+    for path in paths:
+        layer, design = Path(path).stem[1:].split("_")
+        out[int(layer), design] = path
+    return out
+
+
 def load_costs(costs_path, selected_path):
     """The measured cost model, each layer's draft priced as its selected exit head (exit report)."""
     import json

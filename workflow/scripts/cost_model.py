@@ -5,7 +5,7 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from _common import adapter_files, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.costs import measure_costs  # noqa: E402
@@ -13,8 +13,8 @@ from lede.engine import Decoder  # noqa: E402
 from lede.exits import build_exit_heads, load_adapter  # noqa: E402
 
 lm = load_lm(p)
-paths = iter(snakemake.input.adapters)  # noqa: F821  (design-major, as the rule expands them)
-adapters = {d: {l: load_adapter(next(paths), lm.name, l, lm.hidden_size, template=lm.model.model.layers[-1])
+files = adapter_files(snakemake.input.adapters)  # noqa: F821
+adapters = {d: {l: load_adapter(files[l, d], lm.name, l, lm.hidden_size, template=lm.model.model.layers[-1])
                 for l in p.layers} for d in p.designs}
 vocab = next(iter(adapters[p.designs[0]].values())).vocab
 dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters[p.designs[0]], vocab), max_draft_len=p.max_draft_len)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from _common import adapter_files, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.costs import CostModel  # noqa: E402
@@ -29,12 +29,11 @@ layers = sorted(train.layers)
 adapters: dict[str, dict] = {}
 paths: dict[tuple[int, str], str] = {}
 vocab = None
-for path in inp.adapters:
-    layer, design = Path(path).stem[1:].split("_")
-    a = load_adapter(path, lm.name, int(layer), lm.hidden_size, template=lm.model.model.layers[-1])
+for (layer, design), path in adapter_files(inp.adapters).items():
+    a = load_adapter(path, lm.name, layer, lm.hidden_size, template=lm.model.model.layers[-1])
     vocab = a.vocab
-    adapters.setdefault(design, {})[int(layer)] = a
-    paths[(int(layer), design)] = path
+    adapters.setdefault(design, {})[layer] = a
+    paths[(layer, design)] = path
 suffix = f"_V{len(vocab)}" if vocab is not None else ""
 heads = {"plain": (None, None)}
 if vocab is not None:
