@@ -45,21 +45,21 @@ def test_static_configurations_are_exact_and_sometimes_accept(model_type):
     assert accepted > 0 and rejected > 0
 
 
-schedules = st.lists(
-    st.tuples(st.one_of(st.none(), st.integers(1, 5)), st.integers(1, 9)), min_size=1, max_size=12
+schedules = st.lists(  # exit layer 1..5, LOOKUP (0) or a plain step
+    st.tuples(st.one_of(st.none(), st.integers(0, 5)), st.integers(1, 9)), min_size=1, max_size=12
 )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     model_type=st.sampled_from(MODEL_TYPES),
-    prompt=st.lists(st.integers(0, 95), min_size=1, max_size=24),
+    prompt=st.lists(st.integers(0, 95), min_size=1, max_size=24) | st.lists(st.integers(0, 5), min_size=1, max_size=24),
     schedule=schedules,
     max_new=st.integers(1, 40),
 )
 def test_any_schedule_is_exact(model_type, prompt, schedule, max_new):
-    """Any sequence of exit layers and draft lengths gives plain greedy's tokens. The engine checks the
-    cache invariant (every layer holds prompt + tokens[:-1]) at the start of every round."""
+    """Any sequence of exit layers (prompt lookup among them) and draft lengths gives plain greedy's tokens. The
+    engine checks the cache invariant (every layer holds prompt + tokens[:-1]) at the start of every round."""
     lm = tiny(model_type)
     dec = Decoder(lm, max_draft_len=8)
     ref = dec.generate(prompt, Autoregressive(), max_new_tokens=max_new)
@@ -160,9 +160,9 @@ def test_eos_stops_generation():
         assert out.token_ids == ref[: first + 1]
 
 
-@pytest.mark.parametrize("layer", [0, -1, 6, 7])
+@pytest.mark.parametrize("layer", [-1, 6, 7])
 def test_exit_layer_out_of_range(layer):
-    lm = tiny("llama")  # 6 layers: valid exits are 1..5
+    lm = tiny("llama")  # 6 layers: valid exits are 1..5 (and 0, LOOKUP)
     with pytest.raises(ValueError, match=r"exit layer .* outside 1\.\.5"):
         Decoder(lm).generate([1, 2], Scripted([(layer, 2)]), max_new_tokens=5)
 
@@ -172,8 +172,10 @@ def test_bad_arguments():
     dec = Decoder(lm)
     with pytest.raises(ValueError, match="draft_len=0"):
         Static(2, 0)
-    with pytest.raises(ValueError, match="exit_layer=0"):
-        Static(0, 2)
+    with pytest.raises(ValueError, match="exit_layer=-1"):
+        Static(-1, 2)
+    with pytest.raises(ValueError, match="exit layer 0"):
+        Decoder(lm, exit_heads={0: dec.plain_head})
     with pytest.raises(ValueError, match="empty prompt"):
         dec.generate([], Autoregressive())
     with pytest.raises(ValueError, match="max_new_tokens=0"):

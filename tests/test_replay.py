@@ -14,22 +14,24 @@ from lede.exits import build_adapter, build_exit_heads
 from lede.features import ActionSpace, decision_rewards
 from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
 from lede.oracle import Oracle, oracle_runs
+from lede.policy import LOOKUP
 from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables
 from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
 
 LAYERS = (1, 3, 5)
-SPACE = ActionSpace(LAYERS, 6)
+DRAFTERS = (LOOKUP, *LAYERS)  # the policies' candidates: prompt lookup and the exit layers
+SPACE = ActionSpace(DRAFTERS, 6)
 PROMPTS = [("p0", "a", [5, 17, 33, 2, 9]), ("p1", "b", [40, 41, 42, 43]), ("p2", "a", [7, 7, 7, 90, 3]),
            ("p3", "b", [1])]
 COSTS = CostModel(model="tiny-llama-s0", dtype="float32", device="cpu", threads=1, context_len=8,
-                  draft_ms={l: 0.1 * l for l in LAYERS}, verify_ms={t: 1.0 + 0.05 * (t - 1) for t in range(1, 8)},
-                  draft_plain_ms={l: 0.1 * l for l in LAYERS})
+                  draft_ms={l: 0.1 * l + 0.01 for l in DRAFTERS}, verify_ms={t: 1.0 + 0.05 * (t - 1) for t in range(1, 8)},
+                  draft_plain_ms={l: 0.1 * l + 0.01 for l in DRAFTERS})
 
 
 def behaviours():
     """Policies whose decisions do not read the draft's confidence: their replayed episodes are exact."""
-    return ([Static(l, k) for l in LAYERS for k in (1, 2, 5)]
-            + [RandomSchedule(list(LAYERS), 6, seed=s, p_plain=0.2) for s in range(3)]
+    return ([Static(l, k) for l in DRAFTERS for k in (1, 2, 5)]
+            + [RandomSchedule(list(DRAFTERS), 6, seed=s, p_plain=0.2) for s in range(3)]
             + [EpsilonPerturbed(AdaptiveDraftLength(3, initial=2, max_len=6), SPACE, 0.3, seed=1),
                EpsilonPerturbed(DynamicExit(LAYERS, COSTS, 6), SPACE, 0.3, seed=2), Autoregressive()])
 
@@ -64,6 +66,7 @@ def setup(request):
 def test_replayed_episodes_equal_the_engines(setup, budget):
     lm, dec, seqs, replay = setup
     drafted = accepted = approx = 0
+    copied = {True: 0, False: 0}  # lookup drafts accepted / rejected
     for s in seqs:
         for policy in behaviours():
             rec_e, rec_r = Recorder(policy, SPACE), Recorder(policy, SPACE)
@@ -82,11 +85,54 @@ def test_replayed_episodes_equal_the_engines(setup, budget):
             assert len(rep.approx) == len(rec_r.obs)
             if rec_e.obs:
                 np.testing.assert_allclose(np.asarray(rec_r.obs)[exact], np.asarray(rec_e.obs)[exact], atol=1e-5)
+            for r in eng.rounds:
+                if r.exit_layer == LOOKUP:
+                    copied[True] += r.accepted
+                    copied[False] += r.drafted - r.accepted
             drafted += sum(r.drafted for r in eng.rounds)
             accepted += sum(r.accepted for r in eng.rounds)
             approx += sum(rep.approx)
     if budget > 2:  # both outcomes occur, so the comparison means something
         assert 0 < accepted < drafted and approx > 0
+    if budget == 40:
+        assert copied[False] > 0  # lookup rounds happen (a random 96-token model rarely repeats: see the next test)
+
+
+def test_lookup_drafts_replay_exactly_and_the_oracle_takes_them():
+    """On a model with a small vocabulary (its greedy output repeats itself, so prompt lookup is sometimes right):
+    lookup rounds replay as the engine runs them, accepted and rejected drafts both occur, and the oracle's
+    lookup run lengths are the engine's."""
+    from lede.testing import tiny_model
+
+    lm = tiny_model("llama", vocab_size=12)
+    dec = Decoder(lm, max_draft_len=6)
+    seqs = [Sequence(ids, dec.generate(ids, Autoregressive(), max_new_tokens=40).token_ids, "a", str(i))
+            for i, ids in enumerate([[5, 1, 3, 2, 0], [4, 1, 4, 3], [7, 7, 7, 2, 3], [1]])]
+    data = collect(lm, seqs, list(LAYERS), progress=False, store_dtype=lm.dtype)
+    replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in LAYERS}, seqs, data, progress=False), 6)
+    outcome, took = [0, 0], 0
+    for s in seqs:
+        for policy in [Static(LOOKUP, 1), Static(LOOKUP, 5), RandomSchedule(list(DRAFTERS), 6, seed=3, p_plain=0.1)]:
+            eng = dec.generate(s.prompt_ids, policy, max_new_tokens=len(s.continuation))
+            rep = replay.generate(s.prompt_ids, policy, max_new_tokens=len(s.continuation))
+            assert eng.token_ids == rep.token_ids == s.continuation
+            assert [(r.exit_layer, r.drafted, r.accepted) for r in rep.rounds] == \
+                [(r.exit_layer, r.drafted, r.accepted) for r in eng.rounds]
+            if isinstance(policy, Static):  # lookup drafts do not depend on earlier drafts: nothing approximate
+                assert not any(rep.approx)
+            for r in eng.rounds:
+                if r.exit_layer == LOOKUP:
+                    outcome[0] += r.accepted
+                    outcome[1] += r.drafted - r.accepted
+        runs = oracle_runs(lm, {l: dec.head(l) for l in LAYERS}, s.prompt_ids, s.continuation, list(DRAFTERS))
+        oracle = ReplayOracle(replay.tables, COSTS, 6, lookup=True)
+        eng = dec.generate(s.prompt_ids, Oracle(runs, COSTS, 6), max_new_tokens=len(s.continuation))
+        rep = replay.generate(s.prompt_ids, oracle, max_new_tokens=len(s.continuation))
+        assert [(r.exit_layer, r.drafted, r.accepted) for r in rep.rounds] == \
+            [(r.exit_layer, r.drafted, r.accepted) for r in eng.rounds]
+        assert all(r.accepted == r.drafted for r in eng.rounds if r.exit_layer == LOOKUP)  # hindsight: no waste
+        took += sum(r.exit_layer == LOOKUP for r in eng.rounds)
+    assert outcome[0] > 0 and outcome[1] > 0 and took > 0
 
 
 def test_collect_experience_from_replay_matches_the_engine(setup):
@@ -126,7 +172,8 @@ def test_replayed_speed_is_the_engines_rounds_timed_by_the_cost_model(setup):
     prompts = [s.prompt_ids for s in seqs]
     plain = replay_speed(replay, prompts, Autoregressive(), COSTS, max_new_tokens=30)
     assert plain.speedups == [1.0] * len(seqs) and plain.drafted == 0 and plain.tokens == plain.rounds
-    for policy in [Static(3, 2), Static(1, 5), EpsilonPerturbed(DynamicExit(LAYERS, COSTS, 6), SPACE, 0.3, seed=2)]:
+    for policy in [Static(3, 2), Static(1, 5), Static(LOOKUP, 4),
+                   EpsilonPerturbed(DynamicExit(LAYERS, COSTS, 6), SPACE, 0.3, seed=2)]:
         speed = replay_speed(replay, prompts, policy, COSTS, max_new_tokens=30)
         expected, tokens = [], 0
         for s in seqs:  # the same number from the engine's own rounds
@@ -145,15 +192,15 @@ def test_replayed_speed_is_the_engines_rounds_timed_by_the_cost_model(setup):
     assert (combined.tokens, combined.rounds, combined.drafted, combined.decisions) == \
         (whole.tokens, whole.rounds, whole.drafted, whole.decisions)
     # the oracle from the replay tables makes the engine oracle's rounds, and no static cell is cheaper
-    oracle = ReplayOracle(replay.tables, COSTS, 6)
+    oracle = ReplayOracle(replay.tables, COSTS, 6, lookup=True)
     for s in seqs:
-        runs = oracle_runs(lm, {l: dec.head(l) for l in LAYERS}, s.prompt_ids, s.continuation, list(LAYERS))
+        runs = oracle_runs(lm, {l: dec.head(l) for l in LAYERS}, s.prompt_ids, s.continuation, list(DRAFTERS))
         eng = dec.generate(s.prompt_ids, Oracle(runs, COSTS, 6), max_new_tokens=len(s.continuation))
         rep = replay.generate(s.prompt_ids, oracle, max_new_tokens=len(s.continuation))
         assert [(r.exit_layer, r.drafted, r.accepted) for r in rep.rounds] == \
             [(r.exit_layer, r.drafted, r.accepted) for r in eng.rounds]
     best = replay_speed(replay, prompts, oracle, COSTS, max_new_tokens=40)
-    for policy in [Static(l, k) for l in LAYERS for k in (1, 2, 5)]:
+    for policy in [Static(l, k) for l in DRAFTERS for k in (1, 2, 5)]:
         assert best.aggregate >= replay_speed(replay, prompts, policy, COSTS, max_new_tokens=40).aggregate - 1e-9
 
 

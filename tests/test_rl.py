@@ -79,8 +79,10 @@ def test_copy_feature_fires_on_repetition():
     st = DecodeState(6, 4, 20, tokens=[1, 2], prompt_ids=[1, 2, 3, 4])
     f = tr.features(st, True)
     assert f[names.index("copy_bigram")] == 1.0  # "1 2" occurred in the prompt
+    assert f[names.index("lookup_len")] == pytest.approx(4 / SPACE.max_draft_len)  # a lookup would propose 3 4 1 2
     st.tokens.append(9)
-    assert tr.features(st, True)[names.index("copy_bigram")] == 0.0
+    f = tr.features(st, True)
+    assert f[names.index("copy_bigram")] == 0.0 and f[names.index("lookup_len")] == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 from conftest import tiny
 from lede import Autoregressive, Decoder, Sampling, Static
 from lede.engine import Decoder as _D
+from lede.policy import LOOKUP
 
 ALPHA = 1e-3
 
@@ -68,20 +69,21 @@ def test_acceptance_rule_matches_target_distribution(rule):
         assert pv < ALPHA, f"test too weak to catch the wrong rule (p={pv:.2e})"
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
-def test_engine_sampling_is_lossless(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,drafter", [(1.0, 1.0, 1), (0.7, 0.8, 1), (1.0, 1.0, LOOKUP)])
+def test_engine_sampling_is_lossless(temperature, top_p, drafter):
     """Tiny model, vocab 12: the 2nd and 3rd generated tokens come from one draft→verify round
-    (Static(1, 3), exit after layer 1 of 3: drafts are often rejected). Their marginals must equal the
-    full model's, computed exactly by enumerating the earlier tokens."""
+    (Static(1, 3), exit after layer 1 of 3: drafts are often rejected; or prompt lookup, whose draft
+    distribution is a point mass, over a prompt holding every token so that each first token has a match).
+    Their marginals must equal the full model's, computed exactly by enumerating the earlier tokens."""
     lm = tiny("llama", num_layers=3, vocab_size=12, seed=3)
-    dec = Decoder(lm)
-    prompt = [1, 5, 7]
+    dec = Decoder(lm, lookup_ngram=(1, 3))
+    prompt = [1, 5, 7] if drafter else [1, 5, 7, *range(12)]
     s = Sampling(temperature=temperature, top_p=top_p)
     v, n = 12, 3000
     counts2, counts3 = np.zeros(v), np.zeros(v)
     rejected = 0
     for seed in range(n):
-        out = dec.generate(prompt, Static(1, 3), max_new_tokens=3,
+        out = dec.generate(prompt, Static(drafter, 3), max_new_tokens=3,
                            sampling=Sampling(temperature, top_p, seed=seed), stop_at_eos=False)
         counts2[out.token_ids[1]] += 1
         counts3[out.token_ids[2]] += 1

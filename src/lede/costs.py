@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 from lede.engine import Decoder, KVCache
+from lede.lookup import NgramIndex
+from lede.policy import LOOKUP
 
 
 @dataclass
@@ -149,7 +151,8 @@ def measure_costs(
     ``designs``: {design: {layer: ExitHead}}, more exit heads to time (``draft_design_ms``); a context
     adapter's head needs its own cache, so it is timed through a decoder that drafts with it."""
     for layer in exit_layers:
-        decoder._check_exit(layer)
+        if layer != LOOKUP:
+            decoder._check_exit(layer)
     if max_draft_len < 1:
         raise ValueError(f"max_draft_len={max_draft_len} must be >= 1")
     contexts = [context_len] + [int(c) for c in long_contexts if int(c) != context_len]
@@ -174,6 +177,10 @@ def measure_costs(
         dec._draft_step(7, layer, cache, head)
         cache.crop(ctx)
 
+    def lookup(index: NgramIndex):  # a lookup draft: the round's match in the indexed context (charged per drafted token)
+        index._cached = None
+        index.candidates(max_draft_len)
+
     def verify(cache, ctx, t):
         decoder._verify([7] * t, None, cache)
         cache.crop(ctx)
@@ -181,13 +188,14 @@ def measure_costs(
     items = []
     for ctx in contexts:
         cache = filled(decoder, ctx)
-        items += [((ctx, f"draft_{l}"), partial(draft, decoder, cache, ctx, l)) for l in exit_layers]
+        items += [((ctx, f"draft_{l}"), partial(lookup, NgramIndex(*decoder.lookup_ngram).sync(prefix[:ctx], [])) if l == LOOKUP else partial(draft, decoder, cache, ctx, l))
+                  for l in exit_layers]
         for design, alt in alts.items():
             alt_cache = filled(alt, ctx)
             items += [((ctx, f"design_{design}_{l}"), partial(draft, alt, alt_cache, ctx, l))
                       for l in alt.exit_heads if l in exit_layers]
         items += [((ctx, f"draftplain_{l}"), partial(draft, decoder, cache, ctx, l, decoder.plain_head))
-                  for l in exit_layers]
+                  for l in exit_layers if l != LOOKUP]
         items += [((ctx, f"verify_{t}"), partial(verify, cache, ctx, t)) for t in range(1, max_draft_len + 2)]
     times: dict[tuple[int, str], list[float]] = {key: [] for key, _ in items}
     sync = torch.cuda.synchronize if decoder.lm.device.type == "cuda" else (lambda: None)
@@ -213,7 +221,7 @@ def measure_costs(
             threads=torch.get_num_threads(), context_len=ctx,
             draft_ms={l: med(times[ctx, f"draft_{l}"]) for l in exit_layers},
             verify_ms={t: med(times[ctx, f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
-            draft_plain_ms={l: med(times[ctx, f"draftplain_{l}"]) for l in exit_layers},
+            draft_plain_ms={l: med(times[ctx, f"draftplain_{l}" if l != LOOKUP else f"draft_{l}"]) for l in exit_layers},
             draft_design_ms={d: {l: med(times[ctx, f"design_{d}_{l}"]) for l in heads if l in exit_layers}
                              for d, heads in (designs or {}).items()},
             spread={name: spread(xs) for (c, name), xs in times.items() if c == ctx},

@@ -9,9 +9,10 @@
 
 One round (the whole algorithm; ``Decoder._round``):
 
-1. the policy picks an exit layer L (or None: a plain step, K = 0);
+1. the policy picks an exit layer L (or None: a plain step, K = 0; or LOOKUP: copy, see 2);
 2. **draft**: feed the pending token x0 through layers [0, L) and the exit head, pick d1; feed d1, pick
-   d2; ... while the policy says "keep drafting" (K tokens d1..dK);
+   d2; ... while the policy says "keep drafting" (K tokens d1..dK). At LOOKUP the drafts are the prompt-lookup
+   candidates (``lede.lookup``; no layer runs, the draft distribution is a point mass on each);
 3. **verify**: crop layers [0, L) back to the round's start and run [x0, d1..dK] (K+1 tokens) through
    all N layers in one pass -> full-model logits p_0..p_K (p_i predicts the token after position i);
 4. **accept** (greedy): a = length of the longest prefix with d_i == argmax p_{i-1}; emit d1..da and
@@ -49,7 +50,8 @@ from torch import nn
 
 from lede.exits import ExitHead
 from lede.model import LoadedModel
-from lede.policy import Confidence, DecodeState, Policy, RoundRecord
+from lede.lookup import NgramIndex
+from lede.policy import LOOKUP, Confidence, DecodeState, Policy, RoundRecord
 
 
 class _StopStrings:
@@ -204,8 +206,10 @@ class Decoder:
     without an entry use the plain head (final norm + LM head, no adapter), over the model's draft
     vocabulary when it has one (an early-exit variant's exits were trained on it)."""
 
-    def __init__(self, lm: LoadedModel, exit_heads: dict[int, ExitHead] | None = None, max_draft_len: int = 16):
+    def __init__(self, lm: LoadedModel, exit_heads: dict[int, ExitHead] | None = None, max_draft_len: int = 16,
+                 lookup_ngram: tuple[int, int] = (2, 3)):
         self.lm = lm
+        self.lookup_ngram = lookup_ngram  # (min, max) n-gram sizes of the LOOKUP drafter
         inner = lm.model.model
         self.embed: nn.Module = inner.embed_tokens
         self.layers: nn.ModuleList = inner.layers
@@ -347,7 +351,8 @@ class Decoder:
         h = self._prefill(prompt_ids, cache)
         first_logits = self.lm_head(self.norm(h[0, -1]))
         first = self._pick(first_logits, sampling, gen)
-        state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids))
+        state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids),
+                            lookup=NgramIndex(*self.lookup_ngram))
         state.last_verify = Confidence(first_logits)
         prefill_s = time.perf_counter() - t0
 
@@ -383,26 +388,37 @@ class Decoder:
         budget = state.max_new_tokens - len(state.tokens)  # tokens we may still emit
         t = time.perf_counter()
         layer = policy.choose_exit(state)
-        policy_s, draft_s = time.perf_counter() - t, 0.0
-        if layer is not None:
+        t2 = time.perf_counter()
+        copied = state.lookup_candidates(self.max_draft_len) if layer == LOOKUP else None  # [<= Kmax] token ids
+        policy_s, draft_s = t2 - t, time.perf_counter() - t2
+        if layer is not None and copied is None:
             self._check_exit(layer)
         state.exit_layer, state.drafted, state.draft, state.draft_tokens = layer, 0, None, []
 
         drafts: list[int] = []
         q_rows: list[torch.Tensor] = []  # draft distributions, for the sampling acceptance rule
         x = state.tokens[-1]
-        support = getattr(self.head(layer), "vocab", None) if layer is not None else None  # reduced draft vocabulary
+        support = getattr(self.head(layer), "vocab", None) if layer else None  # reduced draft vocabulary
         while layer is not None and len(drafts) < min(self.max_draft_len, budget - 1):
             t = time.perf_counter()
-            logits = self._draft_step(x, layer, cache)  # [V]
-            if sampling.greedy:
-                x = int(logits.argmax())
+            if copied is not None:  # a lookup draft: the next candidate, q = a point mass on it
+                if len(drafts) == len(copied):
+                    break
+                x, conf = copied[len(drafts)], None
+                if not sampling.greedy:
+                    q_rows.append(torch.zeros(self.lm_head.weight.shape[0], device=self._device))  # [V]
+                    q_rows[-1][x] = 1.0
             else:
-                q = sampling.probs(logits)
-                x = int(torch.multinomial(q, 1, generator=gen))
-                q_rows.append(q)
+                logits = self._draft_step(x, layer, cache)  # [V]
+                if sampling.greedy:
+                    x = int(logits.argmax())
+                else:
+                    q = sampling.probs(logits)
+                    x = int(torch.multinomial(q, 1, generator=gen))
+                    q_rows.append(q)
+                conf = Confidence(logits, support)
             drafts.append(x)
-            state.drafted, state.draft = len(drafts), Confidence(logits, support)
+            state.drafted, state.draft = len(drafts), conf
             state.draft_tokens = drafts
             t2 = time.perf_counter()
             go_on = policy.keep_drafting(state)

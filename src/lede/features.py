@@ -1,12 +1,12 @@
 """The LEDE decision process: state features, the action encoding and the reward, in one place.
 
-Decisions. At the start of a round the agent picks "plain step" or an exit layer from the candidate set
-C = (L_1, ..., L_m); after every drafted token it picks "stop and verify" or "draft one more" (the loop
+Decisions. At the start of a round the agent picks "plain step" or a drafter from the candidate set
+C = (L_1, ..., L_m): an exit layer, or ``LOOKUP`` (0, prompt lookup: ``lede.lookup``); after every drafted token it picks "stop and verify" or "draft one more" (the loop
 also stops at the maximum draft length and the token budget). One discrete action space covers both,
 with disjoint ids (``ActionSpace``):
 
     0          plain step (no draft this round)        valid at a round start
-    1 .. m     draft from exit layer C[i-1]             valid at a round start
+    1 .. m     draft from C[i-1] (exit layer or lookup) valid at a round start
     m + 1      stop drafting, verify                    valid after a drafted token
     m + 2      draft one more token                     valid after a drafted token
 
@@ -43,8 +43,9 @@ phase; position and prompt length (scaled); the previous round (plain/layer one-
 as a fraction of the maximum, all-accepted flag); running (EMA) acceptance rate per candidate layer and
 EMA of tokens per round; the full model's confidence on the last verified token (max probability,
 entropy, top-1/top-2 margin); in a draft: the current layer (one-hot), drafted so far, and the exit
-head's confidence for the token just drafted; copy signals from the recent tokens (does the last
-bigram / trigram occur earlier in prompt + output, as prompt lookup would find).
+head's confidence for the token just drafted (0 for a lookup draft); copy signals from the recent tokens
+(does the last bigram / trigram occur earlier in prompt + output, and how many tokens a lookup draft would
+propose: ``DecodeState.lookup``, the index the engine's lookup drafter uses).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lede.costs import CostModel, round_costs
-from lede.policy import DecodeState, RoundRecord
+from lede.policy import DecodeState, RoundRecord, drafter_name
 
 PLAIN = 0
 
@@ -101,17 +102,17 @@ class ActionSpace:
 
 
 def feature_names(space: ActionSpace) -> list[str]:
-    layers = space.exit_layers
+    names = [drafter_name(l) for l in space.exit_layers]
     return (
         ["phase_start", "position", "log_prompt_len"]
-        + ["prev_plain"] + [f"prev_L{l}" for l in layers]
+        + ["prev_plain"] + [f"prev_{n}" for n in names]
         + ["prev_drafted", "prev_accepted", "prev_all_accepted"]
-        + [f"ema_accept_L{l}" for l in layers]
+        + [f"ema_accept_{n}" for n in names]
         + ["ema_tokens_per_round", "ema_plain_share"]
         + ["verify_top_prob", "verify_entropy", "verify_margin"]
-        + [f"cur_L{l}" for l in layers]
+        + [f"cur_{n}" for n in names]
         + ["drafted", "draft_top_prob", "draft_entropy", "draft_margin"]
-        + ["copy_bigram", "copy_trigram"]
+        + ["copy_bigram", "copy_trigram", "lookup_len"]
     )
 
 
@@ -125,8 +126,8 @@ class FeatureTracker:
         self.names = feature_names(space)
         self._idx = {l: i for i, l in enumerate(space.exit_layers)}
         self._slots = {k: self.names.index(n) for k, n in (
-            ("prev", "prev_plain"), ("prev_drafted", "prev_drafted"), ("ema", f"ema_accept_L{space.exit_layers[0]}"),
-            ("verify", "verify_top_prob"), ("cur", f"cur_L{space.exit_layers[0]}"), ("drafted", "drafted"))}
+            ("prev", "prev_plain"), ("prev_drafted", "prev_drafted"), ("ema", f"ema_accept_{drafter_name(space.exit_layers[0])}"),
+            ("verify", "verify_top_prob"), ("cur", f"cur_{drafter_name(space.exit_layers[0])}"), ("drafted", "drafted"))}
         self._buf = np.zeros(len(self.names), dtype=np.float32)
         self._state = None
         self.reset([])
@@ -138,10 +139,6 @@ class FeatureTracker:
         self.accept = np.full(m, 0.5, dtype=np.float32)  # EMA acceptance per layer (prior 0.5)
         self.tokens_per_round = 1.0
         self.plain_share = 0.0
-        self._ngrams2: set[tuple[int, ...]] = set()
-        self._ngrams3: set[tuple[int, ...]] = set()
-        self._indexed = 0  # tokens of prompt + output already added to the n-gram sets
-        self._seq: list[int] = list(prompt_ids)
 
     def _update(self, state: DecodeState) -> None:
         for r in state.rounds[self.seen_rounds:]:
@@ -156,19 +153,12 @@ class FeatureTracker:
             i = self._idx[r.exit_layer]
             self.accept[i] = a * self.accept[i] + (1 - a) * (r.accepted / r.drafted)
 
-    def _copy_signals(self, state: DecodeState) -> tuple[float, float]:
-        """Does the last bigram/trigram of the context occur earlier (prompt-lookup's signal)?"""
-        seq = self._seq
-        seq.extend(state.tokens[len(seq) - len(self.prompt):])
-        # index every n-gram that ends before the last token, so the current one is not found in itself
-        while self._indexed + 3 < len(seq):
-            i = self._indexed
-            self._ngrams2.add(tuple(seq[i : i + 2]))
-            self._ngrams3.add(tuple(seq[i : i + 3]))
-            self._indexed += 1
-        if len(seq) < 3:
-            return 0.0, 0.0
-        return float(tuple(seq[-2:]) in self._ngrams2), float(tuple(seq[-3:]) in self._ngrams3)
+    def _copy_signals(self, state: DecodeState) -> tuple[float, float, float]:
+        """Does the last bigram / trigram of the context occur earlier, and how many tokens would a lookup draft
+        propose (as a fraction of the maximum draft length)?"""
+        cands = state.lookup_candidates(self.space.max_draft_len)
+        n, _ = state.lookup.match()
+        return float(n >= 2), float(n >= 3), len(cands) / self.space.max_draft_len
 
     def features(self, state: DecodeState, start_of_round: bool) -> np.ndarray:
         """The state vector [F] (float32, a fresh array), in ``feature_names`` order. Written into a
@@ -195,8 +185,10 @@ class FeatureTracker:
             if state.exit_layer in self._idx:
                 x[o["cur"] + self._idx[state.exit_layer]] = 1.0
             d, i = state.draft, o["drafted"]
-            x[i], x[i + 1], x[i + 2], x[i + 3] = state.drafted / kmax, d.top_prob, d.entropy / 10.0, d.margin
-        x[-2], x[-1] = self._copy_signals(state)
+            x[i] = state.drafted / kmax
+            if d is not None:  # None: a lookup draft (no logits)
+                x[i + 1], x[i + 2], x[i + 3] = d.top_prob, d.entropy / 10.0, d.margin
+        x[-3], x[-2], x[-1] = self._copy_signals(state)
         return x.copy()
 
 

@@ -44,17 +44,22 @@ class Oracle:
 
 
 def oracle_runs(lm, heads: dict, prompt_ids: list[int], continuation: list[int], layers: list[int]) -> dict[int, list[int]]:
-    """Accepted run lengths per exit layer along a greedy continuation (exit heads as the engine drafts)."""
+    """Accepted run lengths per exit layer along a greedy continuation (exit heads as the engine drafts); for
+    ``LOOKUP`` in ``layers``, of the prompt-lookup drafter (``lede.lookup.lookup_runs``)."""
     import torch
 
     from lede.adapters import head_input
     from lede.distill import Sequence, accepted_runs, collect
 
+    from lede.lookup import lookup_runs
+    from lede.policy import LOOKUP
+
     seq = Sequence(prompt_ids, continuation)
-    data = collect(lm, [seq], layers, progress=False, store_dtype=lm.dtype)
-    out = {}
+    model_layers = [l for l in layers if l != LOOKUP]
+    data = collect(lm, [seq], model_layers, progress=False, store_dtype=lm.dtype)
+    out = {LOOKUP: lookup_runs(prompt_ids, continuation, max_len=len(continuation))} if LOOKUP in layers else {}
     with torch.no_grad():
-        for layer in layers:
+        for layer in model_layers:
             logits = heads[layer](head_input(lm, heads[layer], data, layer, seq, (0, len(data))))
             agree = logits.argmax(-1).cpu() == data.target
             out[layer] = accepted_runs(agree, data.seq, max_k=10**6).tolist()

@@ -2,8 +2,8 @@
 
 The loop asks a ``Policy`` two things:
 
-* ``choose_exit(state)`` at the start of every round: the exit layer L to draft from, or ``None``
-  for a plain decoding step (no draft this round);
+* ``choose_exit(state)`` at the start of every round: the exit layer L to draft from, ``LOOKUP`` (0) to
+  draft by prompt lookup (``lede.lookup``), or ``None`` for a plain decoding step (no draft this round);
 * ``keep_drafting(state)`` after every drafted token: draft one more, or stop and verify.
   The loop also stops at its own hard maximum and at the token budget.
 
@@ -23,10 +23,15 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from lede.lookup import NgramIndex
+
+LOOKUP = 0  # the "exit layer" of the prompt-lookup drafter (``lede.lookup``): drafts copied from the context, no layer runs
+
 
 @dataclass
 class RoundRecord:
-    """One draft→verify round. ``exit_layer`` is None for a plain step (nothing drafted)."""
+    """One draft→verify round. ``exit_layer`` is None for a plain step (nothing drafted), ``LOOKUP`` (0) for a
+    prompt-lookup draft."""
 
     exit_layer: int | None
     drafted: int  # K: tokens drafted this round
@@ -111,12 +116,22 @@ class DecodeState:
     # the current round
     exit_layer: int | None = None
     drafted: int = 0
-    draft: Confidence | None = None  # exit head, for the token just drafted
+    draft: Confidence | None = None  # exit head, for the token just drafted (None for a lookup draft)
     draft_tokens: list[int] = field(default_factory=list)
+    lookup: NgramIndex = field(default_factory=NgramIndex)  # over prompt + tokens, for the lookup drafter
 
     @property
     def position(self) -> int:
         return self.prompt_len + len(self.tokens)
+
+    def lookup_candidates(self, max_len: int) -> list[int]:
+        """What a ``LOOKUP`` draft would propose this round (up to ``max_len`` tokens; empty: no match)."""
+        return self.lookup.sync(self.prompt_ids, self.tokens).candidates(max_len)
+
+
+def drafter_name(layer: int | None) -> str:
+    """``L<layer>``, ``lookup`` or ``plain``: how tables, features and policy names call a drafter."""
+    return "plain" if layer is None else "lookup" if layer == LOOKUP else f"L{layer}"
 
 
 @runtime_checkable
@@ -149,16 +164,17 @@ class Autoregressive:
 
 
 class Static:
-    """Always draft ``draft_len`` tokens from ``exit_layer`` (LayerSkip / Draft&Verify style)."""
+    """Always draft ``draft_len`` tokens from ``exit_layer`` (LayerSkip / Draft&Verify style); with
+    ``exit_layer=LOOKUP``, up to ``draft_len`` prompt-lookup tokens (prompt lookup decoding)."""
 
     def __init__(self, exit_layer: int, draft_len: int):
         if draft_len < 1:
             raise ValueError(f"draft_len={draft_len} must be >= 1 (use Autoregressive for no drafting)")
-        if exit_layer < 1:
-            raise ValueError(f"exit_layer={exit_layer} must be >= 1")
+        if exit_layer < 0:
+            raise ValueError(f"exit_layer={exit_layer} must be >= 1 (or LOOKUP = 0)")
         self.exit_layer = exit_layer
         self.draft_len = draft_len
-        self.name = f"static_L{exit_layer}_K{draft_len}"
+        self.name = f"static_{drafter_name(exit_layer)}_K{draft_len}"
 
     def reset(self) -> None:
         pass

@@ -51,7 +51,8 @@ from lede.adapters import head_input
 from lede.costs import CostModel, round_costs
 from lede.distill import DistillSet, Sequence, accepted_runs
 from lede.oracle import Oracle
-from lede.policy import DecodeState, Policy, RoundRecord, top_prob_margin_entropy
+from lede.lookup import lookup_runs
+from lede.policy import LOOKUP, DecodeState, Policy, RoundRecord, top_prob_margin_entropy
 
 
 @dataclass(frozen=True)
@@ -145,21 +146,28 @@ class ReplayDecoder:
             n = len(state.tokens)
             layer = policy.choose_exit(state)
             approx.append(False)
-            if layer is not None and layer not in table.draft_token:
+            copied = state.lookup_candidates(self.max_draft_len) if layer == LOOKUP else None
+            if layer is not None and copied is None and layer not in table.draft_token:
                 raise ValueError(f"exit layer {layer} is not in the replay tables ({sorted(table.draft_token)})")
             state.exit_layer, state.drafted, state.draft, state.draft_tokens = layer, 0, None, []
             drafts: list[int] = []
             a, wrong = 0, False
             while layer is not None and len(drafts) < min(self.max_draft_len, budget - n - 1):
                 row = n + len(drafts)  # this draft predicts c[row]
-                exact = not wrong  # its context is the greedy prefix: token and confidence are the engine's
-                tok = table.draft_token[layer][row] if exact else -1  # after a wrong draft: unknown, rejected
-                if exact and tok == c[row]:
+                if copied is not None:  # lookup: the candidates depend on the context only, exact
+                    if len(drafts) == len(copied):
+                        break
+                    exact, tok, conf = True, copied[len(drafts)], None
+                else:
+                    exact = not wrong  # its context is the greedy prefix: token and confidence are the engine's
+                    tok = table.draft_token[layer][row] if exact else -1  # after a wrong draft: unknown, rejected
+                    conf = table.draft[layer][row]
+                if not wrong and tok == c[row]:
                     a += 1
                 else:
                     wrong = True
                 drafts.append(tok)
-                state.drafted, state.draft, state.draft_tokens = len(drafts), table.draft[layer][row], drafts
+                state.drafted, state.draft, state.draft_tokens = len(drafts), conf, drafts
                 approx.append(not exact)
                 if not policy.keep_drafting(state):
                     break
@@ -180,9 +188,10 @@ class ReplayOracle(Oracle):
     """The hindsight oracle (``lede.oracle.Oracle``) on replayed sequences: each prompt's accepted run lengths
     come from its replay table (draft token == continuation token, row by row) instead of a model pass."""
 
-    def __init__(self, tables: dict[tuple[int, ...], SequenceTable], costs: CostModel, max_draft_len: int = 8):
+    def __init__(self, tables: dict[tuple[int, ...], SequenceTable], costs: CostModel, max_draft_len: int = 8,
+                 lookup: bool = False):
         super().__init__({}, costs, max_draft_len)
-        self.tables = tables
+        self.tables, self.lookup = tables, lookup  # lookup: the LOOKUP drafter is a candidate too
         self._runs: dict[tuple[int, ...], dict[int, list[int]]] = {}
 
     def choose_exit(self, state: DecodeState) -> int | None:
@@ -193,6 +202,8 @@ class ReplayOracle(Oracle):
             one_seq = torch.zeros_like(c)
             self._runs[key] = {layer: accepted_runs(torch.tensor(drafts) == c, one_seq, max_k=len(c)).tolist()
                                for layer, drafts in table.draft_token.items()}
+            if self.lookup:
+                self._runs[key][LOOKUP] = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len)
         self.runs = self._runs[key]
         return super().choose_exit(state)
 
