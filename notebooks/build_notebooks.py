@@ -333,6 +333,7 @@ from matplotlib.patches import Rectangle
 
 report = pd.read_csv(need(R / "exits" / "report.csv"))
 heads = {int(k): v for k, v in json.loads(need(R / "exits" / "selected.json").read_text())["heads"].items()}
+heads[0] = "lookup"  # layer 0: the prompt-lookup drafter (its rows exist when policy.lookup is on)
 chosen = json.loads(need(R / "sweep" / "best_static.json").read_text())["cells"]
 rows = report[(report.split == split) & (report.category == category)]
 rows = rows[[heads.get(int(l)) == h for l, h in zip(rows.layer, rows["head"])]]
@@ -349,7 +350,7 @@ fig, ax = plt.subplots(figsize=(max(1.1 * grid.shape[1] + 5, 10), max(0.6 * grid
                        layout="constrained")
 sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", cmap="vlag", center=1.0, linewidths=0.5,
             cbar_kws={"label": "speedup over plain (×)"}, annot_kws={"size": 11})
-ax.set_yticklabels([f"L={l}  ({head_label(heads[l])})" for l in grid.index], rotation=0)
+ax.set_yticklabels(["prompt lookup" if l == 0 else f"L={l}  ({head_label(heads[l])})" for l in grid.index], rotation=0)
 ax.set_xticklabels([f"{k}" for k in grid.columns])
 ax.set_xlabel("draft length K (tokens drafted per round)")
 ax.set_ylabel("exit layer (selected head)")
@@ -377,7 +378,7 @@ table = grid.map(lambda v: fmt(v, 3))
 table.loc[best_layer, best_k] += " *"
 if dev_cell and dev_cell[0] in grid.index and dev_cell[1] in grid.columns:
     table.loc[dev_cell] += " †"
-table.index = [f"L={l} ({head_label(heads[l])})" for l in grid.index]
+table.index = ["prompt lookup" if l == 0 else f"L={l} ({head_label(heads[l])})" for l in grid.index]
 table.index.name = "Exit layer (head)"
 table.columns = [f"K={k}" for k in grid.columns]
 write_table([(None, table)], caption=f"Replayed speedup over plain decoding of Static(L, K), {split} split, "
@@ -397,6 +398,7 @@ for the plain head (final norm + LM head, full or reduced draft vocabulary) and 
     cells=[
         ("code", r'''
 report = pd.read_csv(need(R / "exits" / "report.csv"))
+report = report[report.layer > 0]  # layer 0 is prompt lookup, no exit head (its rows are in the static heatmap)
 selected = {int(k): v for k, v in json.loads(need(R / "exits" / "selected.json").read_text())["heads"].items()}
 ev = (report[report.split == split]  # agreement does not depend on K: one row per (category, layer, head)
       .drop_duplicates(["category", "layer", "head"])[["category", "layer", "head", "agreement", "positions"]])

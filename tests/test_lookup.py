@@ -41,7 +41,7 @@ def test_trigram_beats_a_more_recent_bigram_and_no_self_match():
 
 def test_runs_count_the_candidates_that_come_true():
     prompt, cont = [1, 2, 3], [1, 2, 3, 1, 9]
-    runs = lookup_runs(prompt, cont, 2, 3, max_len=8)
+    runs = lookup_runs(prompt, cont, 2, 3, max_len=8).run
     # row 1: context 1 2 3 1, "3 1" never seen (unigrams are below min) -> 0; row 2: context 1 2 3 1 2, "1 2"
     # occurred at the start -> proposes 3 1 2, and the continuation goes on 3 1 9 -> 2
     assert runs[0] == 0 and runs[1] == 0 and runs[2] == 2

@@ -110,9 +110,13 @@ def cmd_bench(args) -> int:
             if not heads:
                 raise SystemExit(f"error: --configs {name}={policy} is a learned policy: pass --exit-heads with the "
                                  "selection file its exit heads came from (results/exits/selected.json)")
-            configs[name] = policy = RLPolicy.load(policy, lm_name=lm.name, exit_layers=sorted(heads))
+            from lede.policy import LOOKUP
+
+            blob_layers = RLPolicy.load(policy, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
+            configs[name] = policy = RLPolicy.load(policy, lm_name=lm.name,
+                                                   exit_layers=[0] * (LOOKUP in blob_layers) + sorted(heads))
             policy.name = name
-        if hasattr(policy, "exit_layer"):
+        if getattr(policy, "exit_layer", 0):  # 0: prompt lookup, no exit head to check
             dec._check_exit(policy.exit_layer)
     bench_prompts = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.text))) for p in prompts]
     records = run_bench(dec, bench_prompts, configs, max_new_tokens=args.max_new_tokens,
@@ -151,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="interleaved speed benchmark of plain decoding vs static configurations")
     _common(b)
-    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN, 'hf' (transformers' "
-                   "generate), 'pld' (prompt lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
+    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN (0:K: the engine's "
+                   "prompt lookup, K tokens at most), 'hf' (transformers' generate), 'pld' (transformers' prompt lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
     b.add_argument("--exit-heads", help="selection file (results/exits/selected.json): exit adapters + draft vocabulary")
     b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
     b.add_argument("--data-dir", default="../shared/data", help="folder with spec_bench/, gsm8k/, nq_open/")

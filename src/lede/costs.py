@@ -8,7 +8,8 @@
     costs.at(position=1500).round_ms(8, 3)    # the same round with ~1.5k tokens in the cache
 
 ``draft_ms[L]``: one token through layers [0, L) and layer L's exit head (adapter and reduced
-vocabulary included, as the decoder is configured; a context adapter's step attends over the context but
+vocabulary included, as the decoder is configured; ``draft_ms[0]``, with ``LOOKUP`` among the layers: one
+prompt-lookup match in the indexed context, microseconds, charged per drafted token; a context adapter's step attends over the context but
 excludes feeding it the verified positions, about one layer on the round's A + 1 tokens). ``verify_ms[T]``:
 T tokens through all layers and the full LM head (T = K + 1: the pending token and K drafts; T = 1 is a plain decoding step).
 Each is the median of ``repeats`` runs after warm-up, measured round-robin over all items so that

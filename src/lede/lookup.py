@@ -22,6 +22,7 @@ The index is incremental (one dictionary write per n and token), so the lookup c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class NgramIndex:
@@ -73,17 +74,26 @@ class NgramIndex:
         return self._cached[2]
 
 
+@dataclass
+class LookupRuns:
+    """Per row j of a greedy continuation c (a round whose pending token is c[j-1], its first draft predicting
+    c[j]; row 0 is the prefill's token, never drafted for): how many candidates a lookup draft has there
+    (``available``) and how many of them equal c[j], c[j+1], ... in a row (``run``: the accepted length of a
+    lookup draft of any K >= it)."""
+
+    run: list[int]
+    available: list[int]
+
+
 def lookup_runs(prompt_ids: Sequence[int], continuation: Sequence[int], min_ngram: int = 2, max_ngram: int = 3,
-                max_len: int = 16) -> list[int]:
-    """For each row j of a greedy continuation c (a round whose pending token is c[j-1], its first draft
-    predicting c[j]; row 0 is the prefill's token): how many of the lookup's candidates there equal c[j], c[j+1], ...
-    in a row (the accepted length of a lookup draft of any K >= that many). Row 0 is 0: no round drafts it."""
+                max_len: int = 16) -> LookupRuns:
     index = NgramIndex(min_ngram, max_ngram)
-    runs = [0]
+    out = LookupRuns([0], [0])
     for j in range(1, len(continuation)):
         cands = index.sync(prompt_ids, continuation[:j]).candidates(max_len)
         run = 0
         while run < len(cands) and j + run < len(continuation) and cands[run] == continuation[j + run]:
             run += 1
-        runs.append(run)
-    return runs
+        out.run.append(run)
+        out.available.append(len(cands))
+    return out

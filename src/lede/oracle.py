@@ -57,7 +57,7 @@ def oracle_runs(lm, heads: dict, prompt_ids: list[int], continuation: list[int],
     seq = Sequence(prompt_ids, continuation)
     model_layers = [l for l in layers if l != LOOKUP]
     data = collect(lm, [seq], model_layers, progress=False, store_dtype=lm.dtype)
-    out = {LOOKUP: lookup_runs(prompt_ids, continuation, max_len=len(continuation))} if LOOKUP in layers else {}
+    out = {LOOKUP: lookup_runs(prompt_ids, continuation, max_len=len(continuation)).run} if LOOKUP in layers else {}
     with torch.no_grad():
         for layer in model_layers:
             logits = heads[layer](head_input(lm, heads[layer], data, layer, seq, (0, len(data))))

@@ -27,7 +27,8 @@ head's confidence there (``state.draft`` at the later "keep drafting?" decisions
 the teacher-forced pass. The replay shows the confidence at the teacher-forced row instead and counts those
 decisions (``ReplayDecoder.approx_decisions``). Their outcome is unaffected (acceptance stops at the first
 mismatch: every later draft is rejected), but a policy that *reads* the draft confidence (a confidence
-threshold, a learned policy) may decide there differently than in the engine. Use replay for behaviour
+threshold, a learned policy) may decide there differently than in the engine. Prompt-lookup drafts (``LOOKUP``) depend on the
+context only, never on an earlier draft: they and their decisions replay exactly. Use replay for behaviour
 policies that do not (static cells, random schedules, adaptive K, dynamic exit, ε-perturbations of them):
 their episodes are then the engine's exactly, and only the logged state at those decisions is approximate.
 
@@ -203,7 +204,7 @@ class ReplayOracle(Oracle):
             self._runs[key] = {layer: accepted_runs(torch.tensor(drafts) == c, one_seq, max_k=len(c)).tolist()
                                for layer, drafts in table.draft_token.items()}
             if self.lookup:
-                self._runs[key][LOOKUP] = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len)
+                self._runs[key][LOOKUP] = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len).run
         self.runs = self._runs[key]
         return super().choose_exit(state)
 

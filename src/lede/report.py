@@ -71,6 +71,48 @@ def exit_rows(
     return rows
 
 
+def lookup_rows(data: DistillSet, split: str, sequences: list, draft_lens: list[int], costs: CostModel) -> list[ReportRow]:
+    """The prompt-lookup drafter (``LOOKUP``, "layer 0", head ``lookup``) replayed as Static(LOOKUP, K) along the
+    same greedy continuations: a round drafts min(K, the candidates there) tokens, or is a plain step where the
+    lookup finds none. ``agreement``: the share of rows whose first candidate exists and is right."""
+    from lede.lookup import lookup_runs
+    from lede.policy import LOOKUP
+
+    per_seq = {i: lookup_runs(sequences[i].prompt_ids, sequences[i].continuation, max_len=max(draft_lens))
+               for i in data.rows_by_sequence(sequences)}
+    rows = []
+    for cat, seq_ids in _by_category(data).items():
+        runs = [per_seq[i] for i in seq_ids if i in per_seq]
+        first = [r > 0 for lr in runs for r in lr.run[1:]]
+        for k in draft_lens:
+            tokens, rounds, ms = 0, 0, 0.0
+            for lr in runs:
+                pos, end = 1, len(lr.run)  # row 0's token comes from the prefill
+                while pos < end:
+                    drafted = min(k, lr.available[pos], end - pos - 1)
+                    a = min(drafted, lr.run[pos])
+                    ms += costs.round_ms(LOOKUP, drafted) if drafted else costs.plain_ms
+                    tokens, rounds, pos = tokens + a + 1, rounds + 1, pos + a + 1
+            rows.append(ReportRow(split, cat, LOOKUP, "lookup", sum(first) / max(len(first), 1), len(first), k,
+                                  tokens / max(rounds, 1), tokens * costs.plain_ms / ms if ms else float("nan")))
+    return rows
+
+
+def lookup_markdown(rows: list[ReportRow]) -> str:
+    """The prompt-lookup rows as a table: per split and category, the share of rounds whose first candidate is
+    right, and the replayed speedup per K."""
+    if not rows:
+        return ""
+    ks = sorted({r.draft_len for r in rows})
+    out = ["", "## Prompt lookup (layer 0), replayed: first candidate right / speedup per K", "",
+           "| split | category | first right | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|---|" + "---|" * len(ks)]
+    for split, cat in dict.fromkeys((r.split, r.category) for r in rows):
+        mine = {r.draft_len: r for r in rows if (r.split, r.category) == (split, cat)}
+        first = next(iter(mine.values())).agreement
+        out.append(f"| {split} | {cat} | {first:.3f} | " + " | ".join(f"{mine[k].replay_speedup:.3f}" for k in ks) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _replay_ms(rep, layer: int, k: int, costs: CostModel, head: str) -> float:
     """Time of the replayed rounds: the drafted tokens, and a (K+1)-token verification per round (a
     short final round is charged a full verification: a small, conservative overestimate). Priced at the

@@ -69,6 +69,8 @@ def common_params(base=False):
 
 
 POLICY = config["policy"]
+# the policy's candidate drafters: prompt lookup ("exit layer 0", src/lede/lookup.py) and the exit layers
+DRAFTERS = ([0] if POLICY["lookup"] else []) + LAYERS
 
 
 def policy_params(*keys, **subsets):

@@ -72,12 +72,12 @@ rule cost_model:
         model_files=MODEL_FILES,
         data=f"{R}/exits/distill_train.pt",
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", design=DESIGNS, layer=LAYERS),
-        code=src("costs", "engine", "exits", "model"),
+        code=src("costs", "engine", "exits", "model", "lookup"),
     output:
         f"{R}/costs.json",
     params:
         **common_params(),
-        layers=LAYERS,
+        layers=DRAFTERS,
         designs=DESIGNS,
         max_draft_len=max(config["sweep"]["draft_lens"]),
         context_len=config["costs"]["context_len"],
@@ -104,7 +104,7 @@ rule exit_report:
         eval=f"{R}/exits/distill_eval.pt",
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         costs=f"{R}/costs.json",
-        code=src("report", "adapters", "distill", "costs"),
+        code=src("report", "adapters", "distill", "costs", "lookup"),
     output:
         csv=f"{R}/exits/report.csv",
         md=report(f"{R}/exits/report.md", caption="../report/exits.rst", category="Exit adapters"),
@@ -115,6 +115,7 @@ rule exit_report:
         **common_params(),
         draft_lens=config["sweep"]["draft_lens"],
         top=config["bench"]["static_configs"],
+        lookup=POLICY["lookup"],
     threads: config["threads"]
     log:
         f"{R}/exits/report.log",

@@ -12,7 +12,7 @@ rule parity_method:
     params:
         **common_params(),
         data_dir=config["data_dir"],
-        layers=LAYERS,
+        layers=DRAFTERS,
         max_draft_len=POLICY["max_draft_len"],
         parity=PARITY,
     wildcard_constraints:

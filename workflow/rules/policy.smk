@@ -9,13 +9,13 @@ rule collect_experience:
         heads=HEADS,
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         sweep=f"{R}/sweep/replay_dev.csv",
-        code=src("rl", "features", "heuristics", "engine", "policy", "costs", "data"),
+        code=src("rl", "features", "heuristics", "engine", "policy", "costs", "data", "lookup"),
     output:
         multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
     params:
         **common_params(),
         data_dir=config["data_dir"],
-        layers=LAYERS,
+        layers=DRAFTERS,
         policy=policy_params(*BEHAVIOUR, "collect"),
         prompts=EXITS["train"],  # the adapters' distillation prompts, which experience must not reuse
     threads: config["threads"]
@@ -41,12 +41,12 @@ rule replay_experience:
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         distill=f"{R}/exits/distill_dev.pt",
         sweep=f"{R}/sweep/replay_dev.csv",
-        code=src("replay", "rl", "features", "heuristics", "policy", "costs", "distill", "exits"),
+        code=src("replay", "rl", "features", "heuristics", "policy", "costs", "distill", "exits", "lookup"),
     output:
         multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json"),
     params:
         **common_params(),
-        layers=LAYERS,
+        layers=DRAFTERS,
         policy=policy_params(*BEHAVIOUR, "replay", collect=["epsilon"]),
     threads: config["threads"]
     log:
@@ -98,13 +98,13 @@ rule replay_eval:
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         distill=f"{R}/exits/distill_eval.pt",
         policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),
-        code=src("replay", "rl", "features", "heuristics", "oracle", "policy", "costs", "distill", "exits"),
+        code=src("replay", "rl", "features", "heuristics", "oracle", "policy", "costs", "distill", "exits", "lookup"),
     output:
         json=f"{R}/rl/replay_eval.json",
         md=report(f"{R}/rl/replay_eval.md", caption="../report/replay_eval.rst", category="Speed"),
     params:
         **common_params(),
-        layers=LAYERS,
+        layers=DRAFTERS,
         max_draft_len=POLICY["max_draft_len"],
         max_new_tokens=config["exits"]["eval"]["max_new_tokens"],
     threads: config["threads"]
@@ -124,14 +124,14 @@ rule evaluate:
         heads=HEADS,
         adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
         policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),
-        code=src("rl", "features", "heuristics", "oracle", "bench", "engine", "policy", "costs", "data"),
+        code=src("rl", "features", "heuristics", "oracle", "bench", "engine", "policy", "costs", "data", "lookup"),
     output:
         json=f"{R}/eval/records.json",
         md=report(f"{R}/eval/summary.md", caption="../report/eval.rst", category="Speed"),
     params:
         **common_params(),
         data_dir=config["data_dir"],
-        layers=LAYERS,
+        layers=DRAFTERS,
         policy=policy_params("max_draft_len", "evaluate"),
         prompts=EXITS["train"],  # the adapters' distillation prompts, which threshold tuning must not reuse
     threads: config["threads"]

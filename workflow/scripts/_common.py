@@ -103,31 +103,38 @@ def load_costs(costs_path, selected_path):
     return CostModel.load(costs_path).with_heads({int(l): h for l, h in heads.items()})
 
 
-def best_static_cell(best_path, max_draft_len):
-    """(exit layer, draft length) of the sweep's best static cell among those within the draft-length cap."""
+def exit_layers(params):
+    """The exit layers among the candidate drafters ``params.layers`` (which may hold LOOKUP, 0)."""
+    return [l for l in params.layers if l != 0]
+
+
+def best_static_cell(best_path, max_draft_len, exits_only=False):
+    """(exit layer, draft length) of the sweep's best static cell among those within the draft-length cap; with
+    ``exits_only``, the best cell that drafts from an exit layer (not prompt lookup: the heuristics' layer)."""
     import json
 
-    cells = [c for c in json.loads(Path(best_path).read_text())["cells"] if c["draft_len"] <= max_draft_len]
+    blob = json.loads(Path(best_path).read_text())
+    cells = [c for c in blob["exit_cells" if exits_only else "cells"] if c["draft_len"] <= max_draft_len]
     if not cells:
         raise ValueError(f"{best_path}: no static cell with draft length <= policy.max_draft_len={max_draft_len}; "
                          "raise policy.max_draft_len or include shorter draft lengths in sweep.draft_lens")
     return cells[0]["exit_layer"], cells[0]["draft_len"]
 
 
-def baseline_policy(name, params, best, costs, max_draft_len):
-    """A baseline the study compares LEDE against, built from the best static cell ``best`` = (L, K):
-    ``best_static``, ``adaptive_k`` (transformers' assisted-generation heuristic at L) or ``dynamic_exit``
-    (with the measured ``costs``, a CostModel)."""
+def baseline_policy(name, params, best_path, costs, max_draft_len):
+    """A baseline the study compares LEDE against, from the sweep's best cells (``best_path``): ``best_static``
+    (the best cell, prompt lookup included), ``adaptive_k`` (transformers' assisted-generation heuristic at the
+    best exit cell's L) or ``dynamic_exit`` (over the exit layers, with the measured ``costs``, a CostModel)."""
     from lede.heuristics import AdaptiveDraftLength, DynamicExit
     from lede.policy import Static
 
-    layer, k = best
     if name == "best_static":
-        return Static(layer, k)
+        return Static(*best_static_cell(best_path, max_draft_len))
     if name == "adaptive_k":
+        layer, k = best_static_cell(best_path, max_draft_len, exits_only=True)
         return AdaptiveDraftLength(layer, initial=k, max_len=max_draft_len)
     if name == "dynamic_exit":
-        return DynamicExit(params.layers, costs, max_draft_len)
+        return DynamicExit(exit_layers(params), costs, max_draft_len)
     raise ValueError(f"unknown baseline {name!r}; expected best_static, adaptive_k or dynamic_exit")
 
 
@@ -148,14 +155,14 @@ def behaviour_policies(params, sweep_csv, costs, static_cells, random, random_se
     rows = [r for r in csv.DictReader(open(sweep_csv)) if r["category"] == "all" and int(r["draft_len"]) <= kmax]
     rows.sort(key=lambda r: -float(r["replay_speedup"]))
     cells = [(int(r["layer"]), int(r["draft_len"])) for r in rows[: max(static_cells, 1)]]
-    best_l, best_k = cells[0]
+    best_l, best_k = next((int(r["layer"]), int(r["draft_len"])) for r in rows if int(r["layer"]) != 0)  # heuristics: exits
     eps = pol["collect"]["epsilon"]
     out = [Static(l, k) for l, k in cells[:static_cells]]
     out += [RandomSchedule(list(params.layers), kmax, seed=s, p_plain=0.2) for s in range(random_seed, random_seed + random)]
     out.append(EpsilonPerturbed(AdaptiveDraftLength(best_l, initial=min(best_k, kmax), max_len=kmax), space, eps, seed=1))
     if confidence:
         out.append(EpsilonPerturbed(ConfidenceThreshold(best_l, 0.5, kmax), space, eps, seed=2))
-    out += [EpsilonPerturbed(DynamicExit(params.layers, costs, kmax), space, eps, seed=3), Autoregressive()]
+    out += [EpsilonPerturbed(DynamicExit(exit_layers(params), costs, kmax), space, eps, seed=3), Autoregressive()]
     return space, out
 
 

@@ -5,7 +5,7 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import adapter_files, load_lm, setup  # noqa: E402
+from _common import adapter_files, exit_layers, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.costs import measure_costs  # noqa: E402
@@ -15,7 +15,7 @@ from lede.exits import build_exit_heads, load_adapter  # noqa: E402
 lm = load_lm(p)
 files = adapter_files(snakemake.input.adapters)  # noqa: F821
 adapters = {d: {l: load_adapter(files[l, d], lm.name, l, lm.hidden_size, template=lm.model.model.layers[-1])
-                for l in p.layers} for d in p.designs}
+                for l in exit_layers(p)} for d in p.designs}
 vocab = next(iter(adapters[p.designs[0]].values())).vocab
 dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters[p.designs[0]], vocab), max_draft_len=p.max_draft_len)
 costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len, repeats=p.repeats,

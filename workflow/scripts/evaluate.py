@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, exit_layers, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
@@ -17,7 +17,7 @@ from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format
 from lede.io import atomic_write_text  # noqa: E402
 from lede.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.oracle import Oracle, oracle_runs  # noqa: E402
-from lede.policy import Autoregressive  # noqa: E402
+from lede.policy import Autoregressive, drafter_name  # noqa: E402
 from lede.rl import RLPolicy  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
@@ -25,7 +25,8 @@ pol, ev = p.policy, p.policy["evaluate"]
 kmax = pol["max_draft_len"]
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
 costs = load_costs(inp.heads[1], inp.heads[0])
-best_l, best_k = best_static_cell(inp.heads[2], kmax)
+best_cell = best_static_cell(inp.heads[2], kmax)  # prompt lookup (layer 0) included
+best_l, best_k = best_static_cell(inp.heads[2], kmax, exits_only=True)  # the threshold heuristic's exit cell
 
 # the confidence threshold is tuned on TRAINING prompts the adapters were not distilled on (a short real-engine
 # run per candidate)
@@ -38,7 +39,8 @@ def tokens_per_s(threshold):
 
 
 threshold = tune_threshold([0.3, 0.5, 0.7, 0.9], tokens_per_s)
-logging.info("best static L=%d K=%d; tuned confidence threshold %.2f", best_l, best_k, threshold)
+logging.info("best static %s; best exit cell L=%d K=%d; tuned confidence threshold %.2f", best_cell, best_l, best_k,
+             threshold)
 
 lede = {}
 for path in inp.policies:
@@ -49,10 +51,11 @@ oracle_layers = list(p.layers)
 
 def oracle_for(bp):
     cont = dec.generate(list(bp.ids), Autoregressive(), max_new_tokens=ev["max_new_tokens"]).token_ids
-    return Oracle(oracle_runs(lm, {l: dec.head(l) for l in oracle_layers}, list(bp.ids), cont, oracle_layers), costs, kmax)
+    heads = {l: dec.head(l) for l in exit_layers(p)}
+    return Oracle(oracle_runs(lm, heads, list(bp.ids), cont, oracle_layers), costs, kmax)
 
 
-baselines = {name: baseline_policy(name, p, (best_l, best_k), costs, kmax)
+baselines = {name: baseline_policy(name, p, inp.heads[2], costs, kmax)
              for name in ("best_static", "adaptive_k", "dynamic_exit")}
 configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, **baselines,
            "confidence": ConfidenceThreshold(best_l, threshold, kmax), **lede, "oracle": oracle_for}
@@ -71,7 +74,8 @@ def paired(a, b, recs):
 
 lines = ["# LEDE vs every method, held-out prompts (interleaved, medians of per-prompt ratios)", "",
          f"model={p.model} dtype={lm.dtype} threads={torch.get_num_threads()} prompts={len(prompts)} "
-         f"max_new_tokens={ev['max_new_tokens']} best static L={best_l} K={best_k} threshold={threshold}", ""]
+         f"max_new_tokens={ev['max_new_tokens']} best static {drafter_name(best_cell[0])} K={best_cell[1]} "
+         f"(best exit cell L={best_l} K={best_k}) threshold={threshold}", ""]
 for name in lede:
     lines.append(f"## {name}")
     cats = ["all"] + sorted({r.category for r in records})
@@ -99,7 +103,7 @@ for name in lede:
 lines += ["```", format_summary(overall), "", format_summary(per_cat), "```", ""]
 text = "\n".join(lines)
 logging.info("\n%s", text)
-write_json(out.json, {"settings": dict(p), "threshold": threshold, "best_static": [best_l, best_k],
+write_json(out.json, {"settings": dict(p), "threshold": threshold, "best_static": list(best_cell), "best_exit_cell": [best_l, best_k],
                       "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
                       "records": [asdict(r) for r in records]})
 atomic_write_text(out.md, text)

@@ -16,7 +16,7 @@ from lede.costs import CostModel  # noqa: E402
 from lede.distill import load_distill  # noqa: E402
 from lede.exits import load_adapter  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
-from lede.report import best_cells, exit_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
+from lede.report import best_cells, exit_rows, lookup_markdown, lookup_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 train_seqs, train, _ = load_distill(inp.train)
@@ -45,8 +45,11 @@ for split, data, seqs in (("train", train, train_seqs), ("dev", dev, dev_seqs), 
     rows += exit_rows(lm, data, split, heads, layers, p.draft_lens, costs, sequences=seqs)
     logging.info("%s rows done", split)
 selected = select_heads(rows)
-cells = best_cells(rows, selected, p.top)
-logging.info("selected heads %s; best cells %s", selected, cells)
+exit_cells = best_cells(rows, selected, p.top)
+lookup = [r for split, data, seqs in (("dev", dev, dev_seqs), ("eval", evald, eval_seqs))
+          for r in lookup_rows(data, split, seqs, p.draft_lens, costs)] if p.lookup else []
+cells = best_cells(rows + lookup, selected | {0: "lookup"}, p.top)  # prompt lookup (layer 0) competes too
+logging.info("selected heads %s; best cells %s; best exit cells %s", selected, cells, exit_cells)
 
 
 def as_csv(dict_rows):
@@ -74,12 +77,12 @@ selection = {
 # a layer whose best head is the full plain head keeps the full vocabulary only if no layer uses V
 if selection["vocab"] is not None and any(h == "plain" for h in selected.values()):
     logging.info("some layers select the full plain head; they draft with the shared draft vocabulary in the engine")
-atomic_write_text(out.csv, as_csv(rows_as_dicts(rows)))
-sweep = [r for r in rows_as_dicts(rows) if r["split"] == "dev" and r["head"] == selected.get(r["layer"])]
+atomic_write_text(out.csv, as_csv(rows_as_dicts(rows + lookup)))
+sweep = [r for r in rows_as_dicts(rows + lookup) if r["split"] == "dev" and r["head"] == (selected | {0: "lookup"}).get(r["layer"])]
 atomic_write_text(out.sweep, as_csv(sweep))
 atomic_write_text(out.selected, json.dumps(selection, indent=1))
-atomic_write_text(out.best, json.dumps({"cells": cells, "chosen_on": "dev (replay)"}, indent=1))
-atomic_write_text(out.md, markdown(rows, selected, costs)
+atomic_write_text(out.best, json.dumps({"cells": cells, "exit_cells": exit_cells, "chosen_on": "dev (replay)"}, indent=1))
+atomic_write_text(out.md, markdown(rows, selected, costs) + lookup_markdown(lookup)
                   + "\n## Best static cells (chosen on the dev split: training prompts the adapters never saw)\n\n"
                   + "\n".join(f"- L={c['exit_layer']} K={c['draft_len']} head={c['head']}: replayed {c['replay_speedup']:.3f}x on dev"
                                for c in cells) + "\n")

@@ -7,13 +7,13 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, decoder_from_selection, load_costs, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, decoder_from_selection, exit_layers, load_costs, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.distill import load_distill  # noqa: E402
 from lede.heuristics import ConfidenceThreshold  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
-from lede.policy import Autoregressive  # noqa: E402
+from lede.policy import LOOKUP, Autoregressive, Static  # noqa: E402
 from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables  # noqa: E402
 from lede.rl import RLPolicy  # noqa: E402
 
@@ -22,17 +22,20 @@ kmax = p.max_draft_len
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
 costs = load_costs(inp.heads[1], inp.heads[0])
 best = best_static_cell(inp.heads[2], kmax)
+best_exit = best_static_cell(inp.heads[2], kmax, exits_only=True)
 seqs, data, meta = load_distill(inp.distill)
 if meta.get("split") != "eval":
     raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: evaluate on held-out sequences only")
-tables = replay_tables(lm, {l: dec.head(l) for l in p.layers}, seqs, data)
+tables = replay_tables(lm, {l: dec.head(l) for l in exit_layers(p)}, seqs, data)
 replay = ReplayDecoder(lm, tables, kmax)
+lookup = LOOKUP in p.layers
 policies = [Autoregressive()]
-policies += [baseline_policy(n, p, best, costs, kmax) for n in ("best_static", "adaptive_k", "dynamic_exit")]
-policies += [ConfidenceThreshold(best[0], t, kmax) for t in (0.3, 0.5, 0.7, 0.9)]
+policies += [baseline_policy(n, p, inp.heads[2], costs, kmax) for n in ("best_static", "adaptive_k", "dynamic_exit")]
+policies += [Static(LOOKUP, k) for k in sorted({1, 2, 4, kmax}) if lookup and k <= kmax]
+policies += [ConfidenceThreshold(best_exit[0], t, kmax) for t in (0.3, 0.5, 0.7, 0.9)]
 for path in inp.policies:
     policies.append(RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers))
-policies.append(ReplayOracle(tables, costs, kmax))
+policies.append(ReplayOracle(tables, costs, kmax, lookup=lookup))
 cats = sorted({s.category for s in seqs if s.continuation})
 rows = []
 prompts = {c: [s.prompt_ids for s in seqs if s.continuation and s.category == c] for c in cats}

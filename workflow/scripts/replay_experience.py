@@ -6,7 +6,7 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, decoder_from_selection, load_costs, setup  # noqa: E402
+from _common import behaviour_policies, decoder_from_selection, exit_layers, load_costs, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.distill import load_distill  # noqa: E402
@@ -25,7 +25,7 @@ seqs, data, meta = load_distill(inp.distill)
 if meta.get("split") != "dev":
     raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: replay only the dev split's sequences "
                      "(training prompts the adapters were not distilled on)")
-replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in p.layers}, seqs, data), kmax)
+replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in exit_layers(p)}, seqs, data), kmax)
 items = [(s.uid, s.category, s.prompt_ids) for s in seqs if s.continuation]
 budget = max(len(s.continuation) for s in seqs)  # each episode runs to its stored continuation's end
 logging.info("%d training sequences x %d behaviours (replayed, up to %d tokens each)", len(items), len(behaviours), budget)
