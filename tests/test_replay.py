@@ -133,6 +133,14 @@ def test_lookup_drafts_replay_exactly_and_the_oracle_takes_them():
         assert all(r.accepted == r.drafted for r in eng.rounds if r.exit_layer == LOOKUP)  # hindsight: no waste
         took += sum(r.exit_layer == LOOKUP for r in eng.rounds)
     assert outcome[0] > 0 and outcome[1] > 0 and took > 0
+    # the exit report's lookup rows (the static sweep's layer-0 cells) are the replay of Static(LOOKUP, K)
+    from lede.report import lookup_rows
+
+    for row in lookup_rows(data, "dev", seqs, [1, 3, 6], COSTS):
+        if row.category == "all":
+            speed = replay_speed(replay, [s.prompt_ids for s in seqs], Static(LOOKUP, row.draft_len), COSTS, 40)
+            assert row.replay_speedup == pytest.approx(speed.aggregate) and row.tokens_per_round == pytest.approx(
+                speed.tokens / speed.rounds), row
 
 
 def test_collect_experience_from_replay_matches_the_engine(setup):

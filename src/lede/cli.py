@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="interleaved speed benchmark of plain decoding vs static configurations")
     _common(b)
     b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN (0:K: the engine's "
-                   "prompt lookup, K tokens at most), 'hf' (transformers' generate), 'pld' (transformers' prompt lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
+                   "prompt lookup, K tokens at most), 'hf' (transformers' generate), 'pld' (transformers' prompt "
+                   "lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
     b.add_argument("--exit-heads", help="selection file (results/exits/selected.json): exit adapters + draft vocabulary")
     b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
     b.add_argument("--data-dir", default="../shared/data", help="folder with spec_bench/, gsm8k/, nq_open/")

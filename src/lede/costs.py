@@ -8,8 +8,8 @@
     costs.at(position=1500).round_ms(8, 3)    # the same round with ~1.5k tokens in the cache
 
 ``draft_ms[L]``: one token through layers [0, L) and layer L's exit head (adapter and reduced
-vocabulary included, as the decoder is configured; ``draft_ms[0]``, with ``LOOKUP`` among the layers: one
-prompt-lookup match in the indexed context, microseconds, charged per drafted token; a context adapter's step attends over the context but
+vocabulary included, as the decoder is configured; ``draft_ms[0]``, with ``LOOKUP`` among the layers:
+one prompt-lookup match in the indexed context, microseconds, charged per drafted token; a context adapter's step attends over the context but
 excludes feeding it the verified positions, about one layer on the round's A + 1 tokens). ``verify_ms[T]``:
 T tokens through all layers and the full LM head (T = K + 1: the pending token and K drafts; T = 1 is a plain decoding step).
 Each is the median of ``repeats`` runs after warm-up, measured round-robin over all items so that
@@ -178,7 +178,7 @@ def measure_costs(
         dec._draft_step(7, layer, cache, head)
         cache.crop(ctx)
 
-    def lookup(index: NgramIndex):  # a lookup draft: the round's match in the indexed context (charged per drafted token)
+    def lookup(index: NgramIndex):  # a lookup draft: the round's match in the indexed context (charged per token)
         index._cached = None
         index.candidates(max_draft_len)
 
@@ -189,7 +189,8 @@ def measure_costs(
     items = []
     for ctx in contexts:
         cache = filled(decoder, ctx)
-        items += [((ctx, f"draft_{l}"), partial(lookup, NgramIndex(*decoder.lookup_ngram).sync(prefix[:ctx], [])) if l == LOOKUP else partial(draft, decoder, cache, ctx, l))
+        index = NgramIndex(*decoder.lookup_ngram).sync(prefix[:ctx], [])
+        items += [((ctx, f"draft_{l}"), partial(lookup, index) if l == LOOKUP else partial(draft, decoder, cache, ctx, l))
                   for l in exit_layers]
         for design, alt in alts.items():
             alt_cache = filled(alt, ctx)
@@ -222,7 +223,8 @@ def measure_costs(
             threads=torch.get_num_threads(), context_len=ctx,
             draft_ms={l: med(times[ctx, f"draft_{l}"]) for l in exit_layers},
             verify_ms={t: med(times[ctx, f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
-            draft_plain_ms={l: med(times[ctx, f"draftplain_{l}" if l != LOOKUP else f"draft_{l}"]) for l in exit_layers},
+            draft_plain_ms={l: med(times[ctx, f"draftplain_{l}" if l != LOOKUP else f"draft_{l}"])
+                            for l in exit_layers},
             draft_design_ms={d: {l: med(times[ctx, f"design_{d}_{l}"]) for l in heads if l in exit_layers}
                              for d, heads in (designs or {}).items()},
             spread={name: spread(xs) for (c, name), xs in times.items() if c == ctx},

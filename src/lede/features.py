@@ -1,9 +1,9 @@
 """The LEDE decision process: state features, the action encoding and the reward, in one place.
 
 Decisions. At the start of a round the agent picks "plain step" or a drafter from the candidate set
-C = (L_1, ..., L_m): an exit layer, or ``LOOKUP`` (0, prompt lookup: ``lede.lookup``); after every drafted token it picks "stop and verify" or "draft one more" (the loop
-also stops at the maximum draft length and the token budget). One discrete action space covers both,
-with disjoint ids (``ActionSpace``):
+C = (L_1, ..., L_m): an exit layer, or ``LOOKUP`` (0, prompt lookup: ``lede.lookup``); after every drafted
+token it picks "stop and verify" or "draft one more" (the loop also stops at the maximum draft length and the
+token budget). One discrete action space covers both, with disjoint ids (``ActionSpace``):
 
     0          plain step (no draft this round)        valid at a round start
     1 .. m     draft from C[i-1] (exit layer or lookup) valid at a round start

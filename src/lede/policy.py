@@ -25,7 +25,7 @@ import torch
 
 from lede.lookup import NgramIndex
 
-LOOKUP = 0  # the "exit layer" of the prompt-lookup drafter (``lede.lookup``): drafts copied from the context, no layer runs
+LOOKUP = 0  # the "exit layer" of the prompt-lookup drafter (``lede.lookup``): drafts copied from the context
 
 
 @dataclass

@@ -204,7 +204,8 @@ class ReplayOracle(Oracle):
             self._runs[key] = {layer: accepted_runs(torch.tensor(drafts) == c, one_seq, max_k=len(c)).tolist()
                                for layer, drafts in table.draft_token.items()}
             if self.lookup:
-                self._runs[key][LOOKUP] = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len).run
+                runs = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len)
+                self._runs[key][LOOKUP] = runs.run
         self.runs = self._runs[key]
         return super().choose_exit(state)
 

@@ -71,7 +71,8 @@ def exit_rows(
     return rows
 
 
-def lookup_rows(data: DistillSet, split: str, sequences: list, draft_lens: list[int], costs: CostModel) -> list[ReportRow]:
+def lookup_rows(data: DistillSet, split: str, sequences: list, draft_lens: list[int],
+                costs: CostModel) -> list[ReportRow]:
     """The prompt-lookup drafter (``LOOKUP``, "layer 0", head ``lookup``) replayed as Static(LOOKUP, K) along the
     same greedy continuations: a round drafts min(K, the candidates there) tokens, or is a plain step where the
     lookup finds none. ``agreement``: the share of rows whose first candidate exists and is right."""
@@ -105,11 +106,13 @@ def lookup_markdown(rows: list[ReportRow]) -> str:
         return ""
     ks = sorted({r.draft_len for r in rows})
     out = ["", "## Prompt lookup (layer 0), replayed: first candidate right / speedup per K", "",
-           "| split | category | first right | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|---|" + "---|" * len(ks)]
+           "| split | category | first right | " + " | ".join(f"K={k}" for k in ks) + " |",
+           "|---|---|---|" + "---|" * len(ks)]
     for split, cat in dict.fromkeys((r.split, r.category) for r in rows):
         mine = {r.draft_len: r for r in rows if (r.split, r.category) == (split, cat)}
         first = next(iter(mine.values())).agreement
-        out.append(f"| {split} | {cat} | {first:.3f} | " + " | ".join(f"{mine[k].replay_speedup:.3f}" for k in ks) + " |")
+        speed = " | ".join(f"{mine[k].replay_speedup:.3f}" for k in ks)
+        out.append(f"| {split} | {cat} | {first:.3f} | {speed} |")
     return "\n".join(out) + "\n"
 
 
