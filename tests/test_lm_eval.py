@@ -76,7 +76,8 @@ def test_policy_strings_and_registry_hook():
     assert isinstance(make_policy("autoregressive", lm), Autoregressive)
     p = make_policy("static:2:3", lm)
     assert isinstance(p, Static) and (p.exit_layer, p.draft_len) == (2, 3)
-    for bad, msg in [("static:9:2", r"1\.\.5"), ("static:2", "EXIT_LAYER"), ("static:a:b", "integers"),
+    assert make_policy("static:0:4", lm).name == "static_lookup_K4"  # prompt lookup
+    for bad, msg in [("static:9:2", r"1\.\.5"), ("static:-1:2", "0 for prompt lookup"), ("static:2", "EXIT_LAYER"), ("static:a:b", "integers"),
                      ("bogus", "unknown policy"), ("autoregressive:3", "no arguments")]:
         with pytest.raises(ValueError, match=msg):
             make_policy(bad, lm)

@@ -22,7 +22,7 @@ does not know the name; ``python -m lede.lm_eval_model`` is lm-eval's own CLI wi
 Model arguments (``--model_args key=value,...``):
 
 ``model``        alias, local path or hub id for :func:`lede.model.load_model` (default ``smollm2-135m``)
-``policy``       ``autoregressive`` | ``static:L:K`` | any name added with :func:`register_policy`
+``policy``       ``autoregressive`` | ``static:L:K`` (``static:0:K``: prompt lookup) | any name added with :func:`register_policy`
 ``early_exit_weights``  an early-exit artefact (:mod:`lede.early_exit`) merged into ``model`` (the -ee variant)
 ``exit_heads``   path to an exit-head selection JSON (:func:`lede.exits.heads_from_selection`)
 ``dtype``, ``device``   as for ``load_model``
@@ -113,10 +113,9 @@ def _static(args: list[str], lm: LoadedModel) -> Policy:
         layer, k = int(args[0]), int(args[1])
     except ValueError:
         raise ValueError(f"static:{':'.join(args)}: exit layer and draft length must be integers") from None
-    if not 1 <= layer <= lm.num_layers - 1:
-        raise ValueError(
-            f"static:{layer}:{k}: exit layer must be in 1..{lm.num_layers - 1} for {lm.name} ({lm.num_layers} layers)"
-        )
+    if not 0 <= layer <= lm.num_layers - 1:  # 0: prompt lookup (lede.lookup)
+        raise ValueError(f"static:{layer}:{k}: exit layer must be in 1..{lm.num_layers - 1} for {lm.name} "
+                         f"({lm.num_layers} layers), or 0 for prompt lookup")
     return Static(layer, k)
 
 
