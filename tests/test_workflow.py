@@ -74,7 +74,8 @@ def test_config_errors_stop_before_any_job(tmp_path, override, needle):
 
 def test_test_config_runs_the_whole_dag():
     out = REPO / "results-test"
-    res = smk("--cores", "2", "--configfile", ".test/config.yaml", timeout=1500)
+    # ~30 jobs, each loading the model (~20 s on a fast 2-core host, ~60 s on a slow one): 15-35 minutes
+    res = smk("--cores", "2", "--configfile", ".test/config.yaml", timeout=3000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for rel in ("exits/report.md", "exits/selected.json", "costs.json", "sweep/best_static.json", "bench/eval.md",
                 "rl/experience.parquet", "rl/experience.h5", "rl/policy_DiscreteCQL_s0.pt", "eval/summary.md",
@@ -136,7 +137,7 @@ def test_same_config_and_seeds_give_the_same_tables(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     # targets before --configfile (which takes several values)
     res = smk(str(tmp_path / "again/exits/report.csv"), str(tmp_path / "again/early_exit/report.json"),
-              "--cores", "2", "--configfile", str(tmp_path / "c.yaml"), timeout=1200)
+              "--cores", "2", "--configfile", str(tmp_path / "c.yaml"), timeout=2400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     timing = ["replay_speedup"]  # from the cost model: measured on the machine, so it varies between runs
     a = pd.read_csv(first / "exits/report.csv").drop(columns=timing)
