@@ -178,10 +178,6 @@ def measure_costs(
         dec._draft_step(7, layer, cache, head)
         cache.crop(ctx)
 
-    def lookup(index: NgramIndex):  # a lookup draft: the round's match in the indexed context (charged per token)
-        index._cached = None
-        index.candidates(max_draft_len)
-
     def verify(cache, ctx, t):
         decoder._verify([7] * t, None, cache)
         cache.crop(ctx)
@@ -189,8 +185,8 @@ def measure_costs(
     items = []
     for ctx in contexts:
         cache = filled(decoder, ctx)
-        index = NgramIndex(*decoder.lookup_ngram).sync(prefix[:ctx], [])
-        items += [((ctx, f"draft_{l}"), partial(lookup, index) if l == LOOKUP else partial(draft, decoder, cache, ctx, l))
+        index = NgramIndex(*decoder.lookup_ngram).sync(prefix[:ctx], [])  # a lookup draft: one match (per token)
+        items += [((ctx, f"draft_{l}"), index.match if l == LOOKUP else partial(draft, decoder, cache, ctx, l))
                   for l in exit_layers]
         for design, alt in alts.items():
             alt_cache = filled(alt, ctx)

@@ -50,7 +50,7 @@ from torch import nn
 
 from lede.exits import ExitHead
 from lede.model import LoadedModel
-from lede.lookup import NgramIndex
+from lede.lookup import MAX_NGRAM, MIN_NGRAM, NgramIndex
 from lede.policy import LOOKUP, Confidence, DecodeState, Policy, RoundRecord
 
 
@@ -207,7 +207,7 @@ class Decoder:
     vocabulary when it has one (an early-exit variant's exits were trained on it)."""
 
     def __init__(self, lm: LoadedModel, exit_heads: dict[int, ExitHead] | None = None, max_draft_len: int = 16,
-                 lookup_ngram: tuple[int, int] = (2, 3)):
+                 lookup_ngram: tuple[int, int] = (MIN_NGRAM, MAX_NGRAM)):
         self.lm = lm
         self.lookup_ngram = lookup_ngram  # (min, max) n-gram sizes of the LOOKUP drafter
         inner = lm.model.model

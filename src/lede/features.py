@@ -157,7 +157,7 @@ class FeatureTracker:
         """Does the last bigram / trigram of the context occur earlier, and how many tokens would a lookup draft
         propose (as a fraction of the maximum draft length)?"""
         cands = state.lookup_candidates(self.space.max_draft_len)
-        n, _ = state.lookup.match()
+        n = state.lookup.match_size()
         return float(n >= 2), float(n >= 3), len(cands) / self.space.max_draft_len
 
     def features(self, state: DecodeState, start_of_round: bool) -> np.ndarray:

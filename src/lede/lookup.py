@@ -25,18 +25,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+MIN_NGRAM, MAX_NGRAM = 2, 3  # the n-gram sizes the engine, the replay and the oracle use unless told otherwise
+
+
 class NgramIndex:
     """The most recent end position of every n-gram (min_ngram <= n <= max_ngram) of a growing token sequence,
     over the n-grams that end before its last token (so the current suffix does not find itself)."""
 
-    def __init__(self, min_ngram: int = 2, max_ngram: int = 3):
+    def __init__(self, min_ngram: int = MIN_NGRAM, max_ngram: int = MAX_NGRAM):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup n-gram sizes min={min_ngram}, max={max_ngram}: need 1 <= min <= max")
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.seq: list[int] = []
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, most recent occurrence
         self._indexed = 0  # n-grams ending at positions < _indexed are in _last
-        self._cached: tuple[int, int, list[int]] | None = None  # (len(seq), max_len, candidates)
+        self._matched: tuple[int, int, int] | None = None  # (len(seq), n, end) of the last match()
 
     def sync(self, prompt: Sequence[int], tokens: Sequence[int]) -> "NgramIndex":
         """Make the indexed sequence ``prompt + tokens`` (which only ever grows by appending tokens)."""
@@ -65,13 +68,20 @@ class NgramIndex:
                 return n, end
         return 0, -1
 
+    def _match_cached(self) -> tuple[int, int]:
+        """``match()``, computed once per length of the sequence (the engine and the features both ask a round)."""
+        if self._matched is None or self._matched[0] != len(self.seq):
+            self._matched = (len(self.seq), *self.match())
+        return self._matched[1:]
+
+    def match_size(self) -> int:
+        """n of the current match (0: none)."""
+        return self._match_cached()[0]
+
     def candidates(self, max_len: int) -> list[int]:
-        """Up to ``max_len`` tokens that followed the match (empty without one); cached until the sequence grows."""
-        key = (len(self.seq), max_len)
-        if self._cached is None or self._cached[:2] != key:
-            n, end = self.match()
-            self._cached = (*key, self.seq[end + 1 : end + 1 + max_len] if n else [])
-        return self._cached[2]
+        """Up to ``max_len`` tokens that followed the match (empty without one)."""
+        n, end = self._match_cached()
+        return self.seq[end + 1 : end + 1 + max_len] if n else []
 
 
 @dataclass
@@ -85,7 +95,8 @@ class LookupRuns:
     available: list[int]
 
 
-def lookup_runs(prompt_ids: Sequence[int], continuation: Sequence[int], min_ngram: int = 2, max_ngram: int = 3,
+def lookup_runs(prompt_ids: Sequence[int], continuation: Sequence[int], min_ngram: int = MIN_NGRAM,
+                max_ngram: int = MAX_NGRAM,
                 max_len: int = 16) -> LookupRuns:
     index = NgramIndex(min_ngram, max_ngram)
     out = LookupRuns([0], [0])
