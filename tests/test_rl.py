@@ -101,7 +101,33 @@ def test_experience_layout_and_round_trip(experience, tmp_path):
     exp.save(tmp_path / "exp")
     back = Experience.load(tmp_path / "exp")
     assert np.array_equal(back.obs, exp.obs) and np.array_equal(back.actions, exp.actions)
+    assert back.truncated == exp.truncated
     assert (tmp_path / "exp.h5").stat().st_size > 0
+    # greedy output does not depend on the policy: every episode of a prompt ends as plain decoding does
+    dec = Decoder(tiny("llama"), max_draft_len=6)
+    finish = [dec.generate(ids, Autoregressive(), max_new_tokens=24).finish_reason for _, _, ids in PROMPTS]
+    per_prompt = len(exp.behaviour) // len(PROMPTS)
+    assert exp.truncated == [f == "length" for f in finish for _ in range(per_prompt)]
+
+
+def test_budget_end_is_a_timeout_and_eos_a_terminal():
+    """A generation cut by the token budget bootstraps (timeout); one that ended at EOS is absorbing."""
+    f = len(feature_names(SPACE))
+    episode = np.array([0, 0, 0, 1, 1])
+    exp = Experience(SPACE, feature_names(SPACE), np.random.default_rng(0).normal(size=(5, f)).astype(np.float32),
+                     np.array([0, 0, 0, 0, 0]), np.ones(5, np.float32), np.array([0, 0, 1, 0, 1], np.float32), episode,
+                     ["a", "a"], ["p", "q"], ["c", "c"], {"model": "m"}, truncated=[True, False])
+    terminals, timeouts = exp.ends()
+    assert terminals.tolist() == [0, 0, 0, 0, 1] and timeouts.tolist() == [0, 0, 1, 0, 0]
+    ds = exp.mdp_dataset()
+    assert [e.terminated for e in ds.episodes] == [False, True]
+    assert [e.transition_count for e in ds.episodes] == [2, 2]  # the cut episode's last decision has no next state
+    legacy = Experience(*[getattr(exp, k) for k in ("space", "names", "obs", "actions", "rewards", "terminals", "episode",
+                                                     "behaviour", "prompt", "category")])
+    assert legacy.ends()[0].tolist() == [0, 0, 1, 0, 1]  # no flags: every end is terminal
+    with pytest.raises(PolicyError, match="truncation flags"):
+        Experience(*[getattr(exp, k) for k in ("space", "names", "obs", "actions", "rewards", "terminals", "episode",
+                                               "behaviour", "prompt", "category", "meta")], truncated=[True]).check()
 
 
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBCQ", "DiscreteBC"])

@@ -38,6 +38,15 @@ engine experience, replayed on 60 held-out sequences, ``lede.replay.replay_speed
 (γ 0.99) / 1.040× (γ 0.9), per_draft 1.028× / 1.031× — per_draft drafts longer (1.5 vs 1.25 drafts per
 round) and loses, so at_verify is the default and per_draft an ablation.
 
+Episode ends (``lede.rl.Experience.ends``). A generation that stops at EOS (or a stop string) ends the task: its
+last decision is terminal. One that stops at the token budget is cut by a time limit that is not in the state:
+its last decision is a timeout, and the Q-target bootstraps through it. Measured (2026-11-30; DiscreteCQL, 10k
+steps, γ 0.99, experience replayed along the 12 dev sequences, validated by replay on the 110 sequences the
+adapters were distilled on): 1.160× plain with and without it; kept as the correct target, not for speed. What
+did move the learned policy was how many *prompts* its experience covers: trained on replay along those 110
+sequences instead of 12, it reached 1.68× on the held-out ones (1.43× from the default pipeline's 12 prompts;
+static prompt lookup K = 3: 1.98×, the oracle 2.52×).
+
 State (``FeatureTracker.features``; cheap, computed inside the loop, names in ``feature_names``):
 phase; position and prompt length (scaled); the previous round (plain/layer one-hot, drafted and accepted
 as a fraction of the maximum, all-accepted flag); running (EMA) acceptance rate per candidate layer and

@@ -105,6 +105,9 @@ class Experience:
     prompt: list[str]  # per episode
     category: list[str]  # per episode
     meta: dict = field(default_factory=dict)
+    # per episode: did the generation stop at the token budget (a time limit, not an end of the task)? Its last
+    # decision is then no terminal for the Q-target (``mdp_dataset``). None: every episode ended at EOS.
+    truncated: list[bool] | None = None
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -116,11 +119,27 @@ class Experience:
             raise PolicyError(f"feature layout mismatch: {self.obs.shape[1]} columns, {len(self.names)} names")
         if self.names != feature_names(self.space):
             raise PolicyError("the dataset's feature names do not match this version's feature layout: recollect it")
+        if self.truncated is not None and len(self.truncated) != len(self.behaviour):
+            raise PolicyError(f"{len(self.truncated)} truncation flags for {len(self.behaviour)} episodes")
+
+    def ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per decision: (terminal, timeout) float32. A generation that ended at EOS or a stop string ends the
+        task: its last decision is terminal (nothing more to gain). One that ran out of token budget is
+        truncated by a time limit the state does not show (a user's next budget would go on decoding): its last
+        decision is a timeout, so the Q-target bootstraps instead of treating it as absorbing, and values do not
+        hinge on the unobservable distance to the budget's end (Pardo et al., 2018, "Time Limits in
+        Reinforcement Learning"). d3rlpy then drops the truncated episode's last decision, which has no next
+        state. Measured (DiscreteCQL, replayed held-out sequences): see ``lede.features``."""
+        if self.truncated is None:
+            return self.terminals, np.zeros_like(self.terminals)
+        cut = np.asarray(self.truncated, dtype=np.float32)[self.episode]
+        return self.terminals * (1.0 - cut), self.terminals * cut
 
     def mdp_dataset(self):
         import d3rlpy
 
-        return d3rlpy.dataset.MDPDataset(self.obs, self.actions, self.rewards, self.terminals,
+        terminals, timeouts = self.ends()
+        return d3rlpy.dataset.MDPDataset(self.obs, self.actions, self.rewards, terminals, timeouts=timeouts,
                                          action_size=self.space.size)
 
     def save(self, stem: str | Path) -> None:
@@ -138,6 +157,8 @@ class Experience:
         df.insert(2, "prompt", [self.prompt[e] for e in self.episode])
         df.insert(3, "category", [self.category[e] for e in self.episode])
         df["action"], df["reward"], df["terminal"] = self.actions, self.rewards, self.terminals
+        df["truncated"] = (np.asarray(self.truncated, dtype=bool)[self.episode] if self.truncated is not None
+                           else np.zeros(len(self), dtype=bool))
         with atomic_path(stem.with_suffix(".parquet")) as tmp:
             df.to_parquet(tmp, index=False)
         with atomic_path(stem.with_suffix(".h5")) as tmp, open(tmp, "w+b") as f:
@@ -169,7 +190,8 @@ class Experience:
                    [b for p in parts for b in p.behaviour], [u for p in parts for u in p.prompt],
                    [c for p in parts for c in p.category],
                    {"model": first.meta.get("model"), "reward_weight": first.meta.get("reward_weight"),
-                    "reward_credit": first.meta.get("reward_credit"), "parts": [p.meta for p in parts]})
+                    "reward_credit": first.meta.get("reward_credit"), "parts": [p.meta for p in parts]},
+                   [bool(t) for p in parts for t in (p.truncated or [False] * len(p.behaviour))])
 
     @classmethod
     def load(cls, stem: str | Path) -> "Experience":
@@ -182,11 +204,13 @@ class Experience:
         df = pd.read_parquet(stem.with_suffix(".parquet"))
         space = ActionSpace(tuple(layout["exit_layers"]), layout["max_draft_len"])
         names = layout["features"]
+        if "truncated" not in df.columns:
+            raise PolicyError(f"{stem}.parquet has no 'truncated' column (written by an older version): recollect it")
         episodes = df.groupby("episode", sort=True).first()
         exp = cls(space, names, df[names].to_numpy(np.float32), df["action"].to_numpy(np.int64),
                   df["reward"].to_numpy(np.float32), df["terminal"].to_numpy(np.float32),
                   df["episode"].to_numpy(np.int64), episodes["behaviour"].tolist(), episodes["prompt"].tolist(),
-                  episodes["category"].tolist(), layout.get("meta", {}))
+                  episodes["category"].tolist(), layout.get("meta", {}), episodes["truncated"].astype(bool).tolist())
         exp.check()
         return exp
 
@@ -203,7 +227,7 @@ def collect_experience(
     if credit not in CREDITS:
         raise ValueError(f"unknown reward credit {credit!r}: use one of {', '.join(CREDITS)}")
     obs, actions, rewards, terminals, episode = [], [], [], [], []
-    beh, pr, cat = [], [], []
+    beh, pr, cat, cut = [], [], [], []
     bar = tqdm(total=len(prompts) * len(behaviours), desc="experience", disable=not progress, mininterval=10)
     for uid, category, ids in prompts:
         for policy in behaviours:
@@ -222,13 +246,14 @@ def collect_experience(
             beh.append(policy.name)
             pr.append(uid)
             cat.append(category)
+            cut.append(out.finish_reason == "length")
             bar.update()
     bar.close()
     exp = Experience(space, feature_names(space), np.asarray(obs, np.float32).reshape(-1, len(feature_names(space))),
                      np.asarray(actions, np.int64), np.asarray(rewards, np.float32), np.asarray(terminals, np.float32),
                      np.asarray(episode, np.int64), beh, pr, cat,
                      {"model": decoder.lm.name, "reward_weight": reward_weight, "reward_credit": credit,
-                      "max_new_tokens": max_new_tokens})
+                      "max_new_tokens": max_new_tokens}, cut)
     if hasattr(decoder, "approx_decisions"):  # a replay
         exp.meta["replay"] = {"decisions": decoder.decisions, "approx_decisions": decoder.approx_decisions}
     exp.check()
