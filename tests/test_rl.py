@@ -122,12 +122,11 @@ def test_budget_end_is_a_timeout_and_eos_a_terminal():
     ds = exp.mdp_dataset()
     assert [e.terminated for e in ds.episodes] == [False, True]
     assert [e.transition_count for e in ds.episodes] == [2, 2]  # the cut episode's last decision has no next state
-    legacy = Experience(*[getattr(exp, k) for k in ("space", "names", "obs", "actions", "rewards", "terminals", "episode",
-                                                     "behaviour", "prompt", "category")])
+    fields = ("space", "names", "obs", "actions", "rewards", "terminals", "episode", "behaviour", "prompt", "category")
+    legacy = Experience(*[getattr(exp, k) for k in fields])
     assert legacy.ends()[0].tolist() == [0, 0, 1, 0, 1]  # no flags: every end is terminal
     with pytest.raises(PolicyError, match="truncation flags"):
-        Experience(*[getattr(exp, k) for k in ("space", "names", "obs", "actions", "rewards", "terminals", "episode",
-                                               "behaviour", "prompt", "category", "meta")], truncated=[True]).check()
+        Experience(*[getattr(exp, k) for k in (*fields, "meta")], truncated=[True]).check()
 
 
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBCQ", "DiscreteBC"])
