@@ -96,8 +96,7 @@ class LookupRuns:
 
 
 def lookup_runs(prompt_ids: Sequence[int], continuation: Sequence[int], min_ngram: int = MIN_NGRAM,
-                max_ngram: int = MAX_NGRAM,
-                max_len: int = 16) -> LookupRuns:
+                max_ngram: int = MAX_NGRAM, max_len: int = 16) -> LookupRuns:
     index = NgramIndex(min_ngram, max_ngram)
     out = LookupRuns([0], [0])
     for j in range(1, len(continuation)):

@@ -129,11 +129,17 @@ class Experience:
         decision is a timeout, so the Q-target bootstraps instead of treating it as absorbing, and values do not
         hinge on the unobservable distance to the budget's end (Pardo et al., 2018, "Time Limits in
         Reinforcement Learning"). d3rlpy then drops the truncated episode's last decision, which has no next
-        state. Measured (DiscreteCQL, replayed held-out sequences): see ``lede.features``."""
-        if self.truncated is None:
-            return self.terminals, np.zeros_like(self.terminals)
-        cut = np.asarray(self.truncated, dtype=np.float32)[self.episode]
+        state. Measured (DiscreteCQL, replay on a validation split): see ``lede.features``."""
+        cut = self._truncated_rows().astype(np.float32)
         return self.terminals * (1.0 - cut), self.terminals * cut
+
+    def _truncated_flags(self) -> list[bool]:
+        """Per episode (all False when the dataset carries no flags)."""
+        return [bool(t) for t in self.truncated] if self.truncated is not None else [False] * len(self.behaviour)
+
+    def _truncated_rows(self) -> np.ndarray:
+        """Per decision: its episode's truncation flag [N] bool."""
+        return np.asarray(self._truncated_flags(), dtype=bool)[self.episode]
 
     def mdp_dataset(self):
         import d3rlpy
@@ -157,8 +163,7 @@ class Experience:
         df.insert(2, "prompt", [self.prompt[e] for e in self.episode])
         df.insert(3, "category", [self.category[e] for e in self.episode])
         df["action"], df["reward"], df["terminal"] = self.actions, self.rewards, self.terminals
-        df["truncated"] = (np.asarray(self.truncated, dtype=bool)[self.episode] if self.truncated is not None
-                           else np.zeros(len(self), dtype=bool))
+        df["truncated"] = self._truncated_rows()
         with atomic_path(stem.with_suffix(".parquet")) as tmp:
             df.to_parquet(tmp, index=False)
         with atomic_path(stem.with_suffix(".h5")) as tmp, open(tmp, "w+b") as f:
@@ -191,7 +196,7 @@ class Experience:
                    [c for p in parts for c in p.category],
                    {"model": first.meta.get("model"), "reward_weight": first.meta.get("reward_weight"),
                     "reward_credit": first.meta.get("reward_credit"), "parts": [p.meta for p in parts]},
-                   [bool(t) for p in parts for t in (p.truncated or [False] * len(p.behaviour))])
+                   [t for p in parts for t in p._truncated_flags()])
 
     @classmethod
     def load(cls, stem: str | Path) -> "Experience":
