@@ -94,3 +94,24 @@ def test_unknown_and_unsupported_models(tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ModelError, match="unsupported architecture model_type='gpt2'"):
         load_model(str(tmp_path / "gpt2"))
+
+
+def test_gguf_converted_once_loads_the_same_model(smollm2, tmp_path):
+    """The cache_dir route (the pipeline's model_cache) gives the GGUF load's weights bit for bit, the same
+    tokenizer, chat template and EOS ids, and the same name; it keys the folder on the GGUF's content."""
+    from lede.model import converted_dir
+
+    cached = load_model("smollm2-135m", dtype="float32", device="cpu", cache_dir=tmp_path)
+    folder = converted_dir("smollm2-135m", tmp_path)
+    assert folder.is_dir() and [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary left
+    assert cached.name == smollm2.name == "smollm2-135m"
+    a, b = smollm2.model.state_dict(), cached.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    assert cached.eos_token_ids == smollm2.eos_token_ids
+    for text in PROMPTS:
+        assert cached.encode_chat(text) == smollm2.encode_chat(text)
+    dec = Decoder(cached)
+    ids = cached.encode_chat(PROMPTS[0])
+    assert dec.generate(ids, Static(4, 2), max_new_tokens=8).token_ids == \
+        Decoder(smollm2).generate(ids, Static(4, 2), max_new_tokens=8).token_ids

@@ -21,6 +21,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias smollm2-135m, a local path or a Hugging Face id")
     p.add_argument("--early-exit-weights", metavar="FILE",
                    help="an early-exit artefact (snakemake early_exit) merged into the model: the -ee variant")
+    p.add_argument("--model-cache", metavar="DIR", default="resources/models",
+                   help="where the GGUF alias is converted once (then loads in ~1 s); '' for none")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, and recorded, for benchmarks)")
@@ -68,7 +70,8 @@ def cmd_generate(args) -> int:
         raise SystemExit("error: empty prompt: pass --prompt 'some text'")
     if not args.autoregressive and (args.exit_layer is None or args.draft_len is None):
         raise SystemExit("error: pass --exit-layer and --draft-len, or --autoregressive for plain decoding")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
+                    cache_dir=args.model_cache or None)
     policy = Autoregressive() if args.autoregressive else Static(args.exit_layer, args.draft_len)
     dec = Decoder(lm, max_draft_len=args.max_draft_len)
     ids = lm.encode_chat(args.prompt) if not args.raw else lm.tokenizer(args.prompt)["input_ids"]
@@ -96,7 +99,8 @@ def cmd_bench(args) -> int:
         cats = args.categories.split(",") if args.categories else None
         prompts = prompt_pool(args.data_dir, args.split, categories=cats, per_category=args.per_category,
                               include_extra=False)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
+                    cache_dir=args.model_cache or None)
     heads = {}
     if args.exit_heads:  # the selection file of the workflow's exit_report (adapters + draft vocabulary)
         from lede.exits import load_exit_heads

@@ -26,6 +26,7 @@ Model arguments (``--model_args key=value,...``):
 ``early_exit_weights``  an early-exit artefact (:mod:`lede.early_exit`) merged into ``model`` (the -ee variant)
 ``exit_heads``   path to an exit-head selection JSON (:func:`lede.exits.heads_from_selection`)
 ``dtype``, ``device``   as for ``load_model``
+``model_cache``  folder where the GGUF alias is converted once (``load_model``'s ``cache_dir``; default none)
 ``max_gen_toks`` default generation budget when a task does not set one (256)
 ``max_length``   context window in tokens (default: the model's ``max_position_embeddings``)
 ``on_overflow``  ``truncate`` (default): a prompt that does not fit ``max_length - max_gen_toks`` is
@@ -152,6 +153,7 @@ class LedeLM(TemplateLM):
         policy: str | Policy = "autoregressive",
         exit_heads: str | None = None,
         early_exit_weights: str | None = None,
+        model_cache: str | None = None,
         dtype: str | None = None,
         device: str | None = None,
         max_gen_toks: int = 256,
@@ -170,7 +172,7 @@ class LedeLM(TemplateLM):
         if unknown:
             raise TypeError(
                 f"unknown model_args for lede: {', '.join(sorted(unknown))}. Accepted: model, policy, exit_heads, early_exit_weights, "
-                "dtype, device, max_gen_toks, max_length, on_overflow, seed, speed_log, prefix_token_id, "
+                "model_cache, dtype, device, max_gen_toks, max_length, on_overflow, seed, speed_log, prefix_token_id, "
                 "add_special_tokens"
             )
         if on_overflow not in ("truncate", "error"):
@@ -182,7 +184,8 @@ class LedeLM(TemplateLM):
             log.warning("lede: device %s requested but CUDA is not available; using the CPU", device)
             device = "cpu"
         self.lm = loaded if loaded is not None else load_model(str(model), dtype=dtype, device=device,
-                                                                       early_exit_weights=early_exit_weights)
+                                                                       early_exit_weights=early_exit_weights,
+                                                                       cache_dir=model_cache)
         self.tokenizer = self.lm.tokenizer
         self.policy_spec = policy if isinstance(policy, str) else getattr(policy, "name", str(policy))
         self.policy = make_policy(policy, self.lm)

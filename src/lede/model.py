@@ -3,17 +3,27 @@
     from lede.model import load_model
     lm = load_model("smollm2-135m")          # the embedded default, offline
     lm = load_model("facebook/layerskip-llama3.2-1B", dtype="bfloat16", device="cuda")
+    lm = load_model("smollm2-135m", cache_dir="resources/models")  # GGUF converted once, then ~1 s a load
 
 Supported architectures are the LLaMA family as implemented by transformers (see
 ``SUPPORTED_MODEL_TYPES``): a token embedding, a stack of pre-norm decoder layers that take
 ``(hidden, attention_mask, position_embeddings, cache)``, a final RMSNorm and an LM head.
 Anything else is refused with a clear error rather than decoded wrongly.
+
+The embedded default ships as a GGUF file, which transformers parses and de-quantizes at every load (~40 s
+on a slow 2-core CPU, config alone ~8 s). With ``cache_dir`` the weights are converted once to a plain
+transformers folder (float32 safetensors, tokenizer, chat template; bit-identical weights) named by the GGUF's
+sha256, and later loads read that folder (~1 s). The pipeline passes the config key ``model_cache``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,9 +155,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _resolve(spec: str) -> tuple[str, dict]:
-    """(source, extra from_pretrained kwargs) for an alias, a local path or a hub id."""
+def _resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """(source, extra from_pretrained kwargs) for an alias, a local path or a hub id; the alias's converted
+    folder when ``cache_dir`` holds one."""
     if spec == SMOLLM2_ALIAS:
+        if cache_dir is not None and (done := converted_dir(spec, cache_dir)).is_dir():
+            return str(done), {}
         gguf = smollm2_gguf_path()
         return str(gguf.parent), {"gguf_file": gguf.name}
     if Path(spec).exists() or _HUB_ID.match(spec):
@@ -158,11 +171,61 @@ def _resolve(spec: str) -> tuple[str, dict]:
     )
 
 
-def load_config(spec: str):
+def converted_dir(spec: str, cache_dir: str | os.PathLike) -> Path:
+    """Where ``load_model(spec, cache_dir=...)`` keeps a GGUF alias converted to safetensors: one folder per
+    GGUF content, so a new release of the package's file is converted again, never mixed up."""
+    gguf = smollm2_gguf_path()
+    stat = gguf.stat()
+    return Path(cache_dir) / f"{spec}-{_sha256(str(gguf), stat.st_size, stat.st_mtime_ns)[:16]}"
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is hashed again
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(spec: str, cache_dir: str | os.PathLike) -> Path:
+    """Convert a GGUF alias to a transformers folder under ``cache_dir`` (float32, as de-quantized: the
+    weights are bit-identical; the tokenizer and chat template are saved with them); returns the folder.
+    Written beside it and renamed, so a killed conversion leaves nothing and two concurrent ones one copy."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dest = converted_dir(spec, cache_dir)
+    if dest.is_dir():
+        return dest
+    gguf = smollm2_gguf_path()
+    source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # weights are de-quantized: the folder is a plain float32 checkpoint
+    # a plain model with the de-quantized weights (transformers refuses to save a GGUF-loaded one)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source, **kwargs).save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # not lost to a concurrent conversion: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def load_config(spec: str, cache_dir: str | os.PathLike | None = None):
     """The model's transformers config (no weights loaded); refuses unsupported architectures."""
     from transformers import AutoConfig
 
-    source, kwargs = _resolve(spec)
+    source, kwargs = _resolve(spec, cache_dir)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -176,9 +239,9 @@ def load_config(spec: str):
     return config
 
 
-def model_depth(spec: str) -> int:
+def model_depth(spec: str, cache_dir: str | os.PathLike | None = None) -> int:
     """The number of decoder layers of a model, from its config alone."""
-    return int(load_config(spec).num_hidden_layers)
+    return int(load_config(spec, cache_dir).num_hidden_layers)
 
 
 def load_model(
@@ -187,6 +250,7 @@ def load_model(
     device: str | torch.device | None = None,
     fast_linear: bool = True,
     early_exit_weights: str | Path | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
@@ -195,6 +259,8 @@ def load_model(
     ``early_exit_weights``: an artefact of ``lede.early_exit`` for this base model; its deltas are merged
     into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
     (``smollm2-135m-ee``): then the weights are required.
+    ``cache_dir``: convert a GGUF alias there once (:func:`convert_gguf`) and load the converted folder;
+    ignored for other specs, whose checkpoints are already in transformers' format.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,8 +278,10 @@ def load_model(
     spec = base
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    load_config(spec)  # clear errors for unknown or unsupported models before loading weights
-    source, kwargs = _resolve(spec)
+    load_config(spec, cache_dir)  # clear errors for unknown or unsupported models before loading weights
+    if cache_dir is not None and spec == SMOLLM2_ALIAS:
+        convert_gguf(spec, cache_dir)
+    source, kwargs = _resolve(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model.to(dev).eval()

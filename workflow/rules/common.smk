@@ -28,7 +28,7 @@ def _check_config():
     except DataError as err:
         raise WorkflowError(f"config key data_dir={config['data_dir']!r}: {err}")
     try:
-        depth = model_depth(config["model"])
+        depth = model_depth(config["model"], cache_dir=config.get("model_cache"))  # fast once converted
     except ModelError as err:
         raise WorkflowError(f"config key model={config['model']!r}: {err}")
     ee_bad = [l for l in config["early_exit"]["exit_layers"] if not 1 <= l <= depth - 1]

@@ -5,8 +5,14 @@ import logging
 import sys
 from pathlib import Path
 
+# config key model_cache: where the GGUF alias is converted once (lede.model.convert_gguf). Read from the config,
+# not from params: it changes no output, and a params change would rerun every job.
+MODEL_CACHE = None
+
 
 def setup(snakemake):
+    global MODEL_CACHE
+    MODEL_CACHE = snakemake.config.get("model_cache")
     log = open(snakemake.log[0], "w", buffering=1)
     sys.stdout = sys.stderr = log  # tqdm progress and warnings go to the rule's log
     logging.basicConfig(stream=log, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -18,12 +24,13 @@ def setup(snakemake):
     return snakemake.params
 
 
-def load_lm(params, device=None, fast_linear=True):
-    """The studied model: the base model, or its early-exit variant when the config enables it."""
+def load_lm(params, device=None, fast_linear=True, early_exit_weights=None):
+    """The studied model: the base model, or its early-exit variant when the config enables it (or when
+    ``early_exit_weights`` is given: the variant of the params' base model)."""
     from lede.model import load_model
 
     return load_model(params.model, dtype=params.dtype, device=device or params.device, fast_linear=fast_linear,
-                      early_exit_weights=params.get("early_exit_weights"))
+                      early_exit_weights=early_exit_weights or params.get("early_exit_weights"), cache_dir=MODEL_CACHE)
 
 
 def first_per_category(pool, take, exclude=frozenset()):

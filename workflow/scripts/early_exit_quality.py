@@ -6,17 +6,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import setup  # noqa: E402
+from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-from lede.model import load_model  # noqa: E402
 from lede.parity import compare_models  # noqa: E402
 
 out_dir = Path(snakemake.output.md).parent  # noqa: F821
-base = load_model(p.model, dtype=p.dtype, device=p.device)
-variant = load_model(p.model, dtype=p.dtype, device=p.device, early_exit_weights=snakemake.input.weights)  # noqa: F821
+base = load_lm(p)  # these rules' params name the base model (common_params(base=True))
+variant = load_lm(p, early_exit_weights=snakemake.input.weights)  # noqa: F821
 report = compare_models(out_dir, base, variant, tasks=list(p.tasks), data_dir=p.data_dir, limit=p.limit,
                         gen_kwargs={"max_gen_toks": p.max_gen_toks})
 logging.info("\n%s", (out_dir / "parity.md").read_text())

@@ -5,14 +5,13 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import setup  # noqa: E402
+from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.distill import Sequence, greedy_continuations  # noqa: E402
 from lede.distill import load_teacher  # noqa: E402
 from lede.early_exit import read_early_exit, teacher_forced_agreement  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
-from lede.model import load_model  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 base_seqs, meta = load_teacher(inp.teacher)
@@ -20,8 +19,8 @@ blob = read_early_exit(inp.weights)
 ee = blob["meta"]
 vocab = blob["vocab"]
 layers = sorted(set(p.layers) | set(ee["recipe"]["exit_layers"]))
-base = load_model(p.model, dtype=p.dtype, device=p.device)
-variant = load_model(p.model, dtype=p.dtype, device=p.device, early_exit_weights=inp.weights)
+base = load_lm(p)  # these rules' params name the base model (common_params(base=True))
+variant = load_lm(p, early_exit_weights=inp.weights)
 
 # the variant's own greedy continuations of the same prompts (its exits are drafted against these)
 conts = greedy_continuations(variant, [s.prompt_ids for s in base_seqs], p.max_new_tokens, batch_size=p.batch_size)
