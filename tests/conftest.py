@@ -42,6 +42,8 @@ class Scripted:
 
 @pytest.fixture(scope="session")
 def smollm2():
+    """Through the workflow's model cache (config key model_cache), so the workflow tests find it converted;
+    test_smollm2 checks it against a direct GGUF load."""
     from lede.model import load_model
 
-    return load_model("smollm2-135m", dtype="float32", device="cpu")
+    return load_model("smollm2-135m", dtype="float32", device="cpu", cache_dir=REPO / "resources/models")

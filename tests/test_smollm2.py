@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Scripted
+from conftest import REPO, Scripted
 from lede import Autoregressive, Decoder, RandomSchedule, Static
 from lede.model import ModelError, load_model
 
@@ -97,21 +97,21 @@ def test_unknown_and_unsupported_models(tmp_path):
 
 
 def test_gguf_converted_once_loads_the_same_model(smollm2, tmp_path):
-    """The cache_dir route (the pipeline's model_cache) gives the GGUF load's weights bit for bit, the same
-    tokenizer, chat template and EOS ids, and the same name; it keys the folder on the GGUF's content."""
+    """The cache_dir route (the pipeline's model_cache; the fixture loads through it) gives the GGUF load's
+    weights bit for bit, the same tokenizer, chat template and EOS ids, and the same name; the folder is keyed
+    on the GGUF's content and a fresh conversion leaves no temporary behind."""
     from lede.model import converted_dir
 
-    cached = load_model("smollm2-135m", dtype="float32", device="cpu", cache_dir=tmp_path)
-    folder = converted_dir("smollm2-135m", tmp_path)
-    assert folder.is_dir() and [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary left
-    assert cached.name == smollm2.name == "smollm2-135m"
-    a, b = smollm2.model.state_dict(), cached.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    direct = load_model("smollm2-135m", dtype="float32", device="cpu")  # from the GGUF, no cache
+    folder = converted_dir("smollm2-135m", REPO / "resources/models")
+    assert folder.is_dir() and not list(folder.parent.glob("*.tmp*"))
     assert "quantization_config" not in (folder / "config.json").read_text()
-    assert cached.eos_token_ids == smollm2.eos_token_ids
+    assert smollm2.name == direct.name == "smollm2-135m"
+    a, b = direct.model.state_dict(), smollm2.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert smollm2.eos_token_ids == direct.eos_token_ids
     for text in PROMPTS:
-        assert cached.encode_chat(text) == smollm2.encode_chat(text)
-    dec = Decoder(cached)
-    ids = cached.encode_chat(PROMPTS[0])
-    assert dec.generate(ids, Static(4, 2), max_new_tokens=8).token_ids == \
+        assert smollm2.encode_chat(text) == direct.encode_chat(text)
+    ids = direct.encode_chat(PROMPTS[0])
+    assert Decoder(direct).generate(ids, Static(4, 2), max_new_tokens=8).token_ids == \
         Decoder(smollm2).generate(ids, Static(4, 2), max_new_tokens=8).token_ids
