@@ -39,6 +39,10 @@ def _check_config():
     if weights is not None and len(weights) != len(config["early_exit"]["exit_layers"]):
         raise WorkflowError(f"config key early_exit.exit_weights={weights}: give one weight per exit layer "
                             f"{config['early_exit']['exit_layers']} (or null)")
+    dev, engine = config["policy"]["dev_per_category"], config["policy"]["collect"]["per_category"]
+    if engine > dev:
+        raise WorkflowError(f"config key policy.collect.per_category={engine} exceeds policy.dev_per_category={dev}: "
+                            "the engine collects on the first prompts of the dev split; lower it or enlarge the split")
     bad = [l for l in LAYERS if not 1 <= l <= depth - 1]
     if bad:
         raise WorkflowError(

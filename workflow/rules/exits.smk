@@ -17,7 +17,7 @@ rule distill_data:
         data_dir=config["data_dir"],
         layers=LAYERS,
         prompts=lambda wc: EXITS["eval" if wc.split == "eval" else "train"],  # only the settings this split reads
-        dev_per_category=lambda wc: POLICY["collect"]["per_category"] if wc.split == "dev" else 0,
+        dev_per_category=lambda wc: POLICY["dev_per_category"] if wc.split == "dev" else 0,
         batch_size=EXITS["train"]["batch_size"],
     wildcard_constraints:
         split="train|dev|eval",

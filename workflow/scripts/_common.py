@@ -193,7 +193,7 @@ def policy_train_prompts(params, per_category, extra_gsm8k=0):
         raise SystemExit(
             "not enough training prompts that the exit adapters were not distilled on: "
             + ", ".join(f"{c} has {n} of the {take[c]} needed" for c, n in short.items())
-            + ": lower exits.train.spec_bench_per_category (exits.train.gsm8k for gsm8k) or policy.collect.per_category")
+            + ": lower exits.train.spec_bench_per_category (exits.train.gsm8k for gsm8k) or policy.dev_per_category")
     return out
 
 
