@@ -331,7 +331,8 @@ def test_smollm2_parity_in_process_and_command_line(smollm2, tmp_path):
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
     cli = subprocess.Popen(
         [sys.executable, "-m", "lede.lm_eval_model", "run", "--model", "lede", "--model_args",
-         f"model=smollm2-135m,policy=static:8:4,speed_log={cli_out / 'speed.jsonl'}", "--device", "cpu",
+         f"model=smollm2-135m,model_cache={REPO / 'resources/models'},policy=static:8:4,"
+         f"speed_log={cli_out / 'speed.jsonl'}", "--device", "cpu",
          "--tasks", "lede_spec_bench_qa", "--metadata", f"data_dir={DATA_DIR}", "--apply_chat_template",
          "--limit", "1", "--gen_kwargs", "max_gen_toks=4", "--log_samples", "--output_path", str(cli_out)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
