@@ -192,7 +192,9 @@ def convert_gguf(spec: str, cache_dir: str | os.PathLike) -> Path:
     """Convert a GGUF alias to a transformers folder under ``cache_dir`` (float32, as de-quantized: the
     weights are bit-identical; the tokenizer and chat template are saved with them); returns the folder.
     Written beside it and renamed, so a killed conversion leaves nothing and two concurrent ones one copy."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest = converted_dir(spec, cache_dir)
     if dest.is_dir():
@@ -200,7 +202,7 @@ def convert_gguf(spec: str, cache_dir: str | os.PathLike) -> Path:
     gguf = smollm2_gguf_path()
     source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    config = copy.deepcopy(loaded.config)  # not parsed from the GGUF again (~7 s on a slow CPU)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are de-quantized: the folder is a plain float32 checkpoint
     # a plain model with the de-quantized weights (transformers refuses to save a GGUF-loaded one)
@@ -278,9 +280,9 @@ def load_model(
     spec = base
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    load_config(spec, cache_dir)  # clear errors for unknown or unsupported models before loading weights
     if cache_dir is not None and spec == SMOLLM2_ALIAS:
-        convert_gguf(spec, cache_dir)
+        convert_gguf(spec, cache_dir)  # first, so that the check below reads the folder, not the GGUF
+    load_config(spec, cache_dir)  # clear errors for unknown or unsupported models before loading weights
     source, kwargs = _resolve(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
