@@ -27,7 +27,8 @@ def policy_file(tmp_path_factory):
     behaviours = [Static(1, 2), Static(3, 1), RandomSchedule(list(LAYERS), 6, seed=0), Autoregressive()]
     exp = collect_experience(Decoder(lm, max_draft_len=6), prompts, behaviours, ActionSpace(LAYERS, 6), costs, 16,
                              progress=False)
-    res = train_policy(exp, n_steps=40, n_steps_per_epoch=40, log_dir=tmp / "logs", fqe_steps=20)
+    res = train_policy(exp, n_steps=40, n_steps_per_epoch=40, log_dir=tmp / "logs", fqe_steps=20,
+                       target_update_interval=10)
     res.policy.save(tmp / "policy.pt")
     return tmp / "policy.pt"
 

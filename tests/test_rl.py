@@ -132,7 +132,7 @@ def test_budget_end_is_a_timeout_and_eos_a_terminal():
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBCQ", "DiscreteBC"])
 def test_train_and_decode_exactly(experience, tmp_path, algo):
     res = train_policy(experience, algo=algo, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs",
-                       fqe_steps=100, eval_episodes=3)
+                       fqe_steps=100, eval_episodes=3, target_update_interval=50)
     assert len(res.history) == 2
     # per-epoch metrics on a strided sample of episodes, not all of them
     assert 2 <= res.policy.info["eval_episodes"] <= 3 < res.policy.info["episodes"]
@@ -171,6 +171,8 @@ def test_empty_and_mismatched_datasets_fail_clearly(experience):
         train_policy(experience, algo="PPO")
     with pytest.raises(ValueError, match="eval_episodes=0"):
         train_policy(experience, eval_episodes=0)
+    with pytest.raises(ValueError, match="target network would never be updated"):
+        train_policy(experience, n_steps=200, target_update_interval=500)
     anonymous = Experience(*[getattr(experience, f) for f in ("space", "names", "obs", "actions", "rewards", "terminals",
                                                               "episode", "behaviour", "prompt", "category")])
     with pytest.raises(PolicyError, match="which model"):  # a policy must name the model it was trained for

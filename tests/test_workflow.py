@@ -54,6 +54,7 @@ def test_lint_and_dry_runs():
     ("parity={'methods': ['oracle']}", "parity"),
     ("parity={'tasks': ['gsm8k']}", "parity"),
     ("policy={'collect': {'per_category': 2}}", "policy.collect.per_category=2 exceeds policy.dev_per_category=1"),
+    ("policy={'target_update_interval': 500}", "policy.target_update_interval=500 exceeds policy.n_steps=200"),
 ])
 def test_config_errors_stop_before_any_job(tmp_path, override, needle):
     cfg = tmp_path / "c.yaml"

@@ -43,6 +43,10 @@ def _check_config():
     if engine > dev:
         raise WorkflowError(f"config key policy.collect.per_category={engine} exceeds policy.dev_per_category={dev}: "
                             "the engine collects on the first prompts of the dev split; lower it or enlarge the split")
+    steps, tui = config["policy"]["n_steps"], config["policy"]["target_update_interval"]
+    if tui > steps:
+        raise WorkflowError(f"config key policy.target_update_interval={tui} exceeds policy.n_steps={steps}: the "
+                            "Q-learning target network would never be updated; lower it (e.g. n_steps / 10)")
     bad = [l for l in LAYERS if not 1 <= l <= depth - 1]
     if bad:
         raise WorkflowError(

@@ -74,6 +74,7 @@ rule train_policy:
         hidden_units=POLICY["hidden_units"],
         eval_episodes=POLICY["eval_episodes"],
         gamma=POLICY["gamma"],
+        target_update_interval=POLICY["target_update_interval"],
         logs=f"{R}/rl/logs",
     wildcard_constraints:
         algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC",
