@@ -15,7 +15,8 @@ from lede.features import ActionSpace, decision_rewards
 from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
 from lede.oracle import Oracle, oracle_runs
 from lede.policy import LOOKUP
-from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables
+from lede.replay import (ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables,
+                         select_by_replay)
 from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
 
 LAYERS = (1, 3, 5)
@@ -210,6 +211,19 @@ def test_replayed_speed_is_the_engines_rounds_timed_by_the_cost_model(setup):
     best = replay_speed(replay, prompts, oracle, COSTS, max_new_tokens=40)
     for policy in [Static(l, k) for l in DRAFTERS for k in (1, 2, 5)]:
         assert best.aggregate >= replay_speed(replay, prompts, policy, COSTS, max_new_tokens=40).aggregate - 1e-9
+
+
+def test_selection_by_replay_takes_the_fastest_candidate(setup):
+    lm, dec, seqs, replay = setup
+    prompts = [s.prompt_ids for s in seqs]
+    candidates = [Autoregressive(), Static(1, 5), ReplayOracle(replay.tables, COSTS, 6, lookup=True), Static(3, 2)]
+    sel = select_by_replay(replay, prompts, candidates, COSTS, max_new_tokens=30)
+    expected = [replay_speed(replay, prompts, p, COSTS, max_new_tokens=30).median for p in candidates]
+    assert sel.medians == pytest.approx(expected)
+    assert sel.best == 2 and sel.medians[2] > 1.0 == sel.medians[0]  # the oracle, never plain decoding
+    assert select_by_replay(replay, prompts, [Autoregressive(), Autoregressive()], COSTS, 30).best == 0  # ties: first
+    with pytest.raises(ValueError, match="at least one"):
+        select_by_replay(replay, prompts, [], COSTS)
 
 
 def test_unknown_prompts_and_layers_fail_clearly(setup):

@@ -91,6 +91,12 @@ def test_test_config_runs_the_whole_dag():
     assert json.loads((out / "exits/selected.json").read_text())["model"] == "smollm2-135m-ee"
     summary = (out / "eval/summary.md").read_text()
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
+    # policy.restarts: 2 -> two training runs, the one that replays fastest on the dev sequences kept
+    from lede.rl import RLPolicy
+
+    restarts = RLPolicy.load(out / "rl/policy_DiscreteCQL_s0.pt").pf.info["restarts"]
+    assert restarts["seeds"] == [0, 1000] and len(restarts["dev_replay_median"]) == 2
+    assert restarts["chosen_seed"] == restarts["seeds"][max(range(2), key=lambda i: (restarts["dev_replay_median"][i], -i))]
     again = smk("-n", "--configfile", ".test/config.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     # editing one notebook reruns its rule alone (dry run; the file is put back afterwards). Snakemake 9 compares

@@ -64,7 +64,12 @@ rule train_policy:
         model_files=MODEL_FILES,
         exp=multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
         replay=multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json") if POLICY["replay"]["enabled"] else [],
-        code=src("rl", "features"),
+        # restarts > 1: candidates replayed on the dev split's sequences, the fastest kept
+        heads=HEADS if POLICY["restarts"] > 1 else [],
+        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS)
+        if POLICY["restarts"] > 1 else [],
+        distill=f"{R}/exits/distill_dev.pt" if POLICY["restarts"] > 1 else [],
+        code=src("rl", "features", "replay"),
     output:
         policy=f"{R}/rl/policy_{{algo}}_s{{seed}}.pt",
         history=f"{R}/rl/history_{{algo}}_s{{seed}}.csv",
@@ -75,6 +80,10 @@ rule train_policy:
         eval_episodes=POLICY["eval_episodes"],
         gamma=POLICY["gamma"],
         target_update_interval=POLICY["target_update_interval"],
+        restarts=POLICY["restarts"],
+        layers=DRAFTERS,
+        max_draft_len=POLICY["max_draft_len"],
+        max_new_tokens=config["exits"]["eval"]["max_new_tokens"],
         logs=f"{R}/rl/logs",
     wildcard_constraints:
         algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC",

@@ -1,27 +1,55 @@
-"""Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed)."""
+"""Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed). With
+``policy.restarts`` > 1 it trains that many candidates (d3rlpy seeds seed, seed + 1000, ...) and keeps the one
+with the highest median replayed speedup on the dev split's sequences (training prompts; src/lede/replay.py,
+select_by_replay)."""
 
 import csv
 import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import setup  # noqa: E402
+from _common import decoder_from_selection, exit_layers, load_costs, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.io import atomic_path  # noqa: E402
-from lede.rl import Experience, train_policy  # noqa: E402
+from lede.rl import Experience, RLPolicy, train_policy  # noqa: E402
 
-w = snakemake.wildcards  # noqa: F821
-parts = [Experience.load(snakemake.input.exp[0].removesuffix(".parquet"))]  # noqa: F821
-if snakemake.input.replay:  # noqa: F821
-    parts.append(Experience.load(snakemake.input.replay[0].removesuffix(".parquet")))  # noqa: F821
+inp, w = snakemake.input, snakemake.wildcards  # noqa: F821
+parts = [Experience.load(inp.exp[0].removesuffix(".parquet"))]
+if inp.replay:
+    parts.append(Experience.load(inp.replay[0].removesuffix(".parquet")))
 exp = Experience.concat(parts) if len(parts) > 1 else parts[0]
 logging.info("training on %s transitions (%d episodes)", " + ".join(str(len(e)) for e in parts), len(exp.behaviour))
-res = train_policy(exp, algo=w.algo, seed=int(w.seed), n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
-                   log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}", eval_episodes=p.eval_episodes,
-                   gamma=p.gamma, hidden_units=p.hidden_units,
-                   target_update_interval=p.target_update_interval)
-logging.info("history %s; FQE initial-state value %s", res.history, res.fqe_value)
+seeds = [int(w.seed) + 1000 * i for i in range(p.restarts)]
+results = []
+for i, seed in enumerate(seeds):
+    res = train_policy(exp, algo=w.algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
+                       log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
+                       eval_episodes=p.eval_episodes, gamma=p.gamma, hidden_units=p.hidden_units,
+                       target_update_interval=p.target_update_interval)
+    logging.info("seed %d: history %s; FQE initial-state value %s", seed, res.history, res.fqe_value)
+    results.append(res)
+best = 0
+if len(results) > 1:
+    from lede.distill import load_distill
+    from lede.replay import ReplayDecoder, replay_tables, select_by_replay
+
+    seqs, data, meta = load_distill(inp.distill)
+    if meta.get("split") != "dev":
+        raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: select restarts on the dev split "
+                         "(training prompts) only")
+    lm, dec = decoder_from_selection(p, inp.heads[0], p.max_draft_len)
+    replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in exit_layers(p)}, seqs, data), p.max_draft_len)
+    sel = select_by_replay(replay, [s.prompt_ids for s in seqs if s.continuation],
+                           [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
+                           p.max_new_tokens)
+    best = sel.best
+    logging.info("replayed median speedup on %d dev sequences per restart (seed: speedup) %s; keeping seed %d",
+                 len(seqs), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
+    results[best].policy.info["restarts"] = {"seeds": seeds, "dev_replay_median": sel.medians,
+                                             "chosen_seed": seeds[best], "sequences": inp.distill}
+res = results[best]
+res.policy.seed = int(w.seed)  # the job's seed names the policy (lede_<algo>_s<seed>); info says which restart
 res.policy.save(snakemake.output.policy)  # noqa: F821
 with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
     keys = sorted({k for h in res.history for k in h})
