@@ -144,3 +144,20 @@ def test_decoder_adapter_trains_on_whole_sequences_and_loads_with_its_model(setu
     for s in seqs:
         out = dec.generate(s.prompt_ids, RandomSchedule([1, 3], 5, seed=len(s.prompt_ids)), max_new_tokens=40)
         assert out.token_ids == s.continuation
+
+
+def test_batched_continuations_with_the_cpu_kernels_equal_plain_decoding():
+    """The real model runs with lede's CPU kernels (CpuLinear, the lede_sdpa attention: loaded with
+    fast_linear=True). Left-padded batches through them once gave garbage for every padded row, so the
+    distillation data (adapters, replayed experience, the replayed evaluation) was not the model's output;
+    the engine, one sequence at a time, was unaffected. Float32, prompts of different lengths in one batch."""
+    from lede.kernels import use_cpu_kernels
+    from lede.testing import tiny_model
+
+    lm = tiny_model("llama", dtype=torch.float32, seed=3)
+    assert use_cpu_kernels(lm.model) > 0
+    prompts = [[5, 17, 33, 2, 9], [1], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [7, 7, 7, 90]]
+    conts = greedy_continuations(lm, prompts, max_new_tokens=24, batch_size=4, progress=False)
+    dec = Decoder(lm)
+    for p, c in zip(prompts, conts):
+        assert dec.generate(p, Autoregressive(), max_new_tokens=24).token_ids == c, p

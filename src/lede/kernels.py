@@ -77,8 +77,6 @@ def masked_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scal
 def use_cpu_kernels(model: nn.Module) -> int:
     """Replace every nn.Linear of a causal LM (decoder layers and LM head) by CpuLinear and switch its
     attention to ``lede_sdpa`` (when it uses "sdpa"); returns the number of linears replaced."""
-    from transformers import AttentionInterface
-
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -86,9 +84,22 @@ def use_cpu_kernels(model: nn.Module) -> int:
                 setattr(module, name, CpuLinear(child))
                 count += 1
     if model.config._attn_implementation == "sdpa":
-        AttentionInterface.register(ATTENTION, masked_gqa_sdpa)
+        register_attention()
         model.set_attn_implementation(ATTENTION)
     return count
+
+
+def register_attention() -> None:
+    """Register ``lede_sdpa`` with transformers: the attention function *and* its mask function (sdpa's).
+    Without the latter transformers builds no attention mask at all for an implementation it does not know,
+    so a model-level forward of a left-padded batch (``generate`` in ``greedy_continuations``) attended to
+    the padding: every padded row's continuation was garbage, and with it the distillation data, until
+    2026-11-30. The engine builds its own masks and was not affected."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, masked_gqa_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
 @contextmanager
