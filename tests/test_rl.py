@@ -12,7 +12,8 @@ from lede.costs import CostModel
 from lede.features import ActionSpace, FeatureTracker, decision_rewards, feature_names
 from lede.oracle import Oracle, oracle_runs
 from lede.policy import RoundRecord
-from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, collect_experience, train_policy
+from lede.rl import (EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
+                     off_policy_value, train_policy)
 
 LAYERS = (1, 3, 5)
 SPACE = ActionSpace(LAYERS, 6)
@@ -132,12 +133,21 @@ def test_budget_end_is_a_timeout_and_eos_a_terminal():
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DiscreteBCQ", "DiscreteBC"])
 def test_train_and_decode_exactly(experience, tmp_path, algo):
     res = train_policy(experience, algo=algo, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs",
-                       fqe_steps=100, eval_episodes=3, target_update_interval=50)
+                       fqe_steps=0, eval_episodes=3, target_update_interval=50)
     assert len(res.history) == 2
     # per-epoch metrics on a strided sample of episodes, not all of them
     assert 2 <= res.policy.info["eval_episodes"] <= 3 < res.policy.info["episodes"]
-    if algo == "DiscreteCQL":
-        assert {"td_error", "initial_state_value"} <= set(res.history[-1]) and res.fqe_value is not None
+    # FQE deferred (fqe_steps=0: the workflow runs it on the kept restart only), then run on the result
+    assert res.fqe_value is None and res.policy.info["fqe_initial_state_value"] is None
+    value = off_policy_value(res, 100, tmp_path / "logs", "fqe")
+    if algo == "DiscreteBC":  # no Q-function
+        assert value is None
+    else:
+        assert {"td_error", "initial_state_value"} <= set(res.history[-1])
+        assert isinstance(value, float) and res.fqe_value == res.policy.info["fqe_initial_state_value"] == value
+        assert (tmp_path / "logs/fqe").is_dir()
+    with pytest.raises(PolicyError, match="needs the TrainResult"):
+        off_policy_value(TrainResult(res.policy, res.history, None))
     res.policy.save(tmp_path / "p.pt")
     policy = RLPolicy.load(tmp_path / "p.pt", lm_name="tiny-llama-s0", exit_layers=LAYERS)
     lm = tiny("llama")

@@ -78,6 +78,7 @@ rule train_policy:
         n_steps=POLICY["n_steps"],
         hidden_units=POLICY["hidden_units"],
         eval_episodes=POLICY["eval_episodes"],
+        fqe_steps=POLICY["fqe_steps"],
         gamma=POLICY["gamma"],
         target_update_interval=POLICY["target_update_interval"],
         restarts=POLICY["restarts"],

@@ -91,6 +91,21 @@ def decoder_from_selection(params, selected_path, max_draft_len):
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
 
+def replayed_split(params, selected_path, distill_path, split, max_draft_len, why):
+    """Teacher-forced replay (src/lede/replay.py) of one distillation split's stored sequences with the selected
+    exit heads: returns (lm, sequences, tables, ReplayDecoder). A file of another split is refused with ``why``
+    (each caller's reason for reading only ``split``)."""
+    from lede.distill import load_distill
+    from lede.replay import ReplayDecoder, replay_tables
+
+    seqs, data, meta = load_distill(distill_path)
+    if meta.get("split") != split:
+        raise ValueError(f"{distill_path} holds the {meta.get('split')!r} split: {why}")
+    lm, dec = decoder_from_selection(params, selected_path, max_draft_len)
+    tables = replay_tables(lm, {l: dec.head(l) for l in exit_layers(params)}, seqs, data)
+    return lm, seqs, tables, ReplayDecoder(lm, tables, max_draft_len)
+
+
 def adapter_files(paths):
     """{(layer, design): path} of the train_adapter rule's outputs (``.../L{layer}_{design}.pt``)."""
     out = {}

@@ -7,27 +7,22 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, decoder_from_selection, exit_layers, load_costs, setup  # noqa: E402
+from _common import baseline_policy, best_static_cell, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.distill import load_distill  # noqa: E402
 from lede.heuristics import ConfidenceThreshold  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
 from lede.policy import LOOKUP, Autoregressive, Static  # noqa: E402
-from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables  # noqa: E402
+from lede.replay import ReplayedSpeed, ReplayOracle, replay_speed  # noqa: E402
 from lede.rl import RLPolicy  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 kmax = p.max_draft_len
-lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
+lm, seqs, tables, replay = replayed_split(p, inp.heads[0], inp.distill, "eval", kmax,
+                                          "evaluate on held-out sequences only")
 costs = load_costs(inp.heads[1], inp.heads[0])
 best = best_static_cell(inp.heads[2], kmax)
 best_exit = best_static_cell(inp.heads[2], kmax, exits_only=True)
-seqs, data, meta = load_distill(inp.distill)
-if meta.get("split") != "eval":
-    raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: evaluate on held-out sequences only")
-tables = replay_tables(lm, {l: dec.head(l) for l in exit_layers(p)}, seqs, data)
-replay = ReplayDecoder(lm, tables, kmax)
 lookup = LOOKUP in p.layers
 policies = [Autoregressive()]
 policies += [baseline_policy(n, p, inp.heads[2], costs, kmax) for n in ("best_static", "adaptive_k", "dynamic_exit")]

@@ -6,26 +6,21 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, decoder_from_selection, exit_layers, load_costs, setup  # noqa: E402
+from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.distill import load_distill  # noqa: E402
-from lede.replay import ReplayDecoder, replay_tables  # noqa: E402
 from lede.rl import collect_experience  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, rep = p.policy, p.policy["replay"]
 kmax = pol["max_draft_len"]
-lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
+lm, seqs, _, replay = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax,
+                                     "replay only the dev split's sequences (training prompts the adapters were "
+                                     "not distilled on)")
 costs = load_costs(inp.heads[1], inp.heads[0])
 space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
                                        confidence=False)
 logging.info("behaviour policies: %s", [b.name for b in behaviours])
-seqs, data, meta = load_distill(inp.distill)
-if meta.get("split") != "dev":
-    raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: replay only the dev split's sequences "
-                     "(training prompts the adapters were not distilled on)")
-replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in exit_layers(p)}, seqs, data), kmax)
 items = [(s.uid, s.category, s.prompt_ids) for s in seqs if s.continuation]
 budget = max(len(s.continuation) for s in seqs)  # each episode runs to its stored continuation's end
 logging.info("%d training sequences x %d behaviours (replayed, up to %d tokens each)", len(items), len(behaviours), budget)

@@ -8,11 +8,11 @@ import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import decoder_from_selection, exit_layers, load_costs, setup  # noqa: E402
+from _common import load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.io import atomic_path  # noqa: E402
-from lede.rl import Experience, RLPolicy, train_policy  # noqa: E402
+from lede.rl import Experience, RLPolicy, off_policy_value, train_policy  # noqa: E402
 
 inp, w = snakemake.input, snakemake.wildcards  # noqa: F821
 parts = [Experience.load(inp.exp[0].removesuffix(".parquet"))]
@@ -26,20 +26,15 @@ for i, seed in enumerate(seeds):
     res = train_policy(exp, algo=w.algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
                        log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
                        eval_episodes=p.eval_episodes, gamma=p.gamma, hidden_units=p.hidden_units,
-                       target_update_interval=p.target_update_interval)
-    logging.info("seed %d: history %s; FQE initial-state value %s", seed, res.history, res.fqe_value)
+                       target_update_interval=p.target_update_interval, fqe_steps=0)
+    logging.info("seed %d: history %s", seed, res.history)
     results.append(res)
 best = 0
 if len(results) > 1:
-    from lede.distill import load_distill
-    from lede.replay import ReplayDecoder, replay_tables, select_by_replay
+    from lede.replay import select_by_replay
 
-    seqs, data, meta = load_distill(inp.distill)
-    if meta.get("split") != "dev":
-        raise ValueError(f"{inp.distill} holds the {meta.get('split')!r} split: select restarts on the dev split "
-                         "(training prompts) only")
-    lm, dec = decoder_from_selection(p, inp.heads[0], p.max_draft_len)
-    replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in exit_layers(p)}, seqs, data), p.max_draft_len)
+    _, seqs, _, replay = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
+                                        "select restarts on the dev split (training prompts) only")
     sel = select_by_replay(replay, [s.prompt_ids for s in seqs if s.continuation],
                            [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
                            p.max_new_tokens)
@@ -49,6 +44,9 @@ if len(results) > 1:
     results[best].policy.info["restarts"] = {"seeds": seeds, "dev_replay_median": sel.medians,
                                              "chosen_seed": seeds[best], "sequences": inp.distill}
 res = results[best]
+if p.fqe_steps:
+    off_policy_value(res, p.fqe_steps, p.logs, f"{w.algo}_s{w.seed}_fqe")
+    logging.info("kept seed %d: FQE initial-state value %s", seeds[best], res.fqe_value)
 res.policy.seed = int(w.seed)  # the job's seed names the policy (lede_<algo>_s<seed>); info says which restart
 res.policy.save(snakemake.output.policy)  # noqa: F821
 with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
