@@ -161,3 +161,19 @@ def test_batched_continuations_with_the_cpu_kernels_equal_plain_decoding():
     dec = Decoder(lm)
     for p, c in zip(prompts, conts):
         assert dec.generate(p, Autoregressive(), max_new_tokens=24).token_ids == c, p
+
+
+def test_transformers_prompt_lookup_on_the_cpu_kernels_is_exact():
+    """The bench's hf_prompt_lookup runs transformers' generate on the engine's kernels. Its verification passes
+    (several queries after a cached context) went unmasked through lede_sdpa before the mask function was
+    registered: its output differed from plain decoding on every evaluation prompt (identity 0%)."""
+    from lede.bench import HF_PROMPT_LOOKUP, BenchPrompt, run_bench
+    from lede.kernels import use_cpu_kernels
+    from lede.testing import tiny_model
+
+    lm = tiny_model("llama", dtype=torch.float32, seed=3)
+    use_cpu_kernels(lm.model)
+    prompts = [BenchPrompt("a", "c", (5, 17, 33, 2, 9, 5, 17, 33)), BenchPrompt("b", "c", (7, 7, 7, 90, 7, 7))]
+    records = run_bench(Decoder(lm), prompts, {HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP}, max_new_tokens=24, warmup=0,
+                        progress=False)
+    assert [r.identical for r in records if r.config == HF_PROMPT_LOOKUP] == [True, True]
