@@ -448,7 +448,8 @@ def train_policy(
     replayed decisions, evaluating every episode each epoch took longer than the training itself.
 
     ``gamma``: the discount. 0.9 (the workflow's ``policy.gamma`` default too) was chosen on a validation part of
-    the dev split: replayed 2.200x plain vs 2.156x with 0.99 (static lookup K3 2.160x).
+    the dev split: replayed 2.200x plain vs 2.156x with 0.99 (static lookup K3 2.160x), on distillation
+    sequences that the attention-mask bug fixed in 5fe56fb had corrupted: to be measured again.
 
     ``hidden_units``: the Q-network's (and BC/BCQ imitator's) hidden layer widths. Small by default because
     the network runs at every decision inside the decoding loop: d3rlpy's default 256 x 256 (~75k float32
@@ -459,7 +460,8 @@ def train_policy(
     the Bellman targets read. d3rlpy's default, 8000, left a 10k-step run with one copy, so its targets were
     mostly the random initial network's: measured by replay on the 30 held-out sequences (DiscreteCQL, 10k
     steps, γ 0.9, seed 0 of the default pipeline's experience) 1.64x plain with 8000, 1.72x with 1000; another
-    seed reached 1.98x / 1.99x either way. It must be at most ``n_steps``."""
+    seed reached 1.98x / 1.99x either way (replayed on the corrupted sequences, see ``gamma``). It must be at
+    most ``n_steps``."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
@@ -517,8 +519,7 @@ def off_policy_value(res: TrainResult, steps: int = 5000, log_dir: str | Path = 
                      run_name: str = "fqe", progress: bool = False) -> float | None:
     """The fitted policy's estimated initial-state value by fitted Q evaluation (d3rlpy's ``DiscreteFQE``,
     ``steps`` gradient steps, the policy's own γ), stored in ``res.fqe_value`` and the policy file's info.
-    None for DiscreteBC (no Q-function to evaluate against: FQE would need its greedy action only, but the
-    comparison across algorithms is what the number is for)."""
+    None for DiscreteBC, which has no Q-function (train_policy never ran FQE for it)."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator
 
