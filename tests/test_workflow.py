@@ -112,6 +112,17 @@ def test_test_config_runs_the_whole_dag():
         nb.write_text(text)
         os.utime(nb, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert job_counts(touched.stdout) == {"notebook": 1}, touched.stdout
+    # a change to the CPU kernels reruns every job that loads the model, from the distillation data on
+    kernels = REPO / "src/lede/kernels.py"
+    st, text = kernels.stat(), kernels.read_text()
+    try:
+        kernels.write_text(text + "\n")
+        touched = smk("-n", "--configfile", ".test/config.yaml")
+    finally:
+        kernels.write_text(text)
+        os.utime(kernels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert {"early_exit_data", "distill_data", "train_adapter", "evaluate"} <= set(job_counts(touched.stdout)), \
+        touched.stdout
     # an ablation value reruns what reads it: more gradient steps retrain and re-evaluate, never recollect
     more_steps = REPO / "results-test" / "more_steps.yaml"
     more_steps.write_text("policy:\n  n_steps: 201\n")
