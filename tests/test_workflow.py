@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,18 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
         rule, n = line.split()
         counts[rule] = int(n)
     return {r: n for r, n in counts.items() if r not in ("all", "total")}
+
+
+def dry_run_after_editing(path: Path) -> str:
+    """Stdout of a .test dry run with ``path``'s content changed (a newline appended); the file, content and
+    times, is put back afterwards."""
+    st, text = path.stat(), path.read_text()
+    try:
+        path.write_text(text + "\n")
+        return smk("-n", "--configfile", ".test/config.yaml").stdout
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_lint_and_dry_runs():
@@ -103,26 +116,11 @@ def test_test_config_runs_the_whole_dag():
     assert "Nothing to be done" in again.stdout + again.stderr
     # editing one notebook reruns its rule alone (dry run; the file is put back afterwards). Snakemake 9 compares
     # checksums: a bare `touch` (newer, same content) reruns nothing.
-    nb = REPO / "notebooks/quality_parity.ipynb"
-    st, text = nb.stat(), nb.read_text()
-    try:
-        nb.write_text(text + "\n")
-        touched = smk("-n", "--configfile", ".test/config.yaml")
-    finally:
-        nb.write_text(text)
-        os.utime(nb, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert job_counts(touched.stdout) == {"notebook": 1}, touched.stdout
+    touched = dry_run_after_editing(REPO / "notebooks/quality_parity.ipynb")
+    assert job_counts(touched) == {"notebook": 1}, touched
     # a change to the CPU kernels reruns every job that loads the model, from the distillation data on
-    kernels = REPO / "src/lede/kernels.py"
-    st, text = kernels.stat(), kernels.read_text()
-    try:
-        kernels.write_text(text + "\n")
-        touched = smk("-n", "--configfile", ".test/config.yaml")
-    finally:
-        kernels.write_text(text)
-        os.utime(kernels, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert {"early_exit_data", "distill_data", "train_adapter", "evaluate"} <= set(job_counts(touched.stdout)), \
-        touched.stdout
+    touched = dry_run_after_editing(REPO / "src/lede/kernels.py")
+    assert {"early_exit_data", "distill_data", "train_adapter", "evaluate"} <= set(job_counts(touched)), touched
     # an ablation value reruns what reads it: more gradient steps retrain and re-evaluate, never recollect
     more_steps = REPO / "results-test" / "more_steps.yaml"
     more_steps.write_text("policy:\n  n_steps: 201\n")
