@@ -3,7 +3,9 @@ library importable (also in a conda env where it is not pip-installed)."""
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # config key model_cache: where the GGUF alias is converted once (lede.model.convert_gguf). Read from the config,
 # not from params: it changes no output, and a params change would rerun every job.
@@ -91,10 +93,23 @@ def decoder_from_selection(params, selected_path, max_draft_len):
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 
 
-def replayed_split(params, selected_path, distill_path, split, max_draft_len, why):
-    """Teacher-forced replay (src/lede/replay.py) of one distillation split's stored sequences with the selected
-    exit heads: returns (lm, sequences, tables, ReplayDecoder). A file of another split is refused with ``why``
-    (each caller's reason for reading only ``split``)."""
+@dataclass
+class ReplayedSplit:
+    """One distillation split's stored sequences with their teacher-forced replay tables (src/lede/replay.py)."""
+
+    lm: Any            # the studied model (lede.model.LM)
+    sequences: list    # the split's DistillSequence records
+    tables: dict       # replay tables: every exit layer's predictions along each sequence
+    decoder: Any       # a ReplayDecoder over ``tables``: runs any Policy along the stored sequences
+
+    def prompts(self):
+        """Prompt ids of the sequences that have a continuation (those the replay can run along)."""
+        return [s.prompt_ids for s in self.sequences if s.continuation]
+
+
+def replayed_split(params, selected_path, distill_path, split, max_draft_len, why) -> ReplayedSplit:
+    """Teacher-forced replay of one distillation split's stored sequences with the selected exit heads. A file of
+    another split is refused with ``why`` (each caller's reason for reading only ``split``)."""
     from lede.distill import load_distill
     from lede.replay import ReplayDecoder, replay_tables
 
@@ -103,7 +118,7 @@ def replayed_split(params, selected_path, distill_path, split, max_draft_len, wh
         raise ValueError(f"{distill_path} holds the {meta.get('split')!r} split: {why}")
     lm, dec = decoder_from_selection(params, selected_path, max_draft_len)
     tables = replay_tables(lm, {l: dec.head(l) for l in exit_layers(params)}, seqs, data)
-    return lm, seqs, tables, ReplayDecoder(lm, tables, max_draft_len)
+    return ReplayedSplit(lm, seqs, tables, ReplayDecoder(lm, tables, max_draft_len))
 
 
 def adapter_files(paths):

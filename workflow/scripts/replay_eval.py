@@ -18,8 +18,8 @@ from lede.rl import RLPolicy  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 kmax = p.max_draft_len
-lm, seqs, tables, replay = replayed_split(p, inp.heads[0], inp.distill, "eval", kmax,
-                                          "evaluate on held-out sequences only")
+split = replayed_split(p, inp.heads[0], inp.distill, "eval", kmax, "evaluate on held-out sequences only")
+lm, seqs, replay = split.lm, split.sequences, split.decoder
 costs = load_costs(inp.heads[1], inp.heads[0])
 best = best_static_cell(inp.heads[2], kmax)
 best_exit = best_static_cell(inp.heads[2], kmax, exits_only=True)
@@ -30,7 +30,7 @@ policies += [Static(LOOKUP, k) for k in sorted({1, 2, 4, kmax}) if lookup and k 
 policies += [ConfidenceThreshold(best_exit[0], t, kmax) for t in (0.3, 0.5, 0.7, 0.9)]
 for path in inp.policies:
     policies.append(RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers))
-policies.append(ReplayOracle(tables, costs, kmax, lookup=lookup))
+policies.append(ReplayOracle(split.tables, costs, kmax, lookup=lookup))
 cats = sorted({s.category for s in seqs if s.continuation})
 rows = []
 prompts = {c: [s.prompt_ids for s in seqs if s.continuation and s.category == c] for c in cats}

@@ -14,9 +14,9 @@ from lede.rl import collect_experience  # noqa: E402
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, rep = p.policy, p.policy["replay"]
 kmax = pol["max_draft_len"]
-lm, seqs, _, replay = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax,
-                                     "replay only the dev split's sequences (training prompts the adapters were "
-                                     "not distilled on)")
+split = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax,
+                       "replay only the dev split's sequences (training prompts the adapters were not distilled on)")
+seqs, replay = split.sequences, split.decoder
 costs = load_costs(inp.heads[1], inp.heads[0])
 space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
                                        confidence=False)

@@ -33,14 +33,14 @@ best = 0
 if len(results) > 1:
     from lede.replay import select_by_replay
 
-    _, seqs, _, replay = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
-                                        "select restarts on the dev split (training prompts) only")
-    sel = select_by_replay(replay, [s.prompt_ids for s in seqs if s.continuation],
+    dev = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
+                         "select restarts on the dev split (training prompts) only")
+    sel = select_by_replay(dev.decoder, dev.prompts(),
                            [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
                            p.max_new_tokens)
     best = sel.best
     logging.info("replayed median speedup on %d dev sequences per restart (seed: speedup) %s; keeping seed %d",
-                 len(seqs), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
+                 len(dev.prompts()), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
     results[best].policy.info["restarts"] = {"seeds": seeds, "dev_replay_median": sel.medians,
                                              "chosen_seed": seeds[best], "sequences": inp.distill}
 res = results[best]
