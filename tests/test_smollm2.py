@@ -66,9 +66,9 @@ def test_speculative_identity_rate_and_near_ties(smollm2):
     report = []
     for text in PROMPTS:
         ids = smollm2.encode_chat(text)
-        ref = dec.generate(ids, Autoregressive(), max_new_tokens=48).token_ids
+        ref = dec.generate(ids, Autoregressive(), max_new_tokens=32).token_ids
         for policy in policies:
-            out = dec.generate(ids, policy, max_new_tokens=48)
+            out = dec.generate(ids, policy, max_new_tokens=32)
             total += 1
             i = _first_diff(out.token_ids, ref)
             if i is None and len(out.token_ids) == len(ref):

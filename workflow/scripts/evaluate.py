@@ -29,13 +29,14 @@ best_cell = best_static_cell(inp.heads[2], kmax)  # prompt lookup (layer 0) incl
 best_l, best_k = best_static_cell(inp.heads[2], kmax, exits_only=True)  # the threshold heuristic's exit cell
 
 # the confidence threshold is tuned on TRAINING prompts the adapters were not distilled on (a short real-engine
-# run per candidate)
+# run per candidate: 32 tokens, or the evaluation's budget where that is shorter)
 tune_prompts = [lm.encode_chat(pr.text) for pr in policy_train_prompts(p, 1)]
+tune_tokens = min(32, ev["max_new_tokens"])
 
 
 def tokens_per_s(threshold):
     policy = ConfidenceThreshold(best_l, threshold, kmax)
-    return statistics.median(dec.generate(ids, policy, max_new_tokens=32).tokens_per_s for ids in tune_prompts)
+    return statistics.median(dec.generate(ids, policy, max_new_tokens=tune_tokens).tokens_per_s for ids in tune_prompts)
 
 
 threshold = tune_threshold([0.3, 0.5, 0.7, 0.9], tokens_per_s)
