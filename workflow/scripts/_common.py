@@ -102,9 +102,9 @@ class ReplayedSplit:
     tables: dict       # replay tables: every exit layer's predictions along each sequence
     decoder: Any       # a ReplayDecoder over ``tables``: runs any Policy along the stored sequences
 
-    def prompts(self):
-        """Prompt ids of the sequences that have a continuation (those the replay can run along)."""
-        return [s.prompt_ids for s in self.sequences if s.continuation]
+    def replayable(self):
+        """The sequences that have a continuation: those a policy can be replayed along."""
+        return [s for s in self.sequences if s.continuation]
 
 
 def replayed_split(params, selected_path, distill_path, split, max_draft_len, why) -> ReplayedSplit:

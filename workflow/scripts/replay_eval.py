@@ -31,9 +31,10 @@ policies += [ConfidenceThreshold(best_exit[0], t, kmax) for t in (0.3, 0.5, 0.7,
 for path in inp.policies:
     policies.append(RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers))
 policies.append(ReplayOracle(split.tables, costs, kmax, lookup=lookup))
-cats = sorted({s.category for s in seqs if s.continuation})
+replayable = split.replayable()
+cats = sorted({s.category for s in replayable})
 rows = []
-prompts = {c: [s.prompt_ids for s in seqs if s.continuation and s.category == c] for c in cats}
+prompts = {c: [s.prompt_ids for s in replayable if s.category == c] for c in cats}
 prompts_in = {"all": sum(len(v) for v in prompts.values()), **{c: len(v) for c, v in prompts.items()}}
 for policy in policies:  # each sequence replayed once; "all" combines the categories
     per_cat = {c: replay_speed(replay, prompts[c], policy, costs, p.max_new_tokens) for c in cats}

@@ -21,7 +21,7 @@ costs = load_costs(inp.heads[1], inp.heads[0])
 space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
                                        confidence=False)
 logging.info("behaviour policies: %s", [b.name for b in behaviours])
-items = [(s.uid, s.category, s.prompt_ids) for s in seqs if s.continuation]
+items = [(s.uid, s.category, s.prompt_ids) for s in split.replayable()]
 budget = max(len(s.continuation) for s in seqs)  # each episode runs to its stored continuation's end
 logging.info("%d training sequences x %d behaviours (replayed, up to %d tokens each)", len(items), len(behaviours), budget)
 exp = collect_experience(replay, items, behaviours, space, costs, budget, pol["reward_weight"], pol["reward_credit"])

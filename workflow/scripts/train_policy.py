@@ -35,12 +35,13 @@ if len(results) > 1:
 
     dev = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
                          "select restarts on the dev split (training prompts) only")
-    sel = select_by_replay(dev.decoder, dev.prompts(),
+    prompts = [s.prompt_ids for s in dev.replayable()]
+    sel = select_by_replay(dev.decoder, prompts,
                            [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
                            p.max_new_tokens)
     best = sel.best
     logging.info("replayed median speedup on %d dev sequences per restart (seed: speedup) %s; keeping seed %d",
-                 len(dev.prompts()), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
+                 len(prompts), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
     results[best].policy.info["restarts"] = {"seeds": seeds, "dev_replay_median": sel.medians,
                                              "chosen_seed": seeds[best], "sequences": inp.distill}
 res = results[best]
