@@ -38,6 +38,18 @@ engine experience, replayed on 60 held-out sequences, ``lede.replay.replay_speed
 (γ 0.99) / 1.040× (γ 0.9), per_draft 1.028× / 1.031× — per_draft drafts longer (1.5 vs 1.25 drafts per
 round) and loses, so at_verify is the default and per_draft an ablation.
 
+Discount (``policy.gamma``). Decisions are not time: a round that drafts K tokens takes K + 1 decisions, a
+plain step one. With a per-decision discount γ, a round of k decisions delays the value V of the rest of the
+generation by k − 1 more decisions than a plain step, which costs (1 − γ^(k−1))·V ≈ (k − 1)·ḡ, ḡ the policy's
+mean gain per decision, once the generation is longer than 1/(1 − γ) decisions: a tax on drafting that the
+objective (time to the token budget) does not have. γ near 1 removes it (γ = 1 would need a terminal at the
+budget's end, see below). Measured on correct sequences (2026-11-30; 10k steps; trained on the dev split's first
+8 prompts per category + 8 GSM8K, validated by replay on the other 24 dev sequences; static lookup K3 1.415×
+plain there, the oracle 1.933×): DiscreteCQL α 1 — γ 0.9 1.220×, γ 1 1.238×; α 0.3 — γ 0.9 1.285×, γ 0.99
+1.348× (seed 0) / 1.297× (seed 1000), γ 1 1.323×; DoubleDQN γ 0.9 1.261×; DiscreteBCQ γ 0.9 1.229×. Hence the
+defaults γ 0.99 and α 0.3 (``policy.cql_alpha``). More target-network copies (every 100 steps) or 30k steps
+did not help (1.30–1.31×). No setting reached the static cell: the learner, not the data, is what trails it.
+
 Episode ends (``lede.rl.Experience.ends``). A generation that stops at EOS (or a stop string) ends the task: its
 last decision is terminal. One that stops at the token budget is cut by a time limit that is not in the state:
 its last decision is a timeout, and the Q-target bootstraps through it. Measured (2026-11-30; DiscreteCQL, 10k

@@ -419,7 +419,7 @@ class TrainResult:
 
 
 def _algo_config(algo: str, batch_size: int, gamma: float, lr: float, hidden_units: Sequence[int],
-                 target_update_interval: int = 1000):
+                 target_update_interval: int = 1000, cql_alpha: float = 1.0):
     import d3rlpy
 
     if algo not in ALGOS:
@@ -431,14 +431,16 @@ def _algo_config(algo: str, batch_size: int, gamma: float, lr: float, hidden_uni
     if algo == "DiscreteBC":
         return d3rlpy.algos.DiscreteBCConfig(learning_rate=lr, **common)
     cls = getattr(d3rlpy.algos, f"{algo}Config")
+    if algo == "DiscreteCQL":
+        common["alpha"] = cql_alpha
     return cls(learning_rate=lr, gamma=gamma, target_update_interval=target_update_interval, **common)
 
 
 def train_policy(
     exp: Experience, algo: str = "DiscreteCQL", seed: int = 0, n_steps: int = 20000, n_steps_per_epoch: int = 2000,
-    log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.9,
+    log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
     lr: float = 3e-4, fqe_steps: int = 5000, eval_episodes: int = 256, progress: bool = False,
-    hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000,
+    hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000, cql_alpha: float = 0.3,
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
@@ -447,9 +449,9 @@ def train_policy(
     a fixed, evenly strided sample of ``eval_episodes`` episodes (all of them if fewer): over a million
     replayed decisions, evaluating every episode each epoch took longer than the training itself.
 
-    ``gamma``: the discount. 0.9 (the workflow's ``policy.gamma`` default too) was chosen on a validation part of
-    the dev split: replayed 2.200x plain vs 2.156x with 0.99 (static lookup K3 2.160x), on distillation
-    sequences that the attention-mask bug fixed in 5fe56fb had corrupted: to be measured again.
+    ``gamma``: the discount per decision, 0.99 (the workflow's ``policy.gamma`` default too); ``cql_alpha``:
+    DiscreteCQL's conservative-loss weight (d3rlpy's ``alpha``), 0.3. Both chosen by replay on a validation part
+    of the dev split; why a per-decision discount well below 1 penalises drafting: ``lede.features``, *Discount*.
 
     ``hidden_units``: the Q-network's (and BC/BCQ imitator's) hidden layer widths. Small by default because
     the network runs at every decision inside the decoding loop: d3rlpy's default 256 x 256 (~75k float32
@@ -480,7 +482,7 @@ def train_policy(
     scaled = Experience(exp.space, exp.names, (exp.obs - mean) / std, exp.actions, exp.rewards, exp.terminals,
                         exp.episode, exp.behaviour, exp.prompt, exp.category, exp.meta)
     dataset = scaled.mdp_dataset()
-    model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
+    model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval, cql_alpha).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
     run_name = run_name or f"{algo}_s{seed}"
     logger = d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir))
     sample = dataset.episodes[:: max(1, math.ceil(len(dataset.episodes) / eval_episodes))]
@@ -495,7 +497,8 @@ def train_policy(
         history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
     net, imitator = _export(model, algo)
     info = {"transitions": len(exp), "episodes": len(exp.behaviour), "eval_episodes": len(sample), "n_steps": n_steps,
-            "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units], "reward_weight": exp.meta.get("reward_weight"),
+            "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
+            "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
             "reward_credit": exp.meta.get("reward_credit"),
             "fqe_initial_state_value": None}
     if imitator is not None:

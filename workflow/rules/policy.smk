@@ -80,6 +80,7 @@ rule train_policy:
         eval_episodes=POLICY["eval_episodes"],
         fqe_steps=POLICY["fqe_steps"],
         gamma=POLICY["gamma"],
+        cql_alpha=POLICY["cql_alpha"],
         target_update_interval=POLICY["target_update_interval"],
         restarts=POLICY["restarts"],
         layers=DRAFTERS,
