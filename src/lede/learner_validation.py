@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from lede.exits import load_exit_heads
     from lede.model import load_model
     from lede.policy import LOOKUP, Static
-    from lede.replay import ReplayDecoder, ReplayOracle, replay_speed, replay_tables
+    from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=Path("results"))
@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     costs = CostModel.load(R / "costs.json").with_heads({int(l): h for l, h in heads.items()})
     cats = sorted({s.category for s in val})
 
-    def score(policy) -> dict:
-        per = {c: replay_speed(replay, [s.prompt_ids for s in val if s.category == c], policy, costs,
-                               a.max_new_tokens).median for c in cats}
-        return {"all": replay_speed(replay, [s.prompt_ids for s in val], policy, costs, a.max_new_tokens).median, **per}
+    def score(policy) -> dict:  # each sequence replayed once; "all" combines the categories (as replay_eval)
+        per = {c: replay_speed(replay, [s.prompt_ids for s in val if s.category == c], policy, costs, a.max_new_tokens)
+               for c in cats}
+        return {"all": ReplayedSpeed.combine(list(per.values())).median, **{c: r.median for c, r in per.items()}}
 
     rows = []
     print(f"train: {len(sub)} decisions, {len(sub.behaviour)} episodes on {len(train)} dev prompts; "
