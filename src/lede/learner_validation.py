@@ -38,7 +38,7 @@ class Setting:
     target_update_interval: int = 1000
 
     @classmethod
-    def parse(cls, text: str) -> "Setting":
+    def parse(cls, text: str) -> Setting:
         """``"DiscreteCQL,gamma=0.99,alpha=0.3,n_steps=10000"``: the algorithm, then key=value overrides."""
         algo, *pairs = text.split(",")
         if algo not in ALGOS:
