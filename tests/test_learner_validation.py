@@ -39,6 +39,9 @@ def test_experience_of_keeps_whole_episodes_of_the_prompts_renumbered():
 def test_setting_parse_names_the_bad_part():
     assert Setting.parse("DiscreteCQL,gamma=0.9,alpha=1") == Setting("DiscreteCQL", 0.9, 1.0)
     assert Setting.parse("DoubleDQN,n_steps=500").n_steps == 500
+    assert Setting.parse("DiscreteCQL,decision=round").decision == "round"
+    with pytest.raises(ValueError, match="decision='rounds'"):
+        Setting.parse("DiscreteCQL,decision=rounds")
     with pytest.raises(ValueError, match="unknown algorithm"):
         Setting.parse("PPO")
     with pytest.raises(ValueError, match="'lr=1'"):

@@ -35,6 +35,21 @@ def test_action_space_round_trip_and_masks():
         SPACE.start_action(2)
 
 
+def test_per_round_action_space():
+    space = ActionSpace(LAYERS, 6, per_round=True)
+    assert space.size == 1 + 3 * 6 and space.valid_mask(True).all() and not space.valid_mask(False).any()
+    pairs = [(None, 0)] + [(l, k) for l in LAYERS for k in range(1, 7)]
+    assert [space.round_of(space.round_action(l, k)) for l, k in pairs] == pairs
+    assert sorted(space.round_action(l, k) for l, k in pairs) == list(range(space.size))
+    assert space.round_action(3, 0) == 0 and space.layer_of(space.round_action(5, 2)) == 5
+    with pytest.raises(ValueError, match="no stop"):
+        space.stop
+    with pytest.raises(ValueError, match="outside 1..6"):
+        space.round_action(1, 7)
+    with pytest.raises(ValueError, match="needs a per-round"):
+        SPACE.round_action(1, 1)
+
+
 def test_round_returns_are_tokens_minus_weighted_cost():
     c = costs()
     rounds = [RoundRecord(None, 0, 0, 0, 0, 0), RoundRecord(3, 4, 2, 0, 0, 0), RoundRecord(1, 1, 1, 0, 0, 0)]
@@ -135,6 +150,7 @@ def test_train_and_decode_exactly(experience, tmp_path, algo):
     res = train_policy(experience, algo=algo, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs",
                        fqe_steps=0, eval_episodes=3, target_update_interval=50)
     assert len(res.history) == 2
+    assert [e.terminated for e in res.dataset.episodes] == [not t for t in experience.truncated]  # budget ends bootstrap
     # per-epoch metrics on a strided sample of episodes, not all of them
     assert 2 <= res.policy.info["eval_episodes"] <= 3 < res.policy.info["episodes"]
     # FQE deferred (fqe_steps=0: the workflow runs it on the kept restart only), then run on the result
@@ -165,6 +181,39 @@ def test_train_and_decode_exactly(experience, tmp_path, algo):
         RLPolicy.load(tmp_path / "p.pt", lm_name="other")
     with pytest.raises(PolicyError, match="candidate layers"):
         RLPolicy.load(tmp_path / "p.pt", exit_layers=(1, 2))
+
+
+def test_per_round_experience_keeps_each_rounds_return(experience):
+    rounds = experience.per_round()
+    start = experience.obs[:, experience.names.index("phase_start")] == 1
+    assert rounds.space == ActionSpace(LAYERS, 6, per_round=True) and len(rounds) == start.sum()
+    assert np.array_equal(rounds.obs, experience.obs[start]) and rounds.truncated == experience.truncated
+    for e in range(len(experience.behaviour)):  # the same return per episode, the same ends
+        assert rounds.rewards[rounds.episode == e].sum() == pytest.approx(experience.rewards[experience.episode == e].sum(), abs=1e-4)
+        assert rounds.terminals[rounds.episode == e].tolist()[-1] == 1 == rounds.terminals[rounds.episode == e].sum()
+    for e, b in enumerate(experience.behaviour):  # a static behaviour's rounds are (its layer, <= its K) or plain
+        if b.startswith("static_L"):
+            layer, k = (int(x) for x in b.removeprefix("static_L").split("_K"))
+            chosen = {rounds.space.round_of(int(a)) for a in rounds.actions[rounds.episode == e]}
+            assert chosen - {(None, 0)} and all(l in (None, layer) and kk <= k for l, kk in chosen)
+    assert rounds.per_round() is rounds
+
+
+def test_per_round_policy_trains_and_decodes_exactly(experience, tmp_path):
+    res = train_policy(experience, seed=0, n_steps=200, n_steps_per_epoch=100, log_dir=tmp_path / "logs", fqe_steps=0,
+                       eval_episodes=3, target_update_interval=50, decision="round")
+    # a generation cut by the budget is a timeout in the fitted dataset, not a terminal
+    assert [e.terminated for e in res.dataset.episodes] == [not t for t in experience.truncated]
+    assert res.policy.decision == res.policy.info["decision"] == "round"
+    res.policy.save(tmp_path / "p.pt")
+    policy = RLPolicy.load(tmp_path / "p.pt", lm_name="tiny-llama-s0", exit_layers=LAYERS)
+    assert policy.space.per_round and policy.q_values(experience.obs[:2]).shape == (2, 1 + 3 * 6)
+    dec = Decoder(tiny("llama"), max_draft_len=6)
+    for _, _, ids in PROMPTS:
+        out = dec.generate(ids, policy, max_new_tokens=30)
+        assert out.token_ids == dec.generate(ids, Autoregressive(), max_new_tokens=30).token_ids
+    with pytest.raises(ValueError, match="decision='later'"):
+        train_policy(experience, decision="later")
 
 
 def test_empty_and_mismatched_datasets_fail_clearly(experience):

@@ -84,38 +84,78 @@ PLAIN = 0
 
 @dataclass(frozen=True)
 class ActionSpace:
+    """The discrete actions. ``per_round=False`` (the paper's process, above): a drafter at the round start, then
+    stop / one more after every draft. ``per_round=True`` (``policy.decision: round``): one decision per round,
+    the drafter *and* its draft length together, ids ``0`` plain and ``1 + i·Kmax + (K − 1)`` for drafter
+    ``exit_layers[i]`` and K drafts; the loop then drafts K tokens (fewer where a lookup proposal or the budget
+    ends). See ``lede.rl.Experience.per_round`` for why."""
+
     exit_layers: tuple[int, ...]
     max_draft_len: int
+    per_round: bool = False
 
     @property
     def size(self) -> int:
+        if self.per_round:
+            return 1 + len(self.exit_layers) * self.max_draft_len
         return len(self.exit_layers) + 3
 
     @property
     def stop(self) -> int:
+        self._token_level()
         return len(self.exit_layers) + 1
 
     @property
     def more(self) -> int:
+        self._token_level()
         return len(self.exit_layers) + 2
 
-    def start_action(self, layer: int | None) -> int:
-        if layer is None:
-            return PLAIN
+    def _token_level(self) -> None:
+        if self.per_round:
+            raise ValueError("a per-round action space has no stop / draft-one-more actions")
+
+    def _index(self, layer: int) -> int:
         if layer not in self.exit_layers:
             raise ValueError(f"exit layer {layer} is not a candidate ({list(self.exit_layers)})")
-        return 1 + self.exit_layers.index(layer)
+        return self.exit_layers.index(layer)
+
+    def start_action(self, layer: int | None) -> int:
+        self._token_level()
+        return PLAIN if layer is None else 1 + self._index(layer)
 
     def layer_of(self, action: int) -> int | None:
+        if self.per_round:
+            return self.round_of(action)[0]
         if action == PLAIN:
             return None
         if 1 <= action <= len(self.exit_layers):
             return self.exit_layers[action - 1]
         raise ValueError(f"action {action} is not a round-start action")
 
+    def round_action(self, layer: int | None, draft_len: int) -> int:
+        """Per-round id of (drafter, K); a plain step (``layer`` None or K = 0) is 0."""
+        if not self.per_round:
+            raise ValueError("round_action needs a per-round action space (ActionSpace(..., per_round=True))")
+        if layer is None or draft_len == 0:
+            return PLAIN
+        if not 1 <= draft_len <= self.max_draft_len:
+            raise ValueError(f"draft length {draft_len} is outside 1..{self.max_draft_len}")
+        return 1 + self._index(layer) * self.max_draft_len + draft_len - 1
+
+    def round_of(self, action: int) -> tuple[int | None, int]:
+        """(drafter or None, K) of a per-round id."""
+        if not 0 <= action < self.size:
+            raise ValueError(f"action {action} is outside 0..{self.size - 1}")
+        if action == PLAIN:
+            return None, 0
+        i, k = divmod(action - 1, self.max_draft_len)
+        return self.exit_layers[i], k + 1
+
     def valid_mask(self, start_of_round: bool) -> np.ndarray:
         mask = np.zeros(self.size, dtype=bool)
-        if start_of_round:
+        if self.per_round:
+            mask[:] = start_of_round  # nothing to decide inside a draft
+        elif start_of_round:
             mask[: len(self.exit_layers) + 1] = True
         else:
             mask[[self.stop, self.more]] = True

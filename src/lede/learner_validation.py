@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lede.rl import ALGOS, Experience, RLPolicy, train_policy
+from lede.rl import ALGOS, DECISIONS, Experience, RLPolicy, train_policy
 
 
 @dataclass(frozen=True)
@@ -36,26 +36,34 @@ class Setting:
     alpha: float = 0.3  # DiscreteCQL only
     n_steps: int = 10000
     target_update_interval: int = 1000
+    decision: str = "token"  # or "round": lede.rl.Experience.per_round
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        """``"DiscreteCQL,gamma=0.99,alpha=0.3,n_steps=10000"``: the algorithm, then key=value overrides."""
+        """``"DiscreteCQL,gamma=0.99,alpha=0.3,n_steps=10000,decision=round"``: the algorithm, then key=value
+        overrides."""
         algo, *pairs = text.split(",")
         if algo not in ALGOS:
             raise ValueError(f"setting {text!r}: unknown algorithm {algo!r}; use one of {', '.join(ALGOS)}")
         kw: dict = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
-            if key not in ("gamma", "alpha", "n_steps", "target_update_interval") or not value:
+            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
-                                 "target_update_interval=")
-            kw[key] = int(value) if key in ("n_steps", "target_update_interval") else float(value)
+                                 "target_update_interval=, decision=")
+            if key == "decision":
+                if value not in DECISIONS:
+                    raise ValueError(f"setting {text!r}: decision={value!r} is not one of {', '.join(DECISIONS)}")
+                kw[key] = value
+            else:
+                kw[key] = int(value) if key in ("n_steps", "target_update_interval") else float(value)
         return cls(algo, **kw)
 
     @property
     def name(self) -> str:
         alpha = f" α{self.alpha:g}" if self.algo == "DiscreteCQL" else ""
-        return f"{self.algo} γ{self.gamma:g}{alpha} {self.n_steps} steps"
+        per = " per round" if self.decision == "round" else ""
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in a.seeds:
             res = train_policy(sub, algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
-                               target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64)
+                               target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
+                               decision=st.decision)
             rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))})
             print(rows[-1], flush=True)
     if a.out:

@@ -34,6 +34,7 @@ from lede.policy import DecodeState, Policy
 
 POLICY_FORMAT = "lede-rl-policy/1"
 ALGOS = ("DiscreteCQL", "DiscreteBCQ", "DoubleDQN", "DiscreteBC")
+DECISIONS = ("token", "round")  # policy.decision: see Experience.per_round
 
 
 class PolicyError(ValueError):
@@ -140,6 +141,38 @@ class Experience:
     def _truncated_rows(self) -> np.ndarray:
         """Per decision: its episode's truncation flag [N] bool."""
         return np.asarray(self._truncated_flags(), dtype=bool)[self.episode]
+
+    def per_round(self) -> "Experience":
+        """The same experience with one decision per round (``ActionSpace(per_round=True)``): the round-start
+        state, the action (drafter, K drafted), the round's return R (the sum of its decisions' rewards, so the
+        undiscounted return is unchanged) and the terminal flag of its last decision.
+
+        Why offer it: with a decision after every draft, a round of K drafts takes K + 1 decisions, so a discount
+        per decision taxes drafting (``lede.features``, *Discount*), and the value of drafting one more token
+        shows only through a chain of bootstrapped "more" decisions whose features (the exit head's confidence;
+        nothing for a lookup draft) say little. Per round, the discount is per round and (L, K) is valued in one
+        step from the round-start state. K is what was drafted: a lookup proposal or the budget may end a draft
+        before the behaviour policy would have stopped, and the same happens to the learned policy's choice."""
+        if self.space.per_round:
+            return self
+        self.check()
+        kmax = self.space.max_draft_len
+        start = np.flatnonzero(self.obs[:, self.names.index("phase_start")] == 1.0)  # [R] each round's first row
+        if start.size == 0 or start[0] != 0:
+            raise PolicyError("the experience does not begin with a round-start decision: recollect it")
+        end = np.append(start[1:], len(self))  # [R] one past each round's last row
+        k = end - start - 1  # [R] drafts in the round
+        if (self.episode[start] != self.episode[end - 1]).any() or (k > kmax).any():
+            raise PolicyError("a round of the experience spans two episodes or drafts more than max_draft_len: "
+                              "recollect it")
+        first = self.actions[start]
+        if ((first < 0) | (first > len(self.space.exit_layers))).any():
+            raise PolicyError("a round starts with a stop / draft-one-more action: recollect the experience")
+        space = ActionSpace(self.space.exit_layers, kmax, per_round=True)
+        actions = np.where((first == 0) | (k == 0), 0, 1 + (first - 1) * kmax + k - 1)
+        return Experience(space, self.names, self.obs[start], actions.astype(np.int64),
+                          np.add.reduceat(self.rewards, start).astype(np.float32), self.terminals[end - 1],
+                          self.episode[start], self.behaviour, self.prompt, self.category, self.meta, self.truncated)
 
     def mdp_dataset(self):
         import d3rlpy
@@ -283,6 +316,7 @@ class PolicyFile:
     # DiscreteBCQ only: the behaviour-cloning network [B, F] -> logits [B, A]; actions whose probability is
     # below info["action_flexibility"] x the most likely one's are not chosen (d3rlpy's BCQ rule)
     imitator: nn.Module | None = None
+    decision: str = "token"  # "token": stop / one more after each draft; "round": (drafter, K) at the round start
 
     def save(self, path: str | Path) -> None:
         nets = {"q_net": self.q_net.state_dict(), "arch": _arch(self.q_net)}
@@ -346,7 +380,10 @@ class RLPolicy:
 
     def __init__(self, pf: PolicyFile):
         self.pf = pf
-        self.space = ActionSpace(tuple(pf.exit_layers), pf.max_draft_len)
+        if pf.decision not in DECISIONS:
+            raise PolicyError(f"policy decision {pf.decision!r} is not one of {', '.join(DECISIONS)}: retrain it")
+        self.space = ActionSpace(tuple(pf.exit_layers), pf.max_draft_len, per_round=pf.decision == "round")
+        self._draft_len = 0  # per round: the K chosen at this round's start
         if feature_names(self.space) != pf.features:
             raise PolicyError("the policy's feature layout differs from this version's: retrain the policy")
         self.tracker = FeatureTracker(self.space)
@@ -399,9 +436,15 @@ class RLPolicy:
         return int(self.choose(self.tracker.features(state, start)[None], self._valid[start])[0])
 
     def choose_exit(self, state: DecodeState) -> int | None:
-        return self.space.layer_of(self._act(state, True))
+        action = self._act(state, True)
+        if self.space.per_round:
+            layer, self._draft_len = self.space.round_of(action)
+            return layer
+        return self.space.layer_of(action)
 
     def keep_drafting(self, state: DecodeState) -> bool:
+        if self.space.per_round:
+            return state.drafted < self._draft_len  # no decision, no forward: K was chosen at the round start
         return self._act(state, False) == self.space.more
 
 
@@ -441,6 +484,7 @@ def train_policy(
     log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
     lr: float = 3e-4, fqe_steps: int = 5000, eval_episodes: int = 256, progress: bool = False,
     hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000, cql_alpha: float = 0.3,
+    decision: str = "token",
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
@@ -463,11 +507,18 @@ def train_policy(
     mostly the random initial network's: measured by replay on the 30 held-out sequences (DiscreteCQL, 10k
     steps, γ 0.9, seed 0 of the default pipeline's experience) 1.64x plain with 8000, 1.72x with 1000; another
     seed reached 1.98x / 1.99x either way (replayed on the corrupted sequences, see ``gamma``). It must be at
-    most ``n_steps``."""
+    most ``n_steps``.
+
+    ``decision``: ``"token"`` learns the paper's process (stop / one more after every draft); ``"round"`` learns on
+    ``exp.per_round()`` — one decision per round, (drafter, K) together — and ``gamma`` is then per round."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
+    if decision not in DECISIONS:
+        raise ValueError(f"decision={decision!r}: use one of {', '.join(DECISIONS)} (policy.decision)")
     exp.check()
+    if decision == "round":
+        exp = exp.per_round()
     if eval_episodes < 1:
         raise ValueError(f"eval_episodes={eval_episodes} must be >= 1")
     if algo != "DiscreteBC" and not 1 <= target_update_interval <= n_steps:
@@ -480,7 +531,7 @@ def train_policy(
     mean = exp.obs.mean(0)
     std = exp.obs.std(0) + 1e-6
     scaled = Experience(exp.space, exp.names, (exp.obs - mean) / std, exp.actions, exp.rewards, exp.terminals,
-                        exp.episode, exp.behaviour, exp.prompt, exp.category, exp.meta)
+                        exp.episode, exp.behaviour, exp.prompt, exp.category, exp.meta, exp.truncated)
     dataset = scaled.mdp_dataset()
     model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval, cql_alpha).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
     run_name = run_name or f"{algo}_s{seed}"
@@ -499,13 +550,13 @@ def train_policy(
     info = {"transitions": len(exp), "episodes": len(exp.behaviour), "eval_episodes": len(sample), "n_steps": n_steps,
             "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
             "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
-            "reward_credit": exp.meta.get("reward_credit"),
+            "reward_credit": exp.meta.get("reward_credit"), "decision": decision,
             "fqe_initial_state_value": None}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)
     pf = PolicyFile(model=exp.meta["model"], exit_layers=list(exp.space.exit_layers),
                     max_draft_len=exp.space.max_draft_len, features=exp.names, mean=mean.tolist(), std=std.tolist(),
-                    algo=algo, seed=seed, q_net=net, info=info, imitator=imitator)
+                    algo=algo, seed=seed, q_net=net, info=info, imitator=imitator, decision=decision)
     # the exported networks must act as d3rlpy's own policy does (all actions allowed, as d3rlpy sees them)
     states = exp.obs[:: max(1, len(exp) // 512)]
     ours = RLPolicy(pf).choose(states, np.ones(exp.space.size, dtype=bool))

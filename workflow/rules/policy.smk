@@ -81,6 +81,7 @@ rule train_policy:
         fqe_steps=POLICY["fqe_steps"],
         gamma=POLICY["gamma"],
         cql_alpha=POLICY["cql_alpha"],
+        decision=POLICY["decision"],
         target_update_interval=POLICY["target_update_interval"],
         restarts=POLICY["restarts"],
         layers=DRAFTERS,
