@@ -231,3 +231,12 @@ def load_exit_heads(lm, selection_file: str | Path) -> dict[int, ExitHead]:
         raise FileNotFoundError(f"exit-head selection file {path} does not exist: run the workflow's exit_report "
                                 "rule (snakemake <results>/exits/selected.json) or pass the right path")
     return heads_from_selection(lm, json.loads(path.read_text()), base_dir=path.parent)
+
+
+def selected_costs(costs_path: str | Path, selection_file: str | Path):
+    """The measured cost model (``lede.costs.CostModel``) with each layer's draft priced as the exit head that the
+    selection file (``exits/selected.json``) chose for it: what every reward, replay and oracle is timed by."""
+    from lede.costs import CostModel
+
+    heads = json.loads(Path(selection_file).read_text()).get("heads", {})
+    return CostModel.load(costs_path).with_heads({int(l): h for l, h in heads.items()})

@@ -104,10 +104,9 @@ def experience_of(exp: Experience, prompts: set[str]) -> Experience:
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
-    from lede.costs import CostModel
     from lede.distill import load_distill
     from lede.engine import Decoder
-    from lede.exits import load_exit_heads
+    from lede.exits import load_exit_heads, selected_costs
     from lede.model import load_model
     from lede.policy import LOOKUP, Static
     from lede.replay import ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dec = Decoder(lm, exit_heads=load_exit_heads(lm, selected), max_draft_len=exp.space.max_draft_len)
     layers = [l for l in exp.space.exit_layers if l != LOOKUP]
     replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in layers}, seqs, data), exp.space.max_draft_len)
-    heads = json.loads(selected.read_text()).get("heads", {})
-    costs = CostModel.load(R / "costs.json").with_heads({int(l): h for l, h in heads.items()})
+    costs = selected_costs(R / "costs.json", selected)
     cats = sorted({s.category for s in val})
 
     def score(policy) -> dict:  # each sequence replayed once; "all" combines the categories (as replay_eval)

@@ -462,7 +462,7 @@ class TrainResult:
 
 
 def _algo_config(algo: str, batch_size: int, gamma: float, lr: float, hidden_units: Sequence[int],
-                 target_update_interval: int = 1000, cql_alpha: float = 1.0):
+                 target_update_interval: int = 1000, cql_alpha: float = 0.3):
     import d3rlpy
 
     if algo not in ALGOS:

@@ -132,12 +132,9 @@ def adapter_files(paths):
 
 def load_costs(costs_path, selected_path):
     """The measured cost model, each layer's draft priced as its selected exit head (exit report)."""
-    import json
+    from lede.exits import selected_costs
 
-    from lede.costs import CostModel
-
-    heads = json.loads(Path(selected_path).read_text()).get("heads", {})
-    return CostModel.load(costs_path).with_heads({int(l): h for l, h in heads.items()})
+    return selected_costs(costs_path, selected_path)
 
 
 def exit_layers(params):
