@@ -40,6 +40,7 @@ def test_setting_parse_names_the_bad_part():
     assert Setting.parse("DiscreteCQL,gamma=0.9,alpha=1") == Setting("DiscreteCQL", 0.9, 1.0)
     assert Setting.parse("DoubleDQN,n_steps=500").n_steps == 500
     assert Setting.parse("DiscreteCQL,decision=round").decision == "round"
+    assert Setting.parse("DiscreteCQL,timeouts=0").timeouts is False and Setting().timeouts is True
     with pytest.raises(ValueError, match="decision='rounds'"):
         Setting.parse("DiscreteCQL,decision=rounds")
     with pytest.raises(ValueError, match="unknown algorithm"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class Setting:
     n_steps: int = 10000
     target_update_interval: int = 1000
     decision: str = "token"  # or "round": lede.rl.Experience.per_round
+    timeouts: bool = True  # False: fit budget-cut generations as terminals too (Experience.ends; an ablation)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -48,10 +49,14 @@ class Setting:
         kw: dict = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
-            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision") or not value:
+            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
-                                 "target_update_interval=, decision=")
-            if key == "decision":
+                                 "target_update_interval=, decision=, timeouts=")
+            if key == "timeouts":
+                if value not in ("0", "1"):
+                    raise ValueError(f"setting {text!r}: timeouts={value!r} must be 0 or 1")
+                kw[key] = value == "1"
+            elif key == "decision":
                 if value not in DECISIONS:
                     raise ValueError(f"setting {text!r}: decision={value!r} is not one of {', '.join(DECISIONS)}")
                 kw[key] = value
@@ -63,7 +68,8 @@ class Setting:
     def name(self) -> str:
         alpha = f" α{self.alpha:g}" if self.algo == "DiscreteCQL" else ""
         per = " per round" if self.decision == "round" else ""
-        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps"
+        cut = "" if self.timeouts else " budget ends terminal"
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{cut}"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(rows[-1], flush=True)
     for st in settings:
         for seed in a.seeds:
-            res = train_policy(sub, algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
+            res = train_policy(sub if st.timeouts else replace(sub, truncated=None), algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
                                target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
                                decision=st.decision)
