@@ -49,12 +49,23 @@ plain there, the oracle 1.933×): DiscreteCQL α 1 — γ 0.9 1.220×, γ 1 1.23
 1.348× (seed 0) / 1.297× (seed 1000), γ 1 1.323×; DoubleDQN γ 0.9 1.261×; DiscreteBCQ γ 0.9 1.229×. Hence the
 defaults γ 0.99 and α 0.3 (``policy.cql_alpha``). More target-network copies (every 100 steps) or 30k steps
 did not help (1.30–1.31×). No setting reached the static cell: the learner, not the data, is what trails it.
+With the budget ends fitted as timeouts (see *Episode ends*; 2026-12-01, a fresh run of the default pipeline, so
+other measured costs: static lookup K3 1.402×, the oracle 1.816× on the same 24 sequences): γ 0.99, α 0.3 1.322× /
+1.234× (seeds 0 / 1000). The seeds differ as much as the settings did, hence ``policy.restarts``.
+
+Decisions per round (``policy.decision: round``, ``lede.rl.Experience.per_round``): (drafter, K) chosen together
+at the round start, ids 0 and 1 + i·Kmax + (K − 1), learned from the same logged experience; the discount is then
+per round, so it does not tax drafting. Measured with the validation above (same data, same 24 sequences):
+γ 0.99 1.199× / 1.106×, γ 0.9 1.306× / 1.123× (seeds 0 / 1000), against 1.322× / 1.234× per decision. With 57
+actions instead of 10 and a third as many transitions, CQL's penalty over the unseen (drafter, K) pairs and the
+data per pair are what it trades for the shorter horizon; it lost, so it stays an ablation.
 
 Episode ends (``lede.rl.Experience.ends``). A generation that stops at EOS (or a stop string) ends the task: its
 last decision is terminal. One that stops at the token budget is cut by a time limit that is not in the state:
-its last decision is a timeout, and the Q-target bootstraps through it. Measured (2026-11-30; DiscreteCQL, 10k
-steps, γ 0.99, experience replayed along the 12 dev sequences, validated by replay on the 110 sequences the
-adapters were distilled on): 1.160× plain with and without it; kept as the correct target, not for speed. What
+its last decision is a timeout, and the Q-target bootstraps through it. Until 2026-12-01 ``train_policy`` dropped
+these flags when it standardised the features, so every generation was fitted as ending in a terminal: the
+comparison once reported here ("1.160× plain with and without it") trained the same thing twice, and the γ / α
+numbers under *Discount* were measured with budget ends as terminals. Not re-measured on its own since. What
 did move the learned policy was how many *prompts* its experience covers: trained on replay along those 110
 sequences instead of 12, it reached 1.68× on the held-out ones (1.43× from the default pipeline's 12 prompts;
 static prompt lookup K = 3: 1.98×, the oracle 2.52×).
