@@ -52,6 +52,9 @@ did not help (1.30–1.31×). No setting reached the static cell: the learner, n
 With the budget ends fitted as timeouts (see *Episode ends*; 2026-12-01, a fresh run of the default pipeline, so
 other measured costs: static lookup K3 1.402×, the oracle 1.816× on the same 24 sequences): γ 0.99, α 0.3 1.322× /
 1.234× (seeds 0 / 1000). The seeds differ as much as the settings did, hence ``policy.restarts``.
+On the same data and sequences: DoubleDQN γ 0.99 1.366× / 1.366× (both seeds), DiscreteCQL α 0.1 1.106× / 1.129×:
+without the conservative penalty the learner drafts longer lookups (see README Status for the per-token stop it
+gets wrong). DiscreteCQL stays the default (issue 8's method); an engine evaluation of DoubleDQN is the next step.
 
 Decisions per round (``policy.decision: round``, ``lede.rl.Experience.per_round``): (drafter, K) chosen together
 at the round start, ids 0 and 1 + i·Kmax + (K − 1), learned from the same logged experience; the discount is then
