@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -167,12 +167,13 @@ class Experience:
         if (self.episode[start] != self.episode[end - 1]).any() or (k > kmax).any():
             raise PolicyError("a round of the experience spans two episodes or drafts more than max_draft_len: "
                               "recollect it")
-        first = self.actions[start]
-        if ((first < 0) | (first > len(self.space.exit_layers))).any():
-            raise PolicyError("a round starts with a stop / draft-one-more action: recollect the experience")
         space = ActionSpace(self.space.exit_layers, kmax, per_round=True)
-        actions = np.where((first == 0) | (k == 0), 0, 1 + (first - 1) * kmax + k - 1)
-        return Experience(space, self.names, self.obs[start], actions.astype(np.int64),
+        try:  # the ids are ActionSpace's; a stop / one-more action at a round start is not a drafter
+            actions = np.array([space.round_action(self.space.layer_of(int(a)), int(n))
+                                for a, n in zip(self.actions[start], k)], dtype=np.int64)
+        except ValueError as e:
+            raise PolicyError(f"a round of the experience does not start with a drafter choice ({e}): recollect it") from e
+        return Experience(space, self.names, self.obs[start], actions,
                           np.add.reduceat(self.rewards, start).astype(np.float32), self.terminals[end - 1],
                           self.episode[start], self.behaviour, self.prompt, self.category, self.meta, self.truncated)
 
@@ -532,8 +533,7 @@ def train_policy(
     d3rlpy.seed(seed)
     mean = exp.obs.mean(0)
     std = exp.obs.std(0) + 1e-6
-    scaled = Experience(exp.space, exp.names, (exp.obs - mean) / std, exp.actions, exp.rewards, exp.terminals,
-                        exp.episode, exp.behaviour, exp.prompt, exp.category, exp.meta, exp.truncated)
+    scaled = replace(exp, obs=(exp.obs - mean) / std)  # every other field as logged (the truncation flags too)
     dataset = scaled.mdp_dataset()
     model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval, cql_alpha).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
     run_name = run_name or f"{algo}_s{seed}"
