@@ -9,7 +9,7 @@ import torch
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
 from lede.costs import CostModel
-from lede.features import ActionSpace, FeatureTracker, decision_rewards, feature_names
+from lede.features import COPY_RUN_CAP, ActionSpace, FeatureTracker, decision_rewards, feature_names
 from lede.oracle import Oracle, oracle_runs
 from lede.policy import RoundRecord
 from lede.rl import (EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
@@ -96,9 +96,21 @@ def test_copy_feature_fires_on_repetition():
     f = tr.features(st, True)
     assert f[names.index("copy_bigram")] == 1.0  # "1 2" occurred in the prompt
     assert f[names.index("lookup_len")] == pytest.approx(4 / SPACE.max_draft_len)  # a lookup would propose 3 4 1 2
+    assert f[names.index("copy_run")] == pytest.approx(np.log1p(2) / np.log1p(COPY_RUN_CAP))  # copying for 2 tokens
     st.tokens.append(9)
     f = tr.features(st, True)
     assert f[names.index("copy_bigram")] == 0.0 and f[names.index("lookup_len")] == 0.0
+    assert f[names.index("copy_run")] == 0.0
+
+
+def test_copy_run_counts_the_whole_copied_span():
+    from lede.lookup import NgramIndex
+
+    text = [5, 6, 7, 8, 9, 1, 2, 3]
+    idx = NgramIndex().sync(text, [5, 6, 7, 8, 9, 1])  # copying "5 6 7 8 9 1" for 6 tokens; the n-gram match is 3
+    assert idx.match_size() == 3 and idx.match_run() == 6 and idx.candidates(4) == [2, 3, 5, 6]
+    assert idx.match_run(cap=4) == 4
+    assert NgramIndex().sync([1, 2, 3], [4]).match_run() == 0  # no match
 
 
 @pytest.fixture(scope="module")

