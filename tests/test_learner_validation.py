@@ -41,6 +41,7 @@ def test_setting_parse_names_the_bad_part():
     assert Setting.parse("DoubleDQN,n_steps=500").n_steps == 500
     assert Setting.parse("DiscreteCQL,decision=round").decision == "round"
     assert Setting.parse("DiscreteCQL,timeouts=0").timeouts is False and Setting().timeouts is True
+    assert Setting.parse("DoubleDQN,valid=0").valid is False and "all actions" in Setting.parse("DoubleDQN,valid=0").name
     with pytest.raises(ValueError, match="decision='rounds'"):
         Setting.parse("DiscreteCQL,decision=rounds")
     with pytest.raises(ValueError, match="unknown algorithm"):

@@ -195,6 +195,33 @@ def test_train_and_decode_exactly(experience, tmp_path, algo):
         RLPolicy.load(tmp_path / "p.pt", exit_layers=(1, 2))
 
 
+@pytest.mark.parametrize("algo", ["DiscreteCQL", "DoubleDQN", "DiscreteBCQ"])
+def test_learner_bootstraps_from_valid_actions_only(experience, tmp_path, algo):
+    """d3rlpy's target argmax (and CQL's logsumexp) range over the actions valid in the next state's phase."""
+    import torch.nn.functional as F
+
+    kw = dict(algo=algo, seed=0, n_steps=100, n_steps_per_epoch=100, fqe_steps=0, eval_episodes=2,
+              target_update_interval=50)
+    res = train_policy(experience, log_dir=tmp_path / "a", **kw)
+    impl, pf = res.fitted.impl, res.policy
+    x = torch.from_numpy((experience.obs - np.array(pf.mean, np.float32)) / np.array(pf.std, np.float32))
+    start = experience.obs[:, 0] > 0.5
+    best = impl.inner_predict_best_action(x).numpy()
+    assert start.any() and (~start).any()
+    assert np.isin(best[~start], [SPACE.stop, SPACE.more]).all()
+    assert (best[start] <= len(LAYERS)).all()  # plain or a drafter
+    q = impl._q_func_forwarder.compute_expected_q(x).detach()
+    if algo == "DiscreteCQL":  # the penalty's logsumexp over the valid actions of each state
+        act = torch.from_numpy(experience.actions).long()
+        mask = torch.from_numpy(np.stack([SPACE.valid_mask(bool(s)) for s in start]))
+        want = (torch.logsumexp(q.masked_fill(~mask, -torch.inf), 1) - q.gather(1, act[:, None]).squeeze(1)).mean()
+        assert float(impl._compute_conservative_loss(x, act)) == pytest.approx(float(want), rel=1e-5)
+    # d3rlpy as shipped (valid_only=False) takes the argmax over every action: the restriction is what differs
+    plain = train_policy(experience, log_dir=tmp_path / "b", valid_only=False, **kw)
+    assert "inner_predict_best_action" not in vars(plain.fitted.impl) and plain.policy.info["valid_only"] is False
+    assert res.policy.info["valid_only"] is True
+
+
 def test_per_round_experience_keeps_each_rounds_return(experience):
     rounds = experience.per_round()
     start = experience.obs[:, experience.names.index("phase_start")] == 1

@@ -38,6 +38,7 @@ class Setting:
     target_update_interval: int = 1000
     decision: str = "token"  # or "round": lede.rl.Experience.per_round
     timeouts: bool = True  # False: fit budget-cut generations as terminals too (Experience.ends; an ablation)
+    valid: bool = True  # False: d3rlpy's targets and CQL penalty over every action (train_policy's valid_only)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -49,10 +50,10 @@ class Setting:
         kw: dict = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
-            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts") or not value:
+            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts", "valid") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
-                                 "target_update_interval=, decision=, timeouts=")
-            if key == "timeouts":
+                                 "target_update_interval=, decision=, timeouts=, valid=")
+            if key in ("timeouts", "valid"):
                 if value not in ("0", "1"):
                     raise ValueError(f"setting {text!r}: timeouts={value!r} must be 0 or 1")
                 kw[key] = value == "1"
@@ -69,7 +70,8 @@ class Setting:
         alpha = f" α{self.alpha:g}" if self.algo == "DiscreteCQL" else ""
         per = " per round" if self.decision == "round" else ""
         cut = "" if self.timeouts else " budget ends terminal"
-        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{cut}"
+        every = "" if self.valid else " targets over all actions"
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{cut}{every}"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             res = train_policy(sub if st.timeouts else replace(sub, truncated=None), algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
                                target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
-                               decision=st.decision)
+                               decision=st.decision, valid_only=st.valid)
             rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))})
             print(rows[-1], flush=True)
     if a.out:

@@ -482,12 +482,57 @@ def _algo_config(algo: str, batch_size: int, gamma: float, lr: float, hidden_uni
     return cls(learning_rate=lr, gamma=gamma, target_update_interval=target_update_interval, **common)
 
 
+def _restrict_to_valid_actions(model, algo: str, space: ActionSpace, phase_threshold: float) -> None:
+    """Make d3rlpy's learner see only the actions valid in each state's phase (``ActionSpace.valid_mask``).
+
+    d3rlpy has no state-dependent action sets: its Double-DQN target bootstraps from the argmax of Q over *all*
+    actions at the next state, and DiscreteCQL's penalty takes its logsumexp over all of them. After a drafted
+    token only "stop" and "one more" are possible, yet the target's argmax there could pick a round-start
+    action whose Q-value no transition ever constrains (and the reverse at a round start): a bootstrap from
+    untrained outputs, which let DoubleDQN's value estimates drift upward (measured: initial-state value 0.4
+    -> 3.7 over 10k steps, replayed speed 1.05x / 1.30x over two seeds). Here the greedy action (the target's
+    and ``predict``'s) and CQL's logsumexp are taken over the valid actions only; ``RLPolicy`` already acts so.
+    The phase is the first feature (``phase_start``), read from the standardised observations by
+    ``phase_threshold`` (its raw 0.5). Patched on this instance's d3rlpy implementation object (no subclass
+    hook exists for it); ``train_policy`` checks the exported policy acts like the patched one."""
+    import torch.nn.functional as F
+
+    impl = model.impl
+    masks = torch.tensor(np.stack([space.valid_mask(False), space.valid_mask(True)]), device=impl.device)
+
+    def valid(x: torch.Tensor) -> torch.Tensor:  # [B, A] bool
+        return masks[(x[:, 0] > phase_threshold).long()]
+
+    q_of = impl._q_func_forwarder.compute_expected_q
+
+    if algo == "DiscreteBCQ":  # d3rlpy's rule (imitator filter, shifted Q), over the valid actions
+        def best(x: torch.Tensor) -> torch.Tensor:
+            ok = valid(x)
+            lp = F.log_softmax(impl._modules.imitator(x).logits.masked_fill(~ok, -math.inf), dim=1)
+            keep = ok & (lp - lp.max(dim=1, keepdim=True).values > math.log(impl._action_flexibility))
+            q = q_of(x)
+            q = q - q.masked_fill(~keep, math.inf).min(dim=1, keepdim=True).values + 1e-5
+            return (q * keep).argmax(dim=1)
+    else:
+        def best(x: torch.Tensor) -> torch.Tensor:
+            return q_of(x).masked_fill(~valid(x), -math.inf).argmax(dim=1)
+
+    impl.inner_predict_best_action = best
+    if algo == "DiscreteCQL":
+        def conservative(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            q = q_of(obs)
+            lse = torch.logsumexp(q.masked_fill(~valid(obs), -math.inf), dim=1)
+            return (lse - q.gather(1, act.view(-1, 1)).squeeze(1)).mean()
+
+        impl._compute_conservative_loss = conservative
+
+
 def train_policy(
     exp: Experience, algo: str = "DiscreteCQL", seed: int = 0, n_steps: int = 20000, n_steps_per_epoch: int = 2000,
     log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
     lr: float = 3e-4, fqe_steps: int = 5000, eval_episodes: int = 256, progress: bool = False,
     hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000, cql_alpha: float = 0.3,
-    decision: str = "token",
+    decision: str = "token", valid_only: bool = True,
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
@@ -513,7 +558,11 @@ def train_policy(
     most ``n_steps``.
 
     ``decision``: ``"token"`` learns the paper's process (stop / one more after every draft); ``"round"`` learns on
-    ``exp.per_round()`` — one decision per round, (drafter, K) together — and ``gamma`` is then per round."""
+    ``exp.per_round()`` — one decision per round, (drafter, K) together — and ``gamma`` is then per round.
+
+    ``valid_only``: the Bellman target's greedy action and DiscreteCQL's penalty range over the actions valid in
+    the state's phase (``_restrict_to_valid_actions``); False is d3rlpy as shipped (every action everywhere),
+    an ablation."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
@@ -537,6 +586,11 @@ def train_policy(
     dataset = scaled.mdp_dataset()
     model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval, cql_alpha).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
     run_name = run_name or f"{algo}_s{seed}"
+    if exp.names[0] != "phase_start":
+        raise PolicyError(f"the experience's first feature is {exp.names[0]!r}, not phase_start")
+    model.build_with_dataset(dataset)
+    if valid_only and algo != "DiscreteBC":
+        _restrict_to_valid_actions(model, algo, exp.space, (0.5 - float(mean[0])) / float(std[0]))
     logger = d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir))
     sample = dataset.episodes[:: max(1, math.ceil(len(dataset.episodes) / eval_episodes))]
     evaluators = {"td_error": TDErrorEvaluator(sample),
@@ -552,16 +606,19 @@ def train_policy(
     info = {"transitions": len(exp), "episodes": len(exp.behaviour), "eval_episodes": len(sample), "n_steps": n_steps,
             "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
             "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
-            "reward_credit": exp.meta.get("reward_credit"), "decision": decision,
+            "reward_credit": exp.meta.get("reward_credit"), "decision": decision, "valid_only": valid_only,
             "fqe_initial_state_value": None}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)
     pf = PolicyFile(model=exp.meta["model"], exit_layers=list(exp.space.exit_layers),
                     max_draft_len=exp.space.max_draft_len, features=exp.names, mean=mean.tolist(), std=std.tolist(),
                     algo=algo, seed=seed, q_net=net, info=info, imitator=imitator, decision=decision)
-    # the exported networks must act as d3rlpy's own policy does (all actions allowed, as d3rlpy sees them)
+    # the exported networks must act as d3rlpy's own policy does (over the valid actions, or all of them as
+    # d3rlpy as shipped sees them)
     states = exp.obs[:: max(1, len(exp) // 512)]
-    ours = RLPolicy(pf).choose(states, np.ones(exp.space.size, dtype=bool))
+    allowed = (np.stack([exp.space.valid_mask(bool(p > 0.5)) for p in states[:, 0]])
+               if valid_only and algo != "DiscreteBC" else np.ones(exp.space.size, dtype=bool))
+    ours = RLPolicy(pf).choose(states, allowed)
     theirs = model.predict(((states - mean) / std).astype(np.float32))
     if (agree := float((ours == theirs).mean())) < 0.99:  # float32 ties aside
         raise PolicyError(f"exported {algo} policy agrees with d3rlpy's on only {agree:.1%} of states: export bug")
