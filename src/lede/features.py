@@ -55,6 +55,13 @@ other measured costs: static lookup K3 1.402×, the oracle 1.816× on the same 2
 On the same data and sequences: DoubleDQN γ 0.99 1.366× / 1.366× (both seeds), DiscreteCQL α 0.1 1.106× / 1.129×:
 without the conservative penalty the learner drafts longer lookups (see README Status for the per-token stop it
 gets wrong). DiscreteCQL stays the default (issue 8's method); an engine evaluation of DoubleDQN is the next step.
+Those runs bootstrapped, as d3rlpy does, from the best of *all* actions at the next state, round-start actions
+after a draft included; restricted to the valid ones (``lede.rl.train_policy``'s ``valid_only``, default since
+2026-12-01) and with ``copy_run`` among the features (a re-measured cost model, so other absolute numbers: static
+lookup K3 1.319×, the oracle 1.833× on the same 24 sequences): DoubleDQN 1.338× / 1.287× (1.052× / 1.302× with
+every action in its targets: its value estimate drifted from 0.4 to 3.7 in 10k steps), DiscreteCQL α 0.3 1.243× /
+1.215× (1.245× / 1.171×), α 0.1 1.194× / 1.162×; DoubleDQN with 20k steps 1.206× / 1.319×. The seeds still
+differ by more than the settings; the default study trains both algorithms.
 
 Decisions per round (``policy.decision: round``, ``lede.rl.Experience.per_round``): (drafter, K) chosen together
 at the round start, ids 0 and 1 + i·Kmax + (K − 1), learned from the same logged experience; the discount is then
