@@ -10,7 +10,10 @@ produced ``results/`` (experience, replayed experience, dev sequences, exit head
     python -m lede.learner_validation --results results --model smollm2-135m --model-cache resources/models \\
         --setting DiscreteCQL,gamma=0.9,alpha=1 --setting DiscreteCQL,gamma=0.99,alpha=0.3 --seeds 0 1000
 
-Each setting and seed trains for ~2.5 min on 2 CPU threads (10k steps); the replay tables take ~1.5 min, once.
+A setting is the algorithm and key=value overrides: ``gamma``, ``alpha``, ``n_steps``, ``target_update_interval``,
+``decision=round``, ``timeouts=0`` (budget ends fitted as terminals), ``valid=0`` (d3rlpy's targets and CQL penalty
+over every action, not the phase's valid ones). Each setting and seed trains for ~1.5–2.5 min on 2 CPU threads
+(10k steps); the replay tables take ~1.5 min, once.
 It runs on the base model's exit heads (not the early-exit variant).
 """
 
