@@ -222,6 +222,32 @@ def test_learner_bootstraps_from_valid_actions_only(experience, tmp_path, algo):
     assert res.policy.info["valid_only"] is True
 
 
+def test_round_discount_intervals(experience):
+    """discount="round": γ^interval with interval 1 only for the decision that ends its round."""
+    exp = experience
+    ds = exp.mdp_dataset("round")
+    picker = ds.transition_picker
+    start = exp.obs[:, 0] == 1.0
+    got, want = [], []
+    row = 0
+    for ep in ds.episodes:
+        for i in range(ep.transition_count):
+            got.append(picker(ep, i).interval)
+            ends = i == ep.transition_count - 1 or start[row + i + 1]
+            want.append(int(ends))
+        row += ep.size()
+    assert got == want and 0 < sum(got) < len(got)
+    assert all(exp.mdp_dataset().transition_picker(ep, 0).interval == 1 for ep in ds.episodes[:3])
+    with pytest.raises(ValueError, match="discount="):
+        exp.mdp_dataset("time")
+
+
+def test_train_with_round_discount(experience, tmp_path):
+    res = train_policy(experience, algo="DoubleDQN", seed=0, n_steps=50, n_steps_per_epoch=50, log_dir=tmp_path,
+                       fqe_steps=0, eval_episodes=2, target_update_interval=25, discount="round")
+    assert res.policy.info["discount"] == "round" and res.dataset.transition_picker.__class__.__name__ == "RoundDiscount"
+
+
 def test_per_round_experience_keeps_each_rounds_return(experience):
     rounds = experience.per_round()
     start = experience.obs[:, experience.names.index("phase_start")] == 1

@@ -12,8 +12,8 @@ produced ``results/`` (experience, replayed experience, dev sequences, exit head
 
 A setting is the algorithm and key=value overrides: ``gamma``, ``alpha``, ``n_steps``, ``target_update_interval``,
 ``decision=round``, ``timeouts=0`` (budget ends fitted as terminals), ``valid=0`` (d3rlpy's targets and CQL penalty
-over every action, not the phase's valid ones). Each setting and seed trains for ~1.5–2.5 min on 2 CPU threads
-(10k steps); the replay tables take ~1.5 min, once.
+over every action, not the phase's valid ones), ``discount=round`` (γ per round, ``lede.rl.RoundDiscount``).
+Each setting and seed trains for ~1.5–2.5 min on 2 CPU threads (10k steps); the replay tables take ~1.5 min, once.
 It runs on the base model's exit heads (not the early-exit variant).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lede.rl import ALGOS, DECISIONS, Experience, RLPolicy, train_policy
+from lede.rl import ALGOS, DECISIONS, DISCOUNTS, Experience, RLPolicy, train_policy
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Setting:
     decision: str = "token"  # or "round": lede.rl.Experience.per_round
     timeouts: bool = True  # False: fit budget-cut generations as terminals too (Experience.ends; an ablation)
     valid: bool = True  # False: d3rlpy's targets and CQL penalty over every action (train_policy's valid_only)
+    discount: str = "decision"  # or "round": γ per round (lede.rl.RoundDiscount)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -53,16 +54,18 @@ class Setting:
         kw: dict = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
-            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts", "valid") or not value:
+            if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts", "valid",
+                           "discount") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
-                                 "target_update_interval=, decision=, timeouts=, valid=")
+                                 "target_update_interval=, decision=, timeouts=, valid=, discount=")
             if key in ("timeouts", "valid"):
                 if value not in ("0", "1"):
                     raise ValueError(f"setting {text!r}: timeouts={value!r} must be 0 or 1")
                 kw[key] = value == "1"
-            elif key == "decision":
-                if value not in DECISIONS:
-                    raise ValueError(f"setting {text!r}: decision={value!r} is not one of {', '.join(DECISIONS)}")
+            elif key in ("decision", "discount"):
+                allowed = DECISIONS if key == "decision" else DISCOUNTS
+                if value not in allowed:
+                    raise ValueError(f"setting {text!r}: {key}={value!r} is not one of {', '.join(allowed)}")
                 kw[key] = value
             else:
                 kw[key] = int(value) if key in ("n_steps", "target_update_interval") else float(value)
@@ -74,7 +77,8 @@ class Setting:
         per = " per round" if self.decision == "round" else ""
         cut = "" if self.timeouts else " budget ends terminal"
         every = "" if self.valid else " targets over all actions"
-        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{cut}{every}"
+        disc = " γ per round" if self.discount == "round" and self.decision == "token" else ""
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{cut}{every}{disc}"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             res = train_policy(sub if st.timeouts else replace(sub, truncated=None), algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
                                target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
-                               decision=st.decision, valid_only=st.valid)
+                               decision=st.decision, valid_only=st.valid, discount=st.discount)
             rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))})
             print(rows[-1], flush=True)
     if a.out:

@@ -35,6 +35,27 @@ from lede.policy import DecodeState, Policy
 POLICY_FORMAT = "lede-rl-policy/1"
 ALGOS = ("DiscreteCQL", "DiscreteBCQ", "DoubleDQN", "DiscreteBC")
 DECISIONS = ("token", "round")  # policy.decision: see Experience.per_round
+DISCOUNTS = ("decision", "round")  # policy.discount: γ per decision, or per round (RoundDiscount)
+
+
+class RoundDiscount:
+    """d3rlpy transition picker for a discount per round instead of per decision: the transition of a decision
+    that ends its round (the next state is a round start, or the episode ends) has ``interval`` 1, one inside a
+    round (a drafter chosen, "one more") ``interval`` 0, and d3rlpy's Q-learning targets discount by
+    γ^interval. Why: ``lede.features``, *Discount* — a round of K drafts takes K + 1 decisions, so a per-decision
+    γ taxes every draft; per round it does not, while the decisions inside the round stay the paper's."""
+
+    def __init__(self, phase_index: int, threshold: float):
+        from d3rlpy.dataset import BasicTransitionPicker
+
+        self.phase_index, self.threshold = phase_index, threshold
+        self._basic = BasicTransitionPicker()
+
+    def __call__(self, episode, index: int):
+        t = self._basic(episode, index)
+        last = index == episode.transition_count - 1
+        ends_round = last or float(episode.observations[index + 1][self.phase_index]) > self.threshold
+        return replace(t, interval=int(ends_round))
 
 
 class PolicyError(ValueError):
@@ -177,12 +198,20 @@ class Experience:
                           np.add.reduceat(self.rewards, start).astype(np.float32), self.terminals[end - 1],
                           self.episode[start], self.behaviour, self.prompt, self.category, self.meta, self.truncated)
 
-    def mdp_dataset(self):
+    def mdp_dataset(self, discount: str = "decision", phase_threshold: float = 0.5):
+        """The d3rlpy dataset. ``discount="round"``: each transition carries d3rlpy's ``interval`` (the learner
+        discounts by γ^interval): 1 for the decision that ends a round, 0 inside it, so γ is per round and
+        drafting one more token is not discounted (``RoundDiscount``). ``phase_threshold``: the value of the
+        ``phase_start`` feature above which a row is a round start (0.5 raw; train_policy passes the
+        standardised one)."""
         import d3rlpy
 
+        if discount not in DISCOUNTS:
+            raise ValueError(f"discount={discount!r}: use one of {', '.join(DISCOUNTS)} (policy.discount)")
         terminals, timeouts = self.ends()
+        picker = RoundDiscount(self.names.index("phase_start"), phase_threshold) if discount == "round" else None
         return d3rlpy.dataset.MDPDataset(self.obs, self.actions, self.rewards, terminals, timeouts=timeouts,
-                                         action_size=self.space.size)
+                                         action_size=self.space.size, transition_picker=picker)
 
     def save(self, stem: str | Path) -> None:
         """``stem.parquet`` (one row per decision, for analysis) and ``stem.h5`` (d3rlpy ReplayBuffer),
@@ -532,7 +561,7 @@ def train_policy(
     log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
     lr: float = 3e-4, fqe_steps: int = 5000, eval_episodes: int = 256, progress: bool = False,
     hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000, cql_alpha: float = 0.3,
-    decision: str = "token", valid_only: bool = True,
+    decision: str = "token", valid_only: bool = True, discount: str = "decision",
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
@@ -562,7 +591,11 @@ def train_policy(
 
     ``valid_only``: the Bellman target's greedy action and DiscreteCQL's penalty range over the actions valid in
     the state's phase (``_restrict_to_valid_actions``); False is d3rlpy as shipped (every action everywhere),
-    an ablation."""
+    an ablation.
+
+    ``discount``: ``"decision"`` discounts every decision by ``gamma``; ``"round"`` only the decision that ends a
+    round (``RoundDiscount``), so drafting one more token is not taxed (``lede.features``, *Discount*). The
+    per-epoch ``td_error`` metric (d3rlpy's evaluator) still discounts per decision."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
@@ -583,14 +616,15 @@ def train_policy(
     mean = exp.obs.mean(0)
     std = exp.obs.std(0) + 1e-6
     scaled = replace(exp, obs=(exp.obs - mean) / std)  # every other field as logged (the truncation flags too)
-    dataset = scaled.mdp_dataset()
-    model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval, cql_alpha).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
-    run_name = run_name or f"{algo}_s{seed}"
     if exp.names[0] != "phase_start":
         raise PolicyError(f"the experience's first feature is {exp.names[0]!r}, not phase_start")
+    phase = (0.5 - float(mean[0])) / float(std[0])  # the standardised phase_start above which a row is a round start
+    dataset = scaled.mdp_dataset(discount, phase)
+    model = _algo_config(algo, batch_size, gamma, lr, hidden_units, target_update_interval, cql_alpha).create(device="cuda:0" if torch.cuda.is_available() else "cpu:0")
+    run_name = run_name or f"{algo}_s{seed}"
     model.build_with_dataset(dataset)
     if valid_only and algo != "DiscreteBC":
-        _restrict_to_valid_actions(model, algo, exp.space, (0.5 - float(mean[0])) / float(std[0]))
+        _restrict_to_valid_actions(model, algo, exp.space, phase)
     logger = d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir))
     sample = dataset.episodes[:: max(1, math.ceil(len(dataset.episodes) / eval_episodes))]
     evaluators = {"td_error": TDErrorEvaluator(sample),
@@ -607,6 +641,7 @@ def train_policy(
             "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
             "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
             "reward_credit": exp.meta.get("reward_credit"), "decision": decision, "valid_only": valid_only,
+            "discount": discount,
             "fqe_initial_state_value": None}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)

@@ -82,6 +82,7 @@ rule train_policy:
         gamma=POLICY["gamma"],
         cql_alpha=POLICY["cql_alpha"],
         decision=POLICY["decision"],
+        discount=POLICY["discount"],
         target_update_interval=POLICY["target_update_interval"],
         restarts=POLICY["restarts"],
         layers=DRAFTERS,
