@@ -78,7 +78,8 @@ class Setting:
         cut = "" if self.timeouts else " budget ends terminal"
         every = "" if self.valid else " targets over all actions"
         disc = " γ per round" if self.discount == "round" and self.decision == "token" else ""
-        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{cut}{every}{disc}"
+        tui = f" target copy every {self.target_update_interval}" if self.target_update_interval != 1000 else ""
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{tui}{cut}{every}{disc}"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
