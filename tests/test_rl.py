@@ -215,7 +215,7 @@ def test_learner_bootstraps_from_valid_actions_only(experience, tmp_path, algo):
         act = torch.from_numpy(experience.actions).long()
         mask = torch.from_numpy(np.stack([SPACE.valid_mask(bool(s)) for s in start]))
         want = (torch.logsumexp(q.masked_fill(~mask, -torch.inf), 1) - q.gather(1, act[:, None]).squeeze(1)).mean()
-        assert float(impl._compute_conservative_loss(x, act)) == pytest.approx(float(want), rel=1e-5)
+        assert float(impl._compute_conservative_loss(x, act).detach()) == pytest.approx(float(want), rel=1e-5)
     # d3rlpy as shipped (valid_only=False) takes the argmax over every action: the restriction is what differs
     plain = train_policy(experience, log_dir=tmp_path / "b", valid_only=False, **kw)
     assert "inner_predict_best_action" not in vars(plain.fitted.impl) and plain.policy.info["valid_only"] is False

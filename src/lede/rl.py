@@ -570,7 +570,8 @@ def train_policy(
     a fixed, evenly strided sample of ``eval_episodes`` episodes (all of them if fewer): over a million
     replayed decisions, evaluating every episode each epoch took longer than the training itself.
 
-    ``gamma``: the discount per decision, 0.99 (the workflow's ``policy.gamma`` default too); ``cql_alpha``:
+    ``gamma``: the discount (per decision with ``discount="decision"``, this function's default, 0.99; the
+    workflow's defaults are ``policy.discount: round`` and ``policy.gamma: 0.9``, validated later); ``cql_alpha``:
     DiscreteCQL's conservative-loss weight (d3rlpy's ``alpha``), 0.3. Both chosen by replay on a validation part
     of the dev split; why a per-decision discount well below 1 penalises drafting: ``lede.features``, *Discount*.
 
