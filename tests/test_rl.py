@@ -31,6 +31,8 @@ def test_action_space_round_trip_and_masks():
     assert [SPACE.layer_of(SPACE.start_action(l)) for l in (None, *LAYERS)] == [None, *LAYERS]
     assert SPACE.valid_mask(True).tolist() == [True, True, True, True, False, False]
     assert SPACE.valid_mask(False).tolist() == [False, False, False, False, True, True]
+    assert SPACE.valid_masks(np.array([False, True, True])).tolist() == [
+        SPACE.valid_mask(False).tolist(), SPACE.valid_mask(True).tolist(), SPACE.valid_mask(True).tolist()]
     with pytest.raises(ValueError, match="not a candidate"):
         SPACE.start_action(2)
 
@@ -213,7 +215,7 @@ def test_learner_bootstraps_from_valid_actions_only(experience, tmp_path, algo):
     q = impl._q_func_forwarder.compute_expected_q(x).detach()
     if algo == "DiscreteCQL":  # the penalty's logsumexp over the valid actions of each state
         act = torch.from_numpy(experience.actions).long()
-        mask = torch.from_numpy(np.stack([SPACE.valid_mask(bool(s)) for s in start]))
+        mask = torch.from_numpy(SPACE.valid_masks(start))
         want = (torch.logsumexp(q.masked_fill(~mask, -torch.inf), 1) - q.gather(1, act[:, None]).squeeze(1)).mean()
         assert float(impl._compute_conservative_loss(x, act).detach()) == pytest.approx(float(want), rel=1e-5)
     # d3rlpy as shipped (valid_only=False) takes the argmax over every action: the restriction is what differs

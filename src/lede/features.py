@@ -195,6 +195,10 @@ class ActionSpace:
             mask[[self.stop, self.more]] = True
         return mask
 
+    def valid_masks(self, start_of_round: np.ndarray) -> np.ndarray:
+        """``valid_mask`` of each state, [B, A] bool, from its round-start flags [B] bool."""
+        return np.stack([self.valid_mask(False), self.valid_mask(True)])[np.asarray(start_of_round, dtype=np.intp)]
+
 
 def feature_names(space: ActionSpace) -> list[str]:
     names = [drafter_name(l) for l in space.exit_layers]

@@ -60,7 +60,7 @@ class Setting:
                                  "target_update_interval=, decision=, timeouts=, valid=, discount=")
             if key in ("timeouts", "valid"):
                 if value not in ("0", "1"):
-                    raise ValueError(f"setting {text!r}: timeouts={value!r} must be 0 or 1")
+                    raise ValueError(f"setting {text!r}: {key}={value!r} must be 0 or 1")
                 kw[key] = value == "1"
             elif key in ("decision", "discount"):
                 allowed = DECISIONS if key == "decision" else DISCOUNTS

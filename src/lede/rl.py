@@ -527,7 +527,7 @@ def _restrict_to_valid_actions(model, algo: str, space: ActionSpace, phase_thres
     import torch.nn.functional as F
 
     impl = model.impl
-    masks = torch.tensor(np.stack([space.valid_mask(False), space.valid_mask(True)]), device=impl.device)
+    masks = torch.from_numpy(space.valid_masks(np.array([False, True]))).to(impl.device)  # [2, A]: mid, start
 
     def valid(x: torch.Tensor) -> torch.Tensor:  # [B, A] bool
         return masks[(x[:, 0] > phase_threshold).long()]
@@ -652,8 +652,8 @@ def train_policy(
     # the exported networks must act as d3rlpy's own policy does (over the valid actions, or all of them as
     # d3rlpy as shipped sees them)
     states = exp.obs[:: max(1, len(exp) // 512)]
-    allowed = (np.stack([exp.space.valid_mask(bool(p > 0.5)) for p in states[:, 0]])
-               if valid_only and algo != "DiscreteBC" else np.ones(exp.space.size, dtype=bool))
+    allowed = (exp.space.valid_masks(states[:, 0] > 0.5) if valid_only and algo != "DiscreteBC"
+               else np.ones(exp.space.size, dtype=bool))
     ours = RLPolicy(pf).choose(states, allowed)
     theirs = model.predict(((states - mean) / std).astype(np.float32))
     if (agree := float((ours == theirs).mean())) < 0.99:  # float32 ties aside
