@@ -235,10 +235,11 @@ def test_round_discount_intervals(experience):
     for ep in ds.episodes:
         for i in range(ep.transition_count):
             got.append(picker(ep, i).interval)
-            ends = i == ep.transition_count - 1 or start[row + i + 1]
+            ends = i + 1 >= ep.size() or start[row + i + 1]  # a budget-cut episode's last transition: its next row
             want.append(int(ends))
         row += ep.size()
     assert got == want and 0 < sum(got) < len(got)
+    assert any(not ep.terminated for ep in ds.episodes)  # the budget-cut case is exercised
     assert all(exp.mdp_dataset().transition_picker(ep, 0).interval == 1 for ep in ds.episodes[:3])
     with pytest.raises(ValueError, match="discount="):
         exp.mdp_dataset("time")

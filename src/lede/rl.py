@@ -53,7 +53,9 @@ class RoundDiscount:
 
     def __call__(self, episode, index: int):
         t = self._basic(episode, index)
-        last = index == episode.transition_count - 1
+        # an episode's last row has no next state (a terminal); a budget-cut episode's last transition does: its
+        # next row, whose phase says whether the round ended there
+        last = index + 1 >= episode.size()
         ends_round = last or float(episode.observations[index + 1][self.phase_index]) > self.threshold
         return replace(t, interval=int(ends_round))
 
