@@ -40,6 +40,7 @@ class NgramIndex:
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, most recent occurrence
         self._indexed = 0  # n-grams ending at positions < _indexed are in _last
         self._matched: tuple[int, int, int] | None = None  # (len(seq), n, end) of the last match()
+        self._run: tuple[tuple[int, int], int] | None = None  # ((len(seq), cap), match_run) of the last match_run()
 
     def sync(self, prompt: Sequence[int], tokens: Sequence[int]) -> "NgramIndex":
         """Make the indexed sequence ``prompt + tokens`` (which only ever grows by appending tokens)."""
@@ -83,13 +84,15 @@ class NgramIndex:
         suffix equals the text ending at the match's earlier occurrence (>= n; 0 without a match). Acceptance of a
         lookup draft grows with it (measured on the dev sequences: P(first candidate right) 0.53 at 2, 0.75 at 5,
         0.95 at 16 or more), which the n-gram size (at most ``max_ngram``) cannot tell."""
+        key = (len(self.seq), cap)
+        if self._run is not None and self._run[0] == key:  # the features ask at every decision of a round
+            return self._run[1]
         n, end = self._match_cached()
-        if not n:
-            return 0
         seq, top = self.seq, len(self.seq) - 1
         run = n
-        while run < cap and end - run >= 0 and seq[top - run] == seq[end - run]:
+        while n and run < cap and end - run >= 0 and seq[top - run] == seq[end - run]:
             run += 1
+        self._run = (key, run)
         return run
 
     def candidates(self, max_len: int) -> list[int]:
