@@ -3,7 +3,8 @@ each round where it happens (rewards, replayed speed, the oracle, dynamic exit).
 
 import pytest
 
-from lede.costs import CostModel, measure_costs, round_costs
+from lede.bench import BenchRecord
+from lede.costs import CostModel, drift_corrected, measure_costs, modelled_ms, pricing_ratios, round_costs
 from lede.engine import Decoder
 from lede.features import ActionSpace, decision_rewards
 from lede.heuristics import DynamicExit
@@ -72,6 +73,9 @@ def test_measure_costs_times_every_context() -> None:
         assert set(c.draft_ms) == {1, 2} and set(c.verify_ms) == {1, 2, 3, 4} and all(v > 0 for v in c.verify_ms.values())
     assert not long.by_context  # one level
     assert cm.at(100) is long and cm.at(20) is cm
+    for c in (cm, long):  # monotone where the hardware is: a deeper exit, more verified tokens never cost less
+        assert c.draft_ms[1] <= c.draft_ms[2] and c.draft_plain_ms[1] <= c.draft_plain_ms[2]
+        assert [c.verify_ms[t] for t in range(1, 5)] == sorted(c.verify_ms.values())
     with pytest.raises(ValueError, match=r"context length 4096 .* exceeds the model's 512 positions: lower costs.long_contexts"):
         measure_costs(dec, [1], 2, context_len=16, repeats=1, long_contexts=[4096])
     with pytest.raises(ValueError, match="distinct"):
@@ -98,3 +102,35 @@ def test_designs_are_timed_and_priced_per_selected_head(tmp_path) -> None:
     assert cm.with_heads({1: "linear_V48", 2: "plain_V48"}).draft_ms == cm.draft_ms
     assert cm.head_draft_ms("decoder_V48", 1) == cm.draft_design_ms["decoder"][1]
     assert cm.head_draft_ms("plain", 2) == cm.draft_plain_ms[2] and cm.head_draft_ms("linear_V48", 2) == cm.draft_ms[2]
+
+
+def test_drift_correction_removes_a_slow_pass_and_keeps_the_level() -> None:
+    base = {"a": [10.0] * 6, "b": [20.0] * 6, "c": [40.0] * 6}
+    slow = [1, 1, 1.5, 1, 0.8, 1]  # the machine's speed in each pass: every item slower / faster alike
+    noisy = {k: [x * f for x, f in zip(xs, slow)] for k, xs in base.items()}
+    noisy["c"][3] = 60.0  # scatter within one pass stays
+    out = drift_corrected(noisy)
+    assert out["a"] == pytest.approx(base["a"]) and out["b"] == pytest.approx(base["b"])
+    assert out["c"][:3] == pytest.approx([40.0] * 3) and out["c"][3] == pytest.approx(60.0)
+
+
+def _record(config, prompt, decode_s, rounds, prompt_tokens=10):
+    return BenchRecord(prompt=prompt, category="qa", config=config, repeat=0, new_tokens=0, wall_s=decode_s,
+                       tokens_per_s=0, rounds=len(rounds or []), mean_accepted=0, identical=True, overhead_frac=0,
+                       policy_frac=0, rounds_detail=rounds, decode_s=decode_s, prompt_tokens=prompt_tokens)
+
+
+def test_pricing_ratios_compare_engine_time_with_the_model_relative_to_plain() -> None:
+    drafting = [(1, 1, 1), (2, 2, 0), (None, 0, 0)]  # at 8 tokens: 1 + 10, 2*2 + 13, 10 ms
+    assert modelled_ms(SHORT, 7, drafting) == pytest.approx(11 + 17 + 10)
+    # a 20-token prompt: the first round at position 21 (base context), the next ones nearer 64 (context 64)
+    assert modelled_ms(SHORT, 20, drafting) == pytest.approx(11 + (8 + 39) + 20)
+    plain = [(None, 0, 0)] * 4
+    recs = [_record("plain", "p1", 0.080, plain, 7), _record("lede", "p1", 0.038 * 1.1 * 2, drafting, 7),  # plain 2x slower
+            _record("plain", "p2", 0.040, plain, 7), _record("lede", "p2", 0.038, drafting, 7),
+            _record("hf_generate", "p2", 1.0, None, 7)]
+    ratios = pricing_ratios(recs, SHORT)
+    assert set(ratios) == {"plain", "lede"} and ratios["plain"] == 1.0
+    assert ratios["lede"] == pytest.approx(1.05)  # median of 1.1 and 1.0
+    with pytest.raises(ValueError, match="keep_rounds"):
+        pricing_ratios([_record("lede", "p1", 1.0, drafting)], SHORT)

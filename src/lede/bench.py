@@ -51,6 +51,8 @@ class BenchRecord:
     policy_frac: float
     rounds_detail: list = None  # [(exit_layer or None, drafted, accepted), ...] per round
     pieces: list = None  # with keep_rounds: the output token by token (decoded pieces), for token-level figures
+    decode_s: float = float("nan")  # wall time after the prefill (hf_generate: all of it)
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -139,6 +141,7 @@ def run_bench(
                     policy_frac=sum(r.policy_s for r in g.rounds) / dec if g.rounds else float("nan"),
                     rounds_detail=[(r.exit_layer, r.drafted, r.accepted) for r in g.rounds] if keep_rounds else None,
                     pieces=[decode([t]) for t in g.token_ids] if keep_rounds and g.rounds else None,
+                    decode_s=g.decode_s, prompt_tokens=len(p.ids),
                 ))
                 bar.update()
     bar.close()

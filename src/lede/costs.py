@@ -15,6 +15,17 @@ T tokens through all layers and the full LM head (T = K + 1: the pending token a
 Each is the median of ``repeats`` runs after warm-up, measured round-robin over all items so that
 drift of a shared machine spreads evenly, at a fixed context length (attention cost grows with it).
 
+**Noise.** On a shared 2-core machine single timings scatter widely (IQR 35-45% of the median in a busy
+hour), and a policy trained on the cost model exploits its errors: with 15 repeats the model priced
+verifying 4 tokens at 1.11 plain steps where the engine paid ~1.25, and the learned policy's rounds then
+cost ~9% more in the engine than the model said (the sweep's static cell ~3%). Two corrections, both cheap:
+each repetition (one pass over all items, a few seconds) is divided by its own speed factor (the median over
+items of time ÷ the item's median), which removes the machine's slow drift (halves the spread here), and the
+medians are made monotone where the hardware is: a longer draft path (higher L) or more verified tokens never
+cost less (isotonic regression, ``sklearn.isotonic``; verifying 1 and 2 tokens cost the same with this
+project's two-row GEMM for one token, ``lede.kernels``, and pool to one value). ``spread`` keeps the
+drift-corrected (q75 - q25) / median per item; ``measure_costs`` logs a warning above ``SPREAD_WARN``.
+
 **Context.** Attention makes every pass slower as the cache grows, and not uniformly: verifying several
 tokens at a 2,048-token context costs relatively more than at 256 (on the 2-core CPU, 2 tokens: 1.10 vs
 1.01 plain steps; long-prompt categories such as summarization and RAG live there). ``long_contexts``
@@ -31,18 +42,26 @@ its speedup over plain decoding is (A + 1) / (K·c + v_{K+1}).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+from sklearn.isotonic import isotonic_regression
 
 from lede.engine import Decoder, KVCache
 from lede.lookup import NgramIndex
 from lede.policy import LOOKUP
+
+
+SPREAD_WARN = 0.25  # drift-corrected IQR / median of an item above which the measurement is distrusted
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,13 +155,43 @@ def round_costs(costs: CostModel, prompt_len: int, rounds: list) -> list[CostMod
     return out
 
 
+def modelled_ms(costs: CostModel, prompt_len: int, rounds: Sequence[tuple[int | None, int, int]]) -> float:
+    """The cost model's time (ms) of a generation's rounds, each ``(exit layer or None, drafted, accepted)`` priced
+    at its context (as ``round_costs``)."""
+    total, pos = 0.0, prompt_len + 1
+    for layer, drafted, accepted in rounds:
+        total += costs.at(pos).round_ms(layer, drafted)
+        pos += accepted + 1
+    return total
+
+
+def pricing_ratios(records: Sequence, costs: CostModel, plain: str = "plain") -> dict[str, float]:
+    """How much more each method's decoding took in the engine than the cost model says, relative to plain decoding:
+    per config, the median over (prompt, repeat) of (decode time ÷ modelled time) ÷ plain's on the same prompt and
+    repeat. 1.0: the model prices the method's rounds as well as a plain step; above 1: its rounds (or its policy
+    and features, which the model does not price) cost more than modelled, so replayed speedups overstate it.
+    ``records``: ``lede.bench.BenchRecord`` with ``rounds_detail`` (``run_bench(keep_rounds=True)``); configs
+    without rounds (transformers' generate) are left out."""
+    def ratio(r) -> float:
+        return r.decode_s * 1000 / modelled_ms(costs, r.prompt_tokens, r.rounds_detail)
+
+    base = {(r.prompt, r.repeat): ratio(r) for r in records if r.config == plain and r.rounds_detail}
+    if not base:
+        raise ValueError(f"no {plain!r} records with rounds: run the benchmark with keep_rounds=True and plain decoding")
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r.rounds_detail and (r.prompt, r.repeat) in base:
+            out.setdefault(r.config, []).append(ratio(r) / base[r.prompt, r.repeat])
+    return {name: statistics.median(xs) for name, xs in out.items()}
+
+
 @torch.inference_mode()
 def measure_costs(
     decoder: Decoder,
     exit_layers: list[int],
     max_draft_len: int,
     context_len: int = 256,
-    repeats: int = 15,
+    repeats: int = 40,
     warmup: int = 3,
     long_contexts: list[int] = (),
     designs: dict | None = None,
@@ -206,26 +255,50 @@ def measure_costs(
             if rep >= warmup:
                 times[key].append((time.perf_counter() - t) * 1000)
 
-    def med(xs):
-        return statistics.median(xs)
+    times = drift_corrected(times)
+    med = {key: statistics.median(xs) for key, xs in times.items()}
 
     def spread(xs):
         q = statistics.quantiles(xs, n=4)
-        return (q[2] - q[0]) / med(xs)
+        return (q[2] - q[0]) / statistics.median(xs)
 
     def model_at(ctx: int) -> CostModel:
+        def monotone(names: dict) -> dict:
+            """{k: item} -> {k: median}, non-decreasing in k (a deeper exit, more verified tokens never cost less)."""
+            ks = sorted(names)
+            return {k: float(v) for k, v in zip(ks, isotonic_regression([med[ctx, names[k]] for k in ks]))} if ks else {}
+
+        layers = [l for l in exit_layers if l != LOOKUP]
+        lookup = {LOOKUP: med[ctx, f"draft_{LOOKUP}"]} if LOOKUP in exit_layers else {}  # not a layer: no order
         return CostModel(
             model=decoder.lm.name, dtype=str(decoder.lm.dtype).removeprefix("torch."), device=str(decoder.lm.device),
             threads=torch.get_num_threads(), context_len=ctx,
-            draft_ms={l: med(times[ctx, f"draft_{l}"]) for l in exit_layers},
-            verify_ms={t: med(times[ctx, f"verify_{t}"]) for t in range(1, max_draft_len + 2)},
-            draft_plain_ms={l: med(times[ctx, f"draftplain_{l}" if l != LOOKUP else f"draft_{l}"])
-                            for l in exit_layers},
-            draft_design_ms={d: {l: med(times[ctx, f"design_{d}_{l}"]) for l in heads if l in exit_layers}
+            draft_ms=lookup | monotone({l: f"draft_{l}" for l in layers}),
+            verify_ms=monotone({t: f"verify_{t}" for t in range(1, max_draft_len + 2)}),
+            draft_plain_ms=lookup | monotone({l: f"draftplain_{l}" for l in layers}),
+            draft_design_ms={d: monotone({l: f"design_{d}_{l}" for l in heads if l in layers})
                              for d, heads in (designs or {}).items()},
             spread={name: spread(xs) for (c, name), xs in times.items() if c == ctx},
         )
 
     base = model_at(context_len)
     base.by_context = {c: model_at(c) for c in contexts[1:]}
+    wide = {f"{name}@{cm.context_len}": round(x, 2) for cm in [base, *base.by_context.values()]
+            for name, x in cm.spread.items() if x > SPREAD_WARN}
+    if wide:
+        log.warning("cost model: %d of %d items scatter more than %.0f%% (IQR / median after drift correction: %s); "
+                    "the machine is busy: measure again when it is quieter, or raise costs.repeats",
+                    len(wide), len(times), 100 * SPREAD_WARN, wide)
     return base
+
+
+def drift_corrected(times: dict) -> dict:
+    """Each repetition's times divided by that repetition's speed factor, the median over items of time ÷ the
+    item's median (``times``: {item: [ms per repetition]}, all lists of one length, repetition i of every item
+    measured in one round-robin pass). Removes the machine's drift between passes, not the scatter within one."""
+    keys = list(times)
+    t = np.array([times[k] for k in keys], dtype=float)  # [items, repeats]
+    if t.size == 0:
+        return dict(times)
+    factor = np.median(t / np.median(t, axis=1, keepdims=True), axis=0)  # [repeats]
+    return {k: list(row) for k, row in zip(keys, t / factor)}

@@ -14,6 +14,7 @@ p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
 
 from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
+from lede.costs import pricing_ratios  # noqa: E402
 from lede.io import atomic_write_text  # noqa: E402
 from lede.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.oracle import Oracle, oracle_runs  # noqa: E402
@@ -77,6 +78,10 @@ lines = ["# LEDE vs every method, held-out prompts (interleaved, medians of per-
          f"model={p.model} dtype={lm.dtype} threads={torch.get_num_threads()} prompts={len(prompts)} "
          f"max_new_tokens={ev['max_new_tokens']} best static {drafter_name(best_cell[0])} K={best_cell[1]} "
          f"(best exit cell L={best_l} K={best_k}) threshold={threshold}", ""]
+pricing = pricing_ratios(records, costs)
+lines += ["engine time ÷ cost-model time, relative to plain decoding (median over prompts; above 1 the method's rounds "
+          "cost more in the engine than the model that priced its training rewards says): "
+          + ", ".join(f"{name} {x:.3f}" for name, x in pricing.items() if name != PLAIN), ""]
 for name in lede:
     lines.append(f"## {name}")
     cats = ["all"] + sorted({r.category for r in records})
@@ -104,7 +109,7 @@ for name in lede:
 lines += ["```", format_summary(overall), "", format_summary(per_cat), "```", ""]
 text = "\n".join(lines)
 logging.info("\n%s", text)
-write_json(out.json, {"settings": dict(p), "threshold": threshold, "best_static": list(best_cell), "best_exit_cell": [best_l, best_k],
+write_json(out.json, {"settings": dict(p), "threshold": threshold, "pricing": pricing, "best_static": list(best_cell), "best_exit_cell": [best_l, best_k],
                       "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
                       "records": [asdict(r) for r in records]})
 atomic_write_text(out.md, text)
