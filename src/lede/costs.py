@@ -258,9 +258,9 @@ def measure_costs(
     times = drift_corrected(times)
     med = {key: statistics.median(xs) for key, xs in times.items()}
 
-    def spread(xs):
+    def spread(xs) -> float:
         q = statistics.quantiles(xs, n=4)
-        return (q[2] - q[0]) / statistics.median(xs)
+        return float((q[2] - q[0]) / statistics.median(xs))
 
     def model_at(ctx: int) -> CostModel:
         def monotone(names: dict) -> dict:
@@ -269,7 +269,7 @@ def measure_costs(
             return {k: float(v) for k, v in zip(ks, isotonic_regression([med[ctx, names[k]] for k in ks]))} if ks else {}
 
         layers = [l for l in exit_layers if l != LOOKUP]
-        lookup = {LOOKUP: med[ctx, f"draft_{LOOKUP}"]} if LOOKUP in exit_layers else {}  # not a layer: no order
+        lookup = {LOOKUP: float(med[ctx, f"draft_{LOOKUP}"])} if LOOKUP in exit_layers else {}  # not a layer: no order
         return CostModel(
             model=decoder.lm.name, dtype=str(decoder.lm.dtype).removeprefix("torch."), device=str(decoder.lm.device),
             threads=torch.get_num_threads(), context_len=ctx,
@@ -301,4 +301,4 @@ def drift_corrected(times: dict) -> dict:
     if t.size == 0:
         return dict(times)
     factor = np.median(t / np.median(t, axis=1, keepdims=True), axis=0)  # [repeats]
-    return {k: list(row) for k, row in zip(keys, t / factor)}
+    return {k: row.tolist() for k, row in zip(keys, t / factor)}
