@@ -2,8 +2,12 @@
 
     lede bench --model smollm2-135m --per-category 2 --configs 8:4,20:2 --max-new-tokens 64
 
-For every prompt, every configuration runs once per repeat, in an order rotated from prompt to prompt
-(A B C, B C A, ...), so slow phases of a shared machine hit every configuration alike. The summary
+For every prompt, every configuration runs once per repeat, in an order shuffled from prompt to prompt
+(seeded: ``run_order``), so slow phases of a shared machine hit every configuration alike and no configuration
+always runs right after the same other one: a run's speed can depend on what ran just before it (the allocator's
+and the BLAS library's state; until 2026-12-01 the order was rotated, A B C, B C A, ..., which fixes every
+configuration's predecessor, and the 20-prompt evaluation then showed a ~9% engine-vs-cost-model gap between the
+static cell and the switching policies that a separate run of three methods did not reproduce). The summary
 quotes medians over prompts: tokens/s, the per-prompt ratio to plain decoding (paired), mean tokens
 per round, and whether the greedy output equals plain decoding's.
 """
@@ -11,6 +15,7 @@ per round, and whether the greedy output equals plain decoding's.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -88,6 +93,14 @@ def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int, refe
     return Generation(len(ids), toks, "", [], 0.0, wall, "length", HF_GENERATE)
 
 
+def run_order(names: Sequence[str], prompt_index: int, repeat: int, seed: int = 0) -> list[str]:
+    """The order in which the configurations run on one prompt in one repeat: a permutation of ``names`` drawn from a
+    generator seeded by (seed, repeat, prompt index), so it is the same in every run of the benchmark."""
+    order = list(names)
+    random.Random(f"{seed}/{repeat}/{prompt_index}").shuffle(order)
+    return order
+
+
 def run_bench(
     decoder: Decoder,
     prompts: Sequence[BenchPrompt],
@@ -97,11 +110,13 @@ def run_bench(
     warmup: int = 1,
     progress: bool = True,
     keep_rounds: bool = False,
+    seed: int = 0,
 ) -> list[BenchRecord]:
     """Run every config on every prompt, interleaved (``keep_rounds``: also each round's exit layer, drafted
     and accepted counts, and the output's decoded pieces). ``configs`` maps a name to a policy, to a function
     of the prompt returning a policy (e.g. the oracle, built per prompt), or to ``"hf_generate"`` /
-    ``"hf_prompt_lookup"``; a plain (Autoregressive) config named ``"plain"`` is added if absent."""
+    ``"hf_prompt_lookup"``; a plain (Autoregressive) config named ``"plain"`` is added if absent. ``seed``: the
+    run order's (``run_order``)."""
     if not prompts:
         raise ValueError("no prompts to benchmark: check the prompt file / categories / per_category")
     configs = {PLAIN: Autoregressive(), **configs}
@@ -127,10 +142,9 @@ def run_bench(
     bar = tqdm(total=len(prompts) * repeats * len(names), desc="bench", disable=not progress, mininterval=5)
     for rep in range(repeats):
         for i, p in enumerate(prompts):
-            shift = (i + rep) % len(names)
-            outs = {name: run(name, p) for name in names[shift:] + names[:shift]}
+            outs = {name: run(name, p) for name in run_order(names, i, rep, seed)}
             ref = outs[PLAIN].token_ids
-            for name, g in outs.items():
+            for name, g in ((n, outs[n]) for n in names):  # records in the configured order, whatever the run order
                 dec = g.decode_s or 1e-12
                 records.append(BenchRecord(
                     prompt=p.uid, category=p.category, config=name, repeat=rep, new_tokens=g.new_tokens,
