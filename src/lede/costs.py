@@ -57,7 +57,7 @@ from sklearn.isotonic import isotonic_regression
 
 from lede.engine import Decoder, KVCache
 from lede.lookup import NgramIndex
-from lede.policy import LOOKUP
+from lede.policy import LOOKUP, RoundRecord
 
 
 SPREAD_WARN = 0.25  # drift-corrected IQR / median of an item above which the measurement is distrusted
@@ -157,12 +157,9 @@ def round_costs(costs: CostModel, prompt_len: int, rounds: list) -> list[CostMod
 
 def modelled_ms(costs: CostModel, prompt_len: int, rounds: Sequence[tuple[int | None, int, int]]) -> float:
     """The cost model's time (ms) of a generation's rounds, each ``(exit layer or None, drafted, accepted)`` priced
-    at its context (as ``round_costs``)."""
-    total, pos = 0.0, prompt_len + 1
-    for layer, drafted, accepted in rounds:
-        total += costs.at(pos).round_ms(layer, drafted)
-        pos += accepted + 1
-    return total
+    at its context (``round_costs``)."""
+    recs = [RoundRecord(layer, drafted, accepted, 0.0, 0.0, 0.0) for layer, drafted, accepted in rounds]
+    return sum(cm.round_ms(r.exit_layer, r.drafted) for r, cm in zip(recs, round_costs(costs, prompt_len, recs)))
 
 
 def pricing_ratios(records: Sequence, costs: CostModel, plain: str = "plain") -> dict[str, float]:
@@ -172,16 +169,14 @@ def pricing_ratios(records: Sequence, costs: CostModel, plain: str = "plain") ->
     and features, which the model does not price) cost more than modelled, so replayed speedups overstate it.
     ``records``: ``lede.bench.BenchRecord`` with ``rounds_detail`` (``run_bench(keep_rounds=True)``); configs
     without rounds (transformers' generate) are left out."""
-    def ratio(r) -> float:
-        return r.decode_s * 1000 / modelled_ms(costs, r.prompt_tokens, r.rounds_detail)
-
-    base = {(r.prompt, r.repeat): ratio(r) for r in records if r.config == plain and r.rounds_detail}
+    own = [(r, r.decode_s * 1000 / modelled_ms(costs, r.prompt_tokens, r.rounds_detail)) for r in records if r.rounds_detail]
+    base = {(r.prompt, r.repeat): x for r, x in own if r.config == plain}
     if not base:
         raise ValueError(f"no {plain!r} records with rounds: run the benchmark with keep_rounds=True and plain decoding")
     out: dict[str, list[float]] = {}
-    for r in records:
-        if r.rounds_detail and (r.prompt, r.repeat) in base:
-            out.setdefault(r.config, []).append(ratio(r) / base[r.prompt, r.repeat])
+    for r, x in own:
+        if (r.prompt, r.repeat) in base:
+            out.setdefault(r.config, []).append(x / base[r.prompt, r.repeat])
     return {name: statistics.median(xs) for name, xs in out.items()}
 
 
