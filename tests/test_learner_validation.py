@@ -42,6 +42,8 @@ def test_setting_parse_names_the_bad_part():
     assert Setting.parse("DiscreteCQL,decision=round").decision == "round"
     assert Setting.parse("DiscreteCQL,timeouts=0").timeouts is False and Setting().timeouts is True
     assert Setting.parse("DoubleDQN,valid=0").valid is False and "all actions" in Setting.parse("DoubleDQN,valid=0").name
+    assert Setting.parse("FullInfo,epochs=5,iters=1") == Setting("FullInfo", epochs=5, iters=1)
+    assert Setting.parse("DoubleDQN,scale=0.1").scale == 0.1 and "×0.1" in Setting.parse("DoubleDQN,scale=0.1").name
     with pytest.raises(ValueError, match="valid='2' must be 0 or 1"):
         Setting.parse("DoubleDQN,valid=2")
     with pytest.raises(ValueError, match="decision='rounds'"):

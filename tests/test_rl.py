@@ -321,3 +321,33 @@ def test_oracle_is_exact_and_beats_static_rounds():
             assert oracle_ms <= sum(c.round_ms(r.exit_layer, r.drafted) for r in st.rounds) + 1e-9
         # in hindsight no drafted token is ever rejected
         assert all(r.accepted == r.drafted for r in out.rounds[:-1])
+
+
+def test_reward_scale_makes_the_fit_mean_seeking(tmp_path):
+    """d3rlpy's Huber loss (width 1) fits a median-like value to rewards that spread over several units: an
+    all-or-nothing round (−1 or +4, mean 1.25) then looks worse than a sure 0.8. Scaled rewards (×0.1) keep the
+    residuals in the quadratic range, so the Q-values are expected returns and the better action wins."""
+    rng = np.random.default_rng(0)
+    n, f = 2000, len(feature_names(SPACE))
+    obs = np.zeros((n, f), np.float32)  # one state: nothing to memorise a sample's outcome by
+    obs[:, 0] = 1.0  # every decision is a round start; each episode is one terminal decision (a bandit)
+    actions = np.where(np.arange(n) % 2 == 0, 1, 2)
+    risky = np.where(rng.random(n) < 0.45, 4.0, -1.0)
+    rewards = np.where(actions == 1, risky, 0.8).astype(np.float32)
+    exp = Experience(SPACE, feature_names(SPACE), obs, actions, rewards, np.ones(n, np.float32), np.arange(n),
+                     ["b"] * n, [f"p{i}" for i in range(n)], ["c"] * n, {"model": "tiny-llama-s0"}, [False] * n)
+    chosen = {}
+    for scale in (1.0, 0.1):
+        res = train_policy(exp, algo="DoubleDQN", seed=0, n_steps=600, n_steps_per_epoch=600, log_dir=tmp_path,
+                           run_name=f"s{scale}", fqe_steps=0, eval_episodes=2, target_update_interval=100,
+                           gamma=0.0, lr=1e-3, reward_scale=scale)
+        pol = RLPolicy(res.policy)
+        q = pol.q_values(obs[:1])[0] / scale  # back in reward units
+        chosen[scale] = q
+        assert res.policy.info["reward_scale"] == scale
+    assert chosen[1.0][1] < chosen[1.0][2]  # Huber: the risky action's value near its median side (~ −0.2)
+    assert chosen[0.1][1] > chosen[0.1][2]  # mean-seeking: 1.25 > 0.8
+    assert chosen[0.1][1] == pytest.approx(1.25, abs=0.2) and chosen[0.1][2] == pytest.approx(0.8, abs=0.1)
+    with pytest.raises(PolicyError, match="reward_scale"):
+        train_policy(exp, algo="DoubleDQN", n_steps=10, n_steps_per_epoch=10, log_dir=tmp_path, fqe_steps=0,
+                     target_update_interval=5, reward_scale=0.0)

@@ -12,7 +12,11 @@ produced ``results/`` (experience, replayed experience, dev sequences, exit head
 
 A setting is the algorithm and key=value overrides: ``gamma``, ``alpha``, ``n_steps``, ``target_update_interval``,
 ``decision=round``, ``timeouts=0`` (budget ends fitted as terminals), ``valid=0`` (d3rlpy's targets and CQL penalty
-over every action, not the phase's valid ones), ``discount=round`` (γ per round, ``lede.rl.RoundDiscount``).
+over every action, not the phase's valid ones), ``discount=round`` (γ per round, ``lede.rl.RoundDiscount``),
+``scale=0.1`` (rewards multiplied before fitting, ``train_policy``'s ``reward_scale``). ``FullInfo[,epochs=E][,iters=N]``
+is the full-information learner (``lede.fullinfo``), fitted on the training half's replayed sequences from the
+round starts of a fixed set of behaviours (static lookup K 1 / 3 / 6, K 1 at the shallowest exit, three random
+schedules, plain decoding, the oracle).
 Each setting and seed trains for ~1.5–2.5 min on 2 CPU threads (10k steps); the replay tables take ~1.5 min, once.
 It runs on the base model's exit heads (not the early-exit variant).
 """
@@ -43,21 +47,25 @@ class Setting:
     timeouts: bool = True  # False: fit budget-cut generations as terminals too (Experience.ends; an ablation)
     valid: bool = True  # False: d3rlpy's targets and CQL penalty over every action (train_policy's valid_only)
     discount: str = "decision"  # or "round": γ per round (lede.rl.RoundDiscount)
+    scale: float = 1.0  # rewards multiplied by it before fitting (train_policy's reward_scale)
+    epochs: int = 30  # FullInfo only (lede.fullinfo): passes per fit
+    iters: int = 2  # FullInfo only: refits (rate_iterations)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         """``"DiscreteCQL,gamma=0.99,alpha=0.3,n_steps=10000,decision=round"``: the algorithm, then key=value
         overrides."""
         algo, *pairs = text.split(",")
-        if algo not in ALGOS:
-            raise ValueError(f"setting {text!r}: unknown algorithm {algo!r}; use one of {', '.join(ALGOS)}")
+        if algo not in (*ALGOS, "FullInfo"):
+            raise ValueError(f"setting {text!r}: unknown algorithm {algo!r}; use one of {', '.join(ALGOS)}, FullInfo")
         kw: dict = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
             if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts", "valid",
-                           "discount") or not value:
+                           "discount", "scale", "epochs", "iters") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
-                                 "target_update_interval=, decision=, timeouts=, valid=, discount=")
+                                 "target_update_interval=, decision=, timeouts=, valid=, discount=, scale=, "
+                                 "epochs=, iters=")
             if key in ("timeouts", "valid"):
                 if value not in ("0", "1"):
                     raise ValueError(f"setting {text!r}: {key}={value!r} must be 0 or 1")
@@ -68,18 +76,21 @@ class Setting:
                     raise ValueError(f"setting {text!r}: {key}={value!r} is not one of {', '.join(allowed)}")
                 kw[key] = value
             else:
-                kw[key] = int(value) if key in ("n_steps", "target_update_interval") else float(value)
+                kw[key] = int(value) if key in ("n_steps", "target_update_interval", "epochs", "iters") else float(value)
         return cls(algo, **kw)
 
     @property
     def name(self) -> str:
+        if self.algo == "FullInfo":
+            return f"FullInfo {self.epochs} epochs {self.iters} refits"
         alpha = f" α{self.alpha:g}" if self.algo == "DiscreteCQL" else ""
         per = " per round" if self.decision == "round" else ""
         cut = "" if self.timeouts else " budget ends terminal"
         every = "" if self.valid else " targets over all actions"
         disc = " γ per round" if self.discount == "round" and self.decision == "token" else ""
         tui = f" target copy every {self.target_update_interval}" if self.target_update_interval != 1000 else ""
-        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{tui}{cut}{every}{disc}"
+        scale = f" rewards ×{self.scale:g}" if self.scale != 1.0 else ""
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{tui}{cut}{every}{disc}{scale}"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
@@ -169,12 +180,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for policy in refs:
         rows.append({"policy": policy.name, **score(policy)})
         print(rows[-1], flush=True)
+    train_seqs = [s.prompt_ids for s in seqs if s.uid in train and s.continuation]
     for st in settings:
         for seed in a.seeds:
+            if st.algo == "FullInfo":  # every action's outcome along the training half's replay (lede.fullinfo)
+                from lede.fullinfo import train_full_information
+                from lede.policy import Autoregressive, RandomSchedule
+
+                drafters = list(exp.space.exit_layers)
+                behaviours = [Static(LOOKUP, 3), Static(LOOKUP, 1), Static(LOOKUP, 6), Static(layers[0], 1),
+                              *[RandomSchedule(drafters, kmax, seed=s, p_plain=0.2) for s in range(3)],
+                              Autoregressive(), refs[-1]]
+                fit = train_full_information(replay, train_seqs, behaviours, exp.space, costs, a.model, seed=seed,
+                                             rate_iterations=st.iters, epochs=st.epochs,
+                                             max_new_tokens=a.max_new_tokens)
+                rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(fit.policy))})
+                print(rows[-1], flush=True)
+                continue
             res = train_policy(sub if st.timeouts else replace(sub, truncated=None), algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
                                target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
-                               decision=st.decision, valid_only=st.valid, discount=st.discount)
+                               decision=st.decision, valid_only=st.valid, discount=st.discount,
+                               reward_scale=st.scale)
             rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))})
             print(rows[-1], flush=True)
     if a.out:

@@ -64,12 +64,14 @@ rule train_policy:
         model_files=MODEL_FILES,
         exp=multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
         replay=multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json") if POLICY["replay"]["enabled"] else [],
-        # restarts > 1: candidates replayed on the dev split's sequences, the fastest kept
-        heads=HEADS if POLICY["restarts"] > 1 else [],
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS)
-        if POLICY["restarts"] > 1 else [],
-        distill=f"{R}/exits/distill_dev.pt" if POLICY["restarts"] > 1 else [],
-        code=src("rl", "features", "replay"),
+        # restarts > 1: candidates replayed on the dev split's sequences, the fastest kept; FullInfo learns from
+        # the dev split's replay (every action's outcome) with the replayed behaviour policies' states
+        heads=lambda wc: HEADS if POLICY["restarts"] > 1 or wc.algo == "FullInfo" else [],
+        adapters=lambda wc: expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS)
+        if POLICY["restarts"] > 1 or wc.algo == "FullInfo" else [],
+        distill=lambda wc: f"{R}/exits/distill_dev.pt" if POLICY["restarts"] > 1 or wc.algo == "FullInfo" else [],
+        sweep=lambda wc: f"{R}/sweep/replay_dev.csv" if wc.algo == "FullInfo" else [],
+        code=src("rl", "features", "replay", "fullinfo"),
     output:
         policy=f"{R}/rl/policy_{{algo}}_s{{seed}}.pt",
         history=f"{R}/rl/history_{{algo}}_s{{seed}}.csv",
@@ -81,16 +83,19 @@ rule train_policy:
         fqe_steps=POLICY["fqe_steps"],
         gamma=POLICY["gamma"],
         cql_alpha=POLICY["cql_alpha"],
+        reward_scale=POLICY["reward_scale"],
         decision=POLICY["decision"],
         discount=POLICY["discount"],
         target_update_interval=POLICY["target_update_interval"],
         restarts=POLICY["restarts"],
+        fullinfo=POLICY["fullinfo"],
+        policy=policy_params(*BEHAVIOUR, "replay", collect=["epsilon"]),  # FullInfo's behaviour policies
         layers=DRAFTERS,
         max_draft_len=POLICY["max_draft_len"],
         max_new_tokens=config["exits"]["eval"]["max_new_tokens"],
         logs=f"{R}/rl/logs",
     wildcard_constraints:
-        algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC",
+        algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC|FullInfo",
         seed=r"\d+",
     threads: config["threads"]
     log:

@@ -1,58 +1,96 @@
 """Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed). With
 ``policy.restarts`` > 1 it trains that many candidates (d3rlpy seeds seed, seed + 1000, ...) and keeps the one
 with the highest median replayed speedup on the dev split's sequences (training prompts; src/lede/replay.py,
-select_by_replay)."""
+select_by_replay). ``FullInfo`` (not d3rlpy) fits a per-round policy to every action's outcome along the dev split's
+replayed sequences (src/lede/fullinfo.py), its restarts chosen the same way."""
 
 import csv
 import logging
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_costs, replayed_split, setup  # noqa: E402
+from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.io import atomic_path  # noqa: E402
 from lede.rl import Experience, RLPolicy, off_policy_value, train_policy  # noqa: E402
 
 inp, w = snakemake.input, snakemake.wildcards  # noqa: F821
-parts = [Experience.load(inp.exp[0].removesuffix(".parquet"))]
-if inp.replay:
-    parts.append(Experience.load(inp.replay[0].removesuffix(".parquet")))
-exp = Experience.concat(parts) if len(parts) > 1 else parts[0]
-logging.info("training on %s transitions (%d episodes)", " + ".join(str(len(e)) for e in parts), len(exp.behaviour))
-seeds = [int(w.seed) + 1000 * i for i in range(p.restarts)]
-results = []
-for i, seed in enumerate(seeds):
-    res = train_policy(exp, algo=w.algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
-                       log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
-                       eval_episodes=p.eval_episodes, gamma=p.gamma, cql_alpha=p.cql_alpha, hidden_units=p.hidden_units,
-                       target_update_interval=p.target_update_interval, fqe_steps=0, decision=p.decision,
-                       discount=p.discount)
-    logging.info("seed %d: history %s", seed, res.history)
-    results.append(res)
-best = 0
-if len(results) > 1:
-    from lede.replay import select_by_replay
 
-    dev = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
-                         "select restarts on the dev split (training prompts) only")
+
+def train_fullinfo():
+    from lede.fullinfo import train_full_information
+    from lede.replay import ReplayOracle
+
+    kmax, fi, rep = p.max_draft_len, p.fullinfo, p.policy["replay"]
+    dev = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax,
+                         "FullInfo learns on the dev split (training prompts) only")
+    costs = load_costs(inp.heads[1], inp.heads[0])
+    space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
+                                           confidence=False)
+    behaviours.append(ReplayOracle(dev.decoder.tables, costs, kmax, lookup=0 in p.layers))  # states where drafts pay
     prompts = [s.prompt_ids for s in dev.replayable()]
-    sel = select_by_replay(dev.decoder, prompts,
-                           [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
-                           p.max_new_tokens)
-    best = sel.best
-    logging.info("replayed median speedup on %d dev sequences per restart (seed: speedup) %s; keeping seed %d",
-                 len(prompts), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
-    results[best].policy.info["restarts"] = {"seeds": seeds, "dev_replay_median": sel.medians,
-                                             "chosen_seed": seeds[best], "sequences": inp.distill}
-res = results[best]
-if p.fqe_steps:
-    off_policy_value(res, p.fqe_steps, p.logs, f"{w.algo}_s{w.seed}_fqe")
-    logging.info("kept seed %d: FQE initial-state value %s", seeds[best], res.fqe_value)
-res.policy.seed = int(w.seed)  # the job's seed names the policy (lede_<algo>_s<seed>); info says which restart
-res.policy.save(snakemake.output.policy)  # noqa: F821
-with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
-    keys = sorted({k for h in res.history for k in h})
-    wr = csv.DictWriter(f, fieldnames=keys)
-    wr.writeheader()
-    wr.writerows(res.history)
+    fits = [train_full_information(dev.decoder, prompts, behaviours, space, costs, p.model, seed=int(w.seed) + 1000 * i,
+                                   rate=p.policy["reward_weight"], rate_iterations=fi["rate_iterations"],
+                                   epsilon=fi["epsilon"], max_new_tokens=p.max_new_tokens,
+                                   hidden_units=tuple(p.hidden_units), epochs=fi["epochs"])
+            for i in range(p.restarts)]
+    scores = [f.history[-1]["replay_median"] for f in fits]  # replayed on the dev sequences, as restarts are chosen
+    best = max(range(len(fits)), key=lambda i: (scores[i], -i))
+    logging.info("FullInfo restarts: dev replay medians %s; keeping restart %d (rates %s)", scores, best, fits[best].rates)
+    pf = fits[best].policy
+    pf.info["restarts"] = {"dev_replay_median": scores, "chosen": best}
+    pf.seed = int(w.seed)
+    pf.save(snakemake.output.policy)  # noqa: F821
+    with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
+        wr = csv.DictWriter(f, fieldnames=["epoch", "loss", "rate", "states", "replay_median", "replay_aggregate"])
+        wr.writeheader()  # one row per fit ("epoch"), its mean squared error as the loss
+        wr.writerows({"epoch": h["iteration"] + 1, "loss": h["mse"], **{k: h[k] for k in
+                      ("rate", "states", "replay_median", "replay_aggregate")}} for h in fits[best].history)
+
+
+def train_d3rlpy():
+    parts = [Experience.load(inp.exp[0].removesuffix(".parquet"))]
+    if inp.replay:
+        parts.append(Experience.load(inp.replay[0].removesuffix(".parquet")))
+    exp = Experience.concat(parts) if len(parts) > 1 else parts[0]
+    logging.info("training on %s transitions (%d episodes)", " + ".join(str(len(e)) for e in parts), len(exp.behaviour))
+    seeds = [int(w.seed) + 1000 * i for i in range(p.restarts)]
+    results = []
+    for i, seed in enumerate(seeds):
+        res = train_policy(exp, algo=w.algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
+                           log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
+                           eval_episodes=p.eval_episodes, gamma=p.gamma, cql_alpha=p.cql_alpha, hidden_units=p.hidden_units,
+                           target_update_interval=p.target_update_interval, fqe_steps=0, decision=p.decision,
+                           discount=p.discount, reward_scale=p.reward_scale)
+        logging.info("seed %d: history %s", seed, res.history)
+        results.append(res)
+    best = 0
+    if len(results) > 1:
+        from lede.replay import select_by_replay
+
+        dev = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
+                             "select restarts on the dev split (training prompts) only")
+        prompts = [s.prompt_ids for s in dev.replayable()]
+        sel = select_by_replay(dev.decoder, prompts,
+                               [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
+                               p.max_new_tokens)
+        best = sel.best
+        logging.info("replayed median speedup on %d dev sequences per restart (seed: speedup) %s; keeping seed %d",
+                     len(prompts), dict(zip(seeds, [round(m, 4) for m in sel.medians])), seeds[best])
+        results[best].policy.info["restarts"] = {"seeds": seeds, "dev_replay_median": sel.medians,
+                                                 "chosen_seed": seeds[best], "sequences": inp.distill}
+    res = results[best]
+    if p.fqe_steps:
+        off_policy_value(res, p.fqe_steps, p.logs, f"{w.algo}_s{w.seed}_fqe")
+        logging.info("kept seed %d: FQE initial-state value %s", seeds[best], res.fqe_value)
+    res.policy.seed = int(w.seed)  # the job's seed names the policy (lede_<algo>_s<seed>); info says which restart
+    res.policy.save(snakemake.output.policy)  # noqa: F821
+    with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
+        keys = sorted({k for h in res.history for k in h})
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(res.history)
+
+
+train_fullinfo() if w.algo == "FullInfo" else train_d3rlpy()
