@@ -138,7 +138,7 @@ def test_test_config_runs_the_whole_dag():
 
     rows = list(csv.DictReader((out / "parity/parity.csv").open()))
     assert {r["task"] for r in rows} == {"lede_spec_bench_qa", "lede_humaneval"}
-    assert {r["method"] for r in rows} == {"plain", "best_static", "dynamic_exit", "lede_DiscreteCQL_s0"}
+    assert {r["method"] for r in rows} == {"plain", "best_static", "dynamic_exit", "lede_DiscreteCQL_s0", "lede_FullInfo_s0"}
     assert all(int(r["n_outputs"]) == 1 for r in rows)
 
 
