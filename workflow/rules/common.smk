@@ -93,6 +93,11 @@ def policy_params(*keys, **subsets):
     return out
 
 
+def replays_dev(wc):
+    """Does this train_policy job replay the dev split (restarts chosen by replay, or FullInfo's training)?"""
+    return POLICY["restarts"] > 1 or wc.algo == "FullInfo"
+
+
 # what a behaviour-policy run reads: the draft cap, the reward, the ε of the perturbed heuristics
 BEHAVIOUR = ("max_draft_len", "reward_weight", "reward_credit")
 # what every policy run reads besides the adapters: the selected heads, the cost model, the best static cells

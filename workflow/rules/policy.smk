@@ -66,10 +66,10 @@ rule train_policy:
         replay=multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json") if POLICY["replay"]["enabled"] else [],
         # restarts > 1: candidates replayed on the dev split's sequences, the fastest kept; FullInfo learns from
         # the dev split's replay (every action's outcome) with the replayed behaviour policies' states
-        heads=lambda wc: HEADS if POLICY["restarts"] > 1 or wc.algo == "FullInfo" else [],
+        heads=lambda wc: HEADS if replays_dev(wc) else [],
         adapters=lambda wc: expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS)
-        if POLICY["restarts"] > 1 or wc.algo == "FullInfo" else [],
-        distill=lambda wc: f"{R}/exits/distill_dev.pt" if POLICY["restarts"] > 1 or wc.algo == "FullInfo" else [],
+        if replays_dev(wc) else [],
+        distill=lambda wc: f"{R}/exits/distill_dev.pt" if replays_dev(wc) else [],
         sweep=lambda wc: f"{R}/sweep/replay_dev.csv" if wc.algo == "FullInfo" else [],
         code=src("rl", "features", "replay", "fullinfo"),
     output:
