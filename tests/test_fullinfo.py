@@ -13,7 +13,7 @@ from lede.costs import round_costs
 from lede.distill import Sequence, collect
 from lede.exits import build_exit_heads
 from lede.features import ActionSpace, feature_names
-from lede.fullinfo import _Probe, fit_round_values, round_outcomes, train_full_information
+from lede.fullinfo import _Probe, fit_round_values, train_full_information
 from lede.policy import LOOKUP
 from lede.replay import ReplayDecoder, ReplayOracle, replay_tables
 from lede.rl import PolicyError, RLPolicy

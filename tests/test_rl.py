@@ -200,8 +200,6 @@ def test_train_and_decode_exactly(experience, tmp_path, algo):
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DoubleDQN", "DiscreteBCQ"])
 def test_learner_bootstraps_from_valid_actions_only(experience, tmp_path, algo):
     """d3rlpy's target argmax (and CQL's logsumexp) range over the actions valid in the next state's phase."""
-    import torch.nn.functional as F
-
     kw = dict(algo=algo, seed=0, n_steps=100, n_steps_per_epoch=100, fqe_steps=0, eval_episodes=2,
               target_update_interval=50)
     res = train_policy(experience, log_dir=tmp_path / "a", **kw)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lede.engine import Decoder, Generation
+from lede.io import atomic_write_text
 from lede.policy import Autoregressive, Policy
 
 PLAIN = "plain"
@@ -213,8 +214,5 @@ def format_summary(summary: dict[str, list[ConfigSummary]]) -> str:
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Atomic write: the file is complete or absent, never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=1,
+                                       default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))

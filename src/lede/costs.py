@@ -56,6 +56,7 @@ import torch
 from sklearn.isotonic import isotonic_regression
 
 from lede.engine import Decoder, KVCache
+from lede.io import atomic_write_text
 from lede.lookup import NgramIndex
 from lede.policy import LOOKUP, RoundRecord
 
@@ -124,11 +125,7 @@ class CostModel:
         return drafted * draft_ms[layer] + self.verify_ms[drafted + 1]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def from_dict(cls, blob: dict) -> "CostModel":

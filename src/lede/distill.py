@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from lede.io import atomic_path
 from lede.model import LoadedModel
 
 
@@ -192,13 +194,8 @@ def replay_static(runs: torch.Tensor, seq: torch.Tensor, draft_len: int) -> Repl
 
 def atomic_torch_save(path, obj) -> None:
     """``torch.save`` to a temporary file, then rename: a crash leaves the old file or none, never half of one."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_distill(path, sequences: list[Sequence], data: DistillSet, meta: dict) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lede.io import atomic_path
+
 ADAPTER_FORMAT = "lede-exit-adapter/1"
 
 
@@ -122,12 +124,9 @@ class AdapterFile:
 def save_adapter(path: str | Path, adapter: nn.Module, meta: AdapterFile, vocab: torch.Tensor | None = None) -> None:
     """Write atomically: a crash leaves the old file or none, never half of one. ``vocab``: the draft
     vocabulary the adapter was trained for (None = full)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
-    torch.save({"format": ADAPTER_FORMAT, "meta": meta.__dict__, "state_dict": state, "vocab": vocab}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": ADAPTER_FORMAT, "meta": meta.__dict__, "state_dict": state, "vocab": vocab}, tmp)
 
 
 def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int,

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from lede.costs import CostModel
 from lede.features import ActionSpace, FeatureTracker, feature_names
@@ -141,9 +140,17 @@ class _EpsilonRound:
 @dataclass
 class FullInfoResult:
     policy: PolicyFile
-    rates: list[float]  # ρ of each fit (the first: ``rate``; then the previous fit's replayed rate)
-    states: int  # round starts in the final fit
     history: list[dict] = field(default_factory=list)  # per fit: rate, states, train MSE, replayed median/aggregate
+
+    @property
+    def rates(self) -> list[float]:
+        """ρ of each fit (the first: ``rate``; then the previous fit's replayed rate)."""
+        return [h["rate"] for h in self.history]
+
+    @property
+    def states(self) -> int:
+        """Round starts in the final fit."""
+        return self.history[-1]["states"]
 
 
 def fit_round_values(states: np.ndarray, values: np.ndarray, space: ActionSpace, model: str, seed: int = 0,
@@ -203,13 +210,12 @@ def train_full_information(
             outcomes.extend(p.outcomes)
 
     probe(behaviours)
-    history, rates, pf = [], [], None
+    history, pf = [], None
     rho = rate
     for it in range(rate_iterations + 1):
         x = np.stack(feats)
         v = np.stack([o.tokens for o in outcomes]) - rho * np.stack([o.cost for o in outcomes])
         pf, mse = fit_round_values(x, v, rspace, model, seed, hidden_units, epochs, lr)
-        rates.append(rho)
         speed = replay_speed(dec, prompts, RLPolicy(pf), costs, max_new_tokens)
         history.append({"iteration": it, "rate": rho, "states": len(x), "mse": mse, "replay_median": speed.median,
                         "replay_aggregate": speed.aggregate})
@@ -219,5 +225,6 @@ def train_full_information(
             break
         rho = speed.aggregate
         probe([_EpsilonRound(RLPolicy(pf), rspace, epsilon, seed + 1 + it)])
-    pf.info.update({"rates": rates, "history": history, "epsilon": epsilon})
-    return FullInfoResult(pf, rates, len(feats), history)
+    res = FullInfoResult(pf, history)
+    pf.info.update({"rates": res.rates, "history": history, "epsilon": epsilon})
+    return res

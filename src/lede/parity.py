@@ -25,7 +25,6 @@ per-request speed records, and writes the report made by :func:`parity_report`:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lede.io import atomic_path, atomic_write_text
+from lede.io import atomic_path, atomic_write_csv, atomic_write_text
 
 __all__ = ["MethodRun", "ParityReport", "SuiteSettings", "compare_models", "evaluate_method", "full_model_margin", "paired_bootstrap",
            "parity_report", "run_parity", "write_parity"]
@@ -154,8 +153,8 @@ class ParityReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / "parity.csv", "markdown": out / "parity.md", "differences": out / "differences.csv"}
-        _write_csv(paths["csv"], ROW_FIELDS, self.rows)
-        _write_csv(paths["differences"], DIFF_FIELDS, self.differences)
+        atomic_write_csv(paths["csv"], self.rows, ROW_FIELDS)
+        atomic_write_csv(paths["differences"], self.differences, DIFF_FIELDS)
         atomic_write_text(paths["markdown"], self.to_markdown())  # last: the rule's main output
         return paths
 
@@ -165,14 +164,6 @@ def _md(piece, token) -> str:
         return "–"
     shown = json.dumps(piece)[1:-1].replace("|", "\\|") if piece is not None else ""
     return f"`{shown}` ({token})"
-
-
-def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
 
 
 # --------------------------------------------------------------------------- statistics

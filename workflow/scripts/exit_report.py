@@ -1,7 +1,6 @@
 """Rule exit_report: agreement and replayed speedups per layer/head on the train (distilled), dev (training
 prompts never distilled on) and eval splits; head selection and the best static cells, both chosen on dev."""
 
-import csv
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ p = setup(snakemake)  # noqa: F821
 from lede.costs import CostModel  # noqa: E402
 from lede.distill import load_distill  # noqa: E402
 from lede.exits import load_adapter  # noqa: E402
-from lede.io import atomic_write_text  # noqa: E402
+from lede.io import atomic_write_csv, atomic_write_text  # noqa: E402
 from lede.report import best_cells, exit_rows, lookup_markdown, lookup_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
@@ -52,16 +51,6 @@ cells = best_cells(rows + lookup, selected | {0: "lookup"}, p.top)  # prompt loo
 logging.info("selected heads %s; best cells %s; best exit cells %s", selected, cells, exit_cells)
 
 
-def as_csv(dict_rows):
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(dict_rows[0]))
-    w.writeheader()
-    w.writerows(dict_rows)
-    return buf.getvalue()
-
-
 def design_of(head):
     return head.removesuffix(suffix) if suffix else head
 
@@ -77,9 +66,9 @@ selection = {
 # a layer whose best head is the full plain head keeps the full vocabulary only if no layer uses V
 if selection["vocab"] is not None and any(h == "plain" for h in selected.values()):
     logging.info("some layers select the full plain head; they draft with the shared draft vocabulary in the engine")
-atomic_write_text(out.csv, as_csv(rows_as_dicts(rows + lookup)))
+atomic_write_csv(out.csv, rows_as_dicts(rows + lookup))
 sweep = [r for r in rows_as_dicts(rows + lookup) if r["split"] == "dev" and r["head"] == (selected | {0: "lookup"}).get(r["layer"])]
-atomic_write_text(out.sweep, as_csv(sweep))
+atomic_write_csv(out.sweep, sweep)
 atomic_write_text(out.selected, json.dumps(selection, indent=1))
 atomic_write_text(out.best, json.dumps({"cells": cells, "exit_cells": exit_cells, "chosen_on": "dev (replay)"}, indent=1))
 atomic_write_text(out.md, markdown(rows, selected, costs) + lookup_markdown(lookup)

@@ -4,7 +4,6 @@ with the highest median replayed speedup on the dev split's sequences (training 
 select_by_replay). ``FullInfo`` (not d3rlpy) fits a per-round policy to every action's outcome along the dev split's
 replayed sequences (src/lede/fullinfo.py), its restarts chosen the same way."""
 
-import csv
 import logging
 import sys
 
@@ -12,7 +11,7 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.io import atomic_path  # noqa: E402
+from lede.io import atomic_write_csv  # noqa: E402
 from lede.rl import Experience, RLPolicy, off_policy_value, train_policy  # noqa: E402
 
 inp, w = snakemake.input, snakemake.wildcards  # noqa: F821
@@ -42,11 +41,10 @@ def train_fullinfo():
     pf.info["restarts"] = {"dev_replay_median": scores, "chosen": best}
     pf.seed = int(w.seed)
     pf.save(snakemake.output.policy)  # noqa: F821
-    with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
-        wr = csv.DictWriter(f, fieldnames=["epoch", "loss", "rate", "states", "replay_median", "replay_aggregate"])
-        wr.writeheader()  # one row per fit ("epoch"), its mean squared error as the loss
-        wr.writerows({"epoch": h["iteration"] + 1, "loss": h["mse"], **{k: h[k] for k in
-                      ("rate", "states", "replay_median", "replay_aggregate")}} for h in fits[best].history)
+    # one row per fit ("epoch"), its mean squared error as the loss
+    atomic_write_csv(snakemake.output.history, [{"epoch": h["iteration"] + 1, "loss": h["mse"], **h}  # noqa: F821
+                                                for h in fits[best].history],
+                     ["epoch", "loss", "rate", "states", "replay_median", "replay_aggregate"])
 
 
 def train_d3rlpy():
@@ -86,11 +84,7 @@ def train_d3rlpy():
         logging.info("kept seed %d: FQE initial-state value %s", seeds[best], res.fqe_value)
     res.policy.seed = int(w.seed)  # the job's seed names the policy (lede_<algo>_s<seed>); info says which restart
     res.policy.save(snakemake.output.policy)  # noqa: F821
-    with atomic_path(snakemake.output.history) as tmp, open(tmp, "w", newline="") as f:  # noqa: F821
-        keys = sorted({k for h in res.history for k in h})
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(res.history)
+    atomic_write_csv(snakemake.output.history, res.history, sorted({k for h in res.history for k in h}))  # noqa: F821
 
 
 train_fullinfo() if w.algo == "FullInfo" else train_d3rlpy()
