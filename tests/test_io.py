@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lede.distill import atomic_torch_save
-from lede.io import atomic_path, atomic_write_csv, atomic_write_text
+from lede.exits import ADAPTER_FORMAT, AdapterError, load_adapter
+from lede.io import atomic_path, atomic_write_csv, atomic_write_text, load_artefact
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
@@ -36,3 +37,15 @@ def test_csv_header_and_empty_cells(tmp_path):
     assert list(csv.reader(path.open())) == [["a", "b", "c"], ["1", "", ""], ["2", "", "x"]]
     atomic_write_csv(path, [{"a": 1, "b": 2}], fields=["b"])  # keys outside the header are dropped
     assert path.read_text().split() == ["b", "2"]
+
+
+def test_artefacts_are_checked_before_use(tmp_path):
+    """A missing artefact names the fix; a file of another kind (here an early-exit artefact given as an exit
+    adapter) is refused, never half-loaded."""
+    with pytest.raises(AdapterError, match="exit adapter not found at .*missing.pt: train it first"):
+        load_adapter(tmp_path / "missing.pt", "m", 1, 8)
+    other = tmp_path / "ee.pt"
+    atomic_torch_save(other, {"format": "lede-early-exit/1", "deltas": {}})
+    with pytest.raises(AdapterError, match=f"is not a lede artefact of format {ADAPTER_FORMAT} \\(exit adapter\\)"):
+        load_adapter(other, "m", 1, 8)
+    assert load_artefact(other, "lede-early-exit/1", ValueError, "x", "y")["deltas"] == {}

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lede.distill import Sequence, atomic_torch_save, top_vocab
+from lede.io import load_artefact
 
 FORMAT = "lede-early-exit/1"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -373,13 +374,8 @@ def save_early_exit(path: str | Path, result: EarlyExitResult, metrics: dict | N
 
 
 def read_early_exit(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise EarlyExitError(f"early-exit weights {path} do not exist: train them first (snakemake early_exit) or fix the path")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise EarlyExitError(f"{path} is not a lede early-exit artefact ({FORMAT})")
-    return blob
+    return load_artefact(path, FORMAT, EarlyExitError, "early-exit weights",
+                         "train them first (snakemake early_exit) or fix the path")
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lede.io import atomic_path
+from lede.io import atomic_path, load_artefact
 
 ADAPTER_FORMAT = "lede-exit-adapter/1"
 
@@ -134,12 +134,8 @@ def load_adapter(path: str | Path, model_name: str, layer: int, hidden_size: int
     """Load an adapter and check it was trained for this model and exit layer (its draft vocabulary,
     if any, is ``adapter.vocab``). ``template``: the model's last decoder layer, needed by ``decoder``
     adapters (their file holds the weights, the architecture comes from the model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"adapter file {path} does not exist: train it first (lede adapters) or fix the path")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path} is not a lede exit adapter ({ADAPTER_FORMAT})")
+    blob = load_artefact(path, ADAPTER_FORMAT, AdapterError, "exit adapter",
+                         "train it first (lede adapters) or fix the path")
     meta = AdapterFile(**blob["meta"])
     problems = []
     if meta.model != model_name:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_csv", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_csv", "atomic_write_text", "load_artefact"]
 
 
 @contextmanager
@@ -46,3 +46,17 @@ def atomic_write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows({k: ("" if r.get(k) is None else r[k]) for k in fields} for r in rows)
+
+
+def load_artefact(path: str | os.PathLike, fmt: str, error: type[Exception], what: str, fix: str) -> dict:
+    """A ``torch.save``d dict whose ``format`` is ``fmt`` (tensors and plain data only: ``weights_only``), or
+    ``error`` naming the path and ``fix`` when it is missing, and the path and ``fmt`` when it is something else."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found at {path}: {fix}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise error(f"{path} is not a lede artefact of format {fmt} ({what})")
+    return blob
