@@ -7,7 +7,10 @@ import torch
 from torch import nn
 
 from lede.engine import Decoder
-from lede.kernels import ATTENTION, CpuLinear, reference_kernels, use_cpu_kernels
+from lede import Autoregressive, Static
+from lede.kernels import (ATTENTION, KERNELS, CpuLinear, reference_kernels, set_linear_kernels, tune_cpu_kernels,
+                          use_cpu_kernels)
+from lede.model import ModelError, load_model
 from lede.testing import tiny_model
 
 
@@ -43,3 +46,46 @@ def test_cpu_kernels_match_transformers_forward():
     assert lm.model.config._attn_implementation == ATTENTION  # restored
     assert all(m.enabled for m in lm.model.modules() if isinstance(m, CpuLinear))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_routing_per_width():
+    """set_linear_kernels routes one-row and several-row calls separately: "torch" is F.linear itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(CpuLinear(nn.Linear(48, 40)))
+    fast, x1, x3 = model[0], torch.randn(1, 48), torch.randn(3, 48)
+    with torch.inference_mode():
+        assert set_linear_kernels(model, "torch", "lede") == 1
+        assert torch.equal(fast(x1), nn.functional.linear(x1, fast.weight, fast.bias))
+        assert torch.equal(fast(x3), (fast.weight @ x3.T).T + fast.bias)  # the GEMM path
+        set_linear_kernels(model, "lede", "torch")
+        assert torch.equal(fast(x3), nn.functional.linear(x3, fast.weight, fast.bias))
+        torch.testing.assert_close(fast(x1), nn.functional.linear(x1, fast.weight, fast.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernels 'fast'"):
+        set_linear_kernels(model, "fast", "lede")
+
+
+def test_tuning_keeps_the_timed_faster_kernels_and_output_stays_exact():
+    """tune_cpu_kernels times both kernel sets per width and keeps the faster; whichever mix it (or a user) sets,
+    speculative output equals plain greedy output under that mix."""
+    lm = tiny_model("llama", num_layers=4, dtype=torch.float32, seed=2)
+    with pytest.raises(ValueError, match="use_cpu_kernels first"):
+        tune_cpu_kernels(lm)
+    use_cpu_kernels(lm.model)
+    choice = tune_cpu_kernels(lm, context=16, tokens=3, repeats=2)
+    assert set(choice.ms) == {f"{k}/{t}" for k in KERNELS for t in (1, 3)} and all(v > 0 for v in choice.ms.values())
+    for kept, t in ((choice.one_token, 1), (choice.many_tokens, 3)):  # torch's only where faster by > 10%
+        assert kept == ("torch" if choice.ms[f"torch/{t}"] < 0.9 * choice.ms[f"lede/{t}"] else "lede")
+    layers = [m for m in lm.model.modules() if isinstance(m, CpuLinear)]
+    assert all(m.one_row == (choice.one_token == "lede") and m.many_rows == (choice.many_tokens == "lede")
+               for m in layers)
+    dec, prompt = Decoder(lm), [5, 17, 33, 2, 9]
+    for mix in [("torch", "lede"), ("lede", "torch"), ("torch", "torch")]:
+        set_linear_kernels(lm.model, *mix)
+        ref = dec.generate(prompt, Autoregressive(), max_new_tokens=30).token_ids
+        for layer, k in [(1, 2), (2, 4), (3, 6)]:
+            assert dec.generate(prompt, Static(layer, k), max_new_tokens=30).token_ids == ref, (mix, layer, k)
+
+
+def test_unknown_kernels_option_is_a_clear_error():
+    with pytest.raises(ModelError, match="kernels='fast': expected one of"):
+        load_model("smollm2-135m", kernels="fast")

@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, and recorded, for benchmarks)")
+    p.add_argument("--kernels", choices=["auto", "lede", "torch"], default="auto",
+                   help="CPU float32 linear kernels: auto times both on this machine at load (src/lede/kernels.py)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-draft-len", type=int, default=16, help="the loop's hard cap on drafted tokens per round")
 
@@ -71,7 +73,7 @@ def cmd_generate(args) -> int:
     if not args.autoregressive and (args.exit_layer is None or args.draft_len is None):
         raise SystemExit("error: pass --exit-layer and --draft-len, or --autoregressive for plain decoding")
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
-                    cache_dir=args.model_cache or None)
+                    cache_dir=args.model_cache or None, kernels=args.kernels)
     policy = Autoregressive() if args.autoregressive else Static(args.exit_layer, args.draft_len)
     dec = Decoder(lm, max_draft_len=args.max_draft_len)
     ids = lm.encode_chat(args.prompt) if not args.raw else lm.tokenizer(args.prompt)["input_ids"]
@@ -100,7 +102,7 @@ def cmd_bench(args) -> int:
         prompts = prompt_pool(args.data_dir, args.split, categories=cats, per_category=args.per_category,
                               include_extra=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
-                    cache_dir=args.model_cache or None)
+                    cache_dir=args.model_cache or None, kernels=args.kernels)
     heads = {}
     if args.exit_heads:  # the selection file of the workflow's exit_report (adapters + draft vocabulary)
         from lede.exits import load_exit_heads
@@ -128,13 +130,14 @@ def cmd_bench(args) -> int:
     overall = summarize(records)
     per_cat = summarize(records, group=lambda r: r.category)
     print(f"model={lm.name} dtype={lm.dtype} device={lm.device} threads={torch.get_num_threads()} "
-          f"prompts={len(prompts)} max_new_tokens={args.max_new_tokens} repeats={args.repeats}")
+          f"kernels=({lm.kernels}) prompts={len(prompts)} max_new_tokens={args.max_new_tokens} repeats={args.repeats}")
     print(format_summary(overall))
     if len(per_cat) > 1:
         print(format_summary(per_cat))
     if args.out:
         write_json(args.out, {
-            "settings": {k: v for k, v in vars(args).items() if k != "func"} | {"torch_threads": torch.get_num_threads(), "dtype_resolved": str(lm.dtype)},
+            "settings": {k: v for k, v in vars(args).items() if k != "func"}
+            | {"torch_threads": torch.get_num_threads(), "dtype_resolved": str(lm.dtype), "kernels": lm.kernels},
             "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
             "records": [asdict(r) for r in records],
         })

@@ -2,7 +2,7 @@
 
     from lede.early_exit import Recipe, train_early_exit, save_early_exit
     from lede.model import load_model
-    base = load_model("smollm2-135m", fast_linear=False)
+    base = load_model("smollm2-135m", kernels="torch")
     result = train_early_exit(base, sequences, Recipe(exit_layers=[4, 6, 8]), checkpoint="ee.ckpt")
     save_early_exit("ee.pt", result)
     lm = load_model("smollm2-135m-ee", early_exit_weights="ee.pt")   # base + merged low-rank deltas
@@ -217,7 +217,7 @@ def train_early_exit(
     progress: bool = True,
 ) -> EarlyExitResult:
     """Train the variant's deltas on ``sequences`` (the base model's greedy continuations of training
-    prompts). ``lm`` is the base model (loaded with ``fast_linear=False``); it is modified in place
+    prompts). ``lm`` is the base model (loaded with ``kernels="torch"``); it is modified in place
     (deltas attached) and restored before returning."""
     t0 = time.perf_counter()
     model = lm.model
@@ -239,7 +239,7 @@ def train_early_exit(
         from lede.kernels import CpuLinear
 
         if any(isinstance(m, CpuLinear) for m in model.modules()):
-            raise EarlyExitError("full fine-tuning needs the model loaded with fast_linear=False")
+            raise EarlyExitError("full fine-tuning needs the model loaded with kernels=\"torch\"")
         params = [getattr(parent, attr).weight for _, parent, attr in _targets(model, recipe)]
         for name, parent, attr in _targets(model, recipe):
             originals[name] = getattr(parent, attr).weight.detach().clone()

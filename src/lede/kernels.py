@@ -21,16 +21,27 @@ interleaved on the machine at hand):
     2048     52    81    93    96        before
     2048     37    41    52    64        this module
 
+Which linear kernel is faster depends on the CPU, so it is measured, not assumed. On a later host (Xeon,
+2026-12-02) the same comparison went the other way for one token: ``F.linear``'s GEMV took about 0.4-0.6 of
+the two-row GEMM's time, transformers' own ``generate`` ran 1.6x our plain decoding, and only passes of ~9
+tokens were faster here. ``tune_cpu_kernels`` times a one-token step and a several-token pass with both
+(interleaved, after warm-up) and keeps the faster for each (ours unless torch's wins by over 10%, so that
+close calls do not flip from job to job); ``load_model(kernels="auto")`` does it at load
+(~2 s) and records the choice in ``LoadedModel.kernels``.
+
 ``CpuLinear`` is the same maths with a different summation order, so results can differ from
 ``F.linear`` in the last bits (a near-tie can flip a greedy choice, as with any change of kernel);
 ``lede_sdpa`` is SDPA's own fused kernel. ``load_model`` applies both on CPU in float32 by default
-(``use_cpu_kernels``); pass ``fast_linear=False`` to keep transformers' layers untouched, and use
-``reference_kernels`` to time transformers' own path on the same model.
+(``use_cpu_kernels``); ``kernels="torch"`` keeps transformers' layers untouched, and
+``reference_kernels`` times transformers' own path on the same model.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,12 +53,14 @@ class CpuLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # [out, in], shared (the LM head may be tied to the embedding)
         self.bias = linear.bias
-        self.enabled = True
+        self.enabled = True  # False: F.linear for every call (reference_kernels)
+        self.one_row, self.many_rows = True, True  # this module's GEMM for 1 / for several rows (tune_cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if not self.enabled or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return nn.functional.linear(x, self.weight, self.bias)  # reference path; training
         rows = x.shape[:-1].numel()
+        if (not self.enabled or not (self.one_row if rows == 1 else self.many_rows)
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return nn.functional.linear(x, self.weight, self.bias)  # reference path; training
         x2 = x.reshape(rows, -1)  # [rows, in]
         if rows == 1:  # two copies of the row: a GEMM, faster here than the GEMV for one
             y = (self.weight @ torch.cat([x2, x2]).T)[:, 0].contiguous()  # [out]
@@ -87,6 +100,67 @@ def use_cpu_kernels(model: nn.Module) -> int:
         register_attention()
         model.set_attn_implementation(ATTENTION)
     return count
+
+
+KERNELS = ("lede", "torch")  # lede: CpuLinear's GEMM; torch: F.linear
+
+
+@dataclass
+class KernelChoice:
+    """The linear kernels kept for one-token passes (plain decoding, drafting) and for passes of several tokens
+    (verification, prefill), with the timings they were chosen by."""
+
+    one_token: str  # "lede" | "torch"
+    many_tokens: str
+    ms: dict[str, float] = field(default_factory=dict)  # "<kernels>/<tokens>": median forward, ms
+
+    def __str__(self) -> str:
+        return f"one token {self.one_token}, several {self.many_tokens}"
+
+
+def set_linear_kernels(model: nn.Module, one_token: str, many_tokens: str) -> int:
+    """Route every CpuLinear's one-row and several-row calls to ``"lede"`` or ``"torch"``; returns their number."""
+    for k in (one_token, many_tokens):
+        if k not in KERNELS:
+            raise ValueError(f"kernels {k!r}: expected one of {KERNELS}")
+    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    for m in layers:
+        m.one_row, m.many_rows = one_token == "lede", many_tokens == "lede"
+    return len(layers)
+
+
+def tune_cpu_kernels(lm, context: int = 128, tokens: int = 5, repeats: int = 5, seed: int = 0,
+                     margin: float = 0.1) -> KernelChoice:
+    """Time one forward of 1 and of ``tokens`` tokens over a cache of ``context`` tokens with each kernel set
+    (interleaved; the first round warms up; median of ``repeats``) and set the choice on ``lm`` (a LoadedModel
+    whose linears are CpuLinear, ``use_cpu_kernels``): torch's for a width where it is faster by more than
+    ``margin``, else ours."""
+    from lede.engine import Decoder
+
+    if not any(isinstance(m, CpuLinear) for m in lm.model.modules()):
+        raise ValueError("tune_cpu_kernels needs the model's linears wrapped by use_cpu_kernels first")
+    dec = Decoder(lm)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(lm.config.vocab_size), (context + tokens,), generator=gen).tolist()
+    times: dict[str, list[float]] = {f"{k}/{t}": [] for k in KERNELS for t in (1, tokens)}
+    with torch.inference_mode():
+        cache = dec.new_cache(context + tokens)
+        dec._layers(dec.embed(torch.tensor([ids[:context]])), 0, dec.n_layers, cache)
+        for rep in range(repeats + 1):
+            for k in KERNELS:
+                set_linear_kernels(lm.model, k, k)
+                for t in (1, tokens):
+                    start = time.perf_counter()
+                    dec._verify(ids[context : context + t], None, cache)
+                    if rep:
+                        times[f"{k}/{t}"].append(time.perf_counter() - start)
+                    cache.crop(context)
+    ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    # torch's only where clearly faster: a close call would otherwise flip between jobs on a noisy host
+    pick = [("torch" if ms[f"torch/{t}"] < (1 - margin) * ms[f"lede/{t}"] else "lede") for t in (1, tokens)]
+    choice = KernelChoice(*pick, ms=ms)
+    set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
+    return choice
 
 
 def register_attention() -> None:
@@ -131,7 +205,7 @@ def _benchmark(contexts=(256, 2048), tokens=(1, 2, 3, 5), repeats: int = 15, thr
     from lede.model import load_model
 
     torch.set_num_threads(threads)
-    lm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    lm = load_model("smollm2-135m", dtype="float32", device="cpu", kernels="lede")
     dec = Decoder(lm)
     ids = torch.randint(100, 40000, (max(contexts) + max(tokens),), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model={lm.name} threads={torch.get_num_threads()} repeats={repeats} (ms, median; ratio = reference / lede)")

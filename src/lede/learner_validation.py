@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"{R}/exits/distill_dev.pt holds the {meta.get('split')!r} split, not dev")
     train, val = dev_halves(seqs, a.train_per_category)
     sub = experience_of(exp, train)
-    lm = load_model(a.model, dtype="float32", device="cpu", fast_linear=True, cache_dir=a.model_cache)
+    lm = load_model(a.model, dtype="float32", device="cpu", cache_dir=a.model_cache)
     dec = Decoder(lm, exit_heads=load_exit_heads(lm, selected), max_draft_len=exp.space.max_draft_len)
     layers = [l for l in exp.space.exit_layers if l != LOOKUP]
     replay = ReplayDecoder(lm, replay_tables(lm, {l: dec.head(l) for l in layers}, seqs, data), exp.space.max_draft_len)

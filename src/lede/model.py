@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Suffix of an early-exit-trained variant (``lede.early_exit``): "smollm2-135m-ee" is the default model
 #: plus the deltas of an early-exit artefact, which ``load_model`` needs as ``early_exit_weights``.
 EARLY_EXIT_SUFFIX = "-ee"
+
+#: ``load_model(kernels=...)``: CPU float32 linear kernels (``lede.kernels``).
+KERNEL_OPTIONS = ("auto", "lede", "torch")
+log = logging.getLogger(__name__)
 
 #: transformers ``model_type`` values whose decoder layers the engine drives by hand.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -56,6 +61,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # the spec it was loaded from (alias, hub id or path); "<base>-ee" for an early-exit variant
     draft_vocab: list[int] | None = None  # an early-exit variant's draft vocabulary (its exits were trained on it)
+    kernels: object = None  # lede.kernels.KernelChoice on CPU float32; None: transformers' layers untouched
 
     @property
     def config(self):
@@ -250,14 +256,16 @@ def load_model(
     spec: str = SMOLLM2_ALIAS,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    fast_linear: bool = True,
+    kernels: str = "auto",
     early_exit_weights: str | Path | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
     ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
-    ``fast_linear``: on CPU in float32, use ``lede.kernels`` (faster small-batch linear and attention kernels).
+    ``kernels``: on CPU in float32, the linear kernels of ``lede.kernels``: ``"auto"`` times ours and torch's
+    ``F.linear`` for one-token and several-token passes on this machine and keeps the faster for each (~2 s;
+    ``LoadedModel.kernels`` says which), ``"lede"`` ours, ``"torch"`` transformers' layers untouched (training).
     ``early_exit_weights``: an artefact of ``lede.early_exit`` for this base model; its deltas are merged
     into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
     (``smollm2-135m-ee``): then the weights are required.
@@ -266,6 +274,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if kernels not in KERNEL_OPTIONS:
+        raise ModelError(f"kernels={kernels!r}: expected one of {KERNEL_OPTIONS}")
     base = spec[: -len(EARLY_EXIT_SUFFIX)] if spec.endswith(EARLY_EXIT_SUFFIX) and not Path(spec).exists() else spec
     if base != spec and early_exit_weights is None:
         raise ModelError(
@@ -294,8 +304,12 @@ def load_model(
 
         merge_early_exit(model, spec, blob, str(early_exit_weights))  # before use_cpu_kernels wraps the linears
         name, draft_vocab = spec + EARLY_EXIT_SUFFIX, blob.get("vocab")
-    if fast_linear and dev.type == "cpu" and torch_dtype == torch.float32:
-        from lede.kernels import use_cpu_kernels
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name=name, draft_vocab=draft_vocab)
+    if kernels != "torch" and dev.type == "cpu" and torch_dtype == torch.float32:
+        from lede.kernels import KernelChoice, tune_cpu_kernels, use_cpu_kernels
 
         use_cpu_kernels(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, draft_vocab=draft_vocab)
+        lm.kernels = tune_cpu_kernels(lm) if kernels == "auto" else KernelChoice("lede", "lede")
+        log.info("CPU linear kernels: %s (%s)", lm.kernels,
+                 ", ".join(f"{k} {v:.1f} ms" for k, v in lm.kernels.ms.items()) or "not timed")
+    return lm

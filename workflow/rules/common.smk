@@ -76,7 +76,7 @@ def common_params(base=False):
     variant = EE["enabled"] and not base
     return dict(model=STUDIED_MODEL if variant else config["model"],
                 early_exit_weights=EE_WEIGHTS if variant else None,
-                dtype=config["dtype"], device=config["device"],
+                dtype=config["dtype"], device=config["device"], kernels=config["kernels"],
                 threads=config["threads"], seed=config["seed"], categories=CATEGORIES)
 
 

@@ -26,12 +26,14 @@ def setup(snakemake):
     return snakemake.params
 
 
-def load_lm(params, device=None, fast_linear=True, early_exit_weights=None):
+def load_lm(params, device=None, kernels=None, early_exit_weights=None):
     """The studied model: the base model, or its early-exit variant when the config enables it (or when
-    ``early_exit_weights`` is given: the variant of the params' base model)."""
+    ``early_exit_weights`` is given: the variant of the params' base model). ``kernels``: overrides the config's
+    (training needs "torch")."""
     from lede.model import load_model
 
-    return load_model(params.model, dtype=params.dtype, device=device or params.device, fast_linear=fast_linear,
+    return load_model(params.model, dtype=params.dtype, device=device or params.device,
+                      kernels=kernels or params.kernels,
                       early_exit_weights=early_exit_weights or params.get("early_exit_weights"), cache_dir=MODEL_CACHE)
 
 
@@ -264,9 +266,9 @@ def write_bench(params, lm, records, n_prompts, out, title, extra=None):
 
     overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
     header = (f"model={lm.name} dtype={lm.dtype} device={lm.device} threads={torch.get_num_threads()} "
-              f"prompts={n_prompts} max_new_tokens={params.max_new_tokens} (evaluation half, interleaved)")
+              f"kernels=({lm.kernels}) prompts={n_prompts} max_new_tokens={params.max_new_tokens} (evaluation half, interleaved)")
     logging.info("%s\n%s\n%s", header, format_summary(overall), format_summary(per_cat))
-    write_json(out.json, {"settings": dict(params) | {"torch_threads": torch.get_num_threads()}, **(extra or {}),
+    write_json(out.json, {"settings": dict(params) | {"torch_threads": torch.get_num_threads(), "kernels": lm.kernels}, **(extra or {}),
                           "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
                           "records": [asdict(r) for r in records]})
     md = [f"# {title}", "", header, "", "```", format_summary(overall), "", format_summary(per_cat), "```", ""]

@@ -14,7 +14,7 @@ from lede.early_exit import Recipe, save_early_exit, train_early_exit  # noqa: E
 seqs, meta = load_teacher(snakemake.input.data)  # noqa: F821
 if meta["model"] != p.model:
     raise SystemExit(f"teacher data {snakemake.input.data} was made by {meta['model']!r}, not {p.model!r}: rerun early_exit_data")  # noqa: F821
-lm = load_lm(p, fast_linear=False)  # training needs autograd-friendly linears
+lm = load_lm(p, kernels="torch")  # training needs autograd-friendly linears
 recipe = Recipe(**dict(p.recipe))
 result = train_early_exit(lm, seqs, recipe, data_hash=data_hash(seqs), checkpoint=p.checkpoint,
                           checkpoint_every=p.checkpoint_every, budget_s=60.0 * p.budget_minutes)
