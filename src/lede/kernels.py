@@ -21,13 +21,15 @@ interleaved on the machine at hand):
     2048     52    81    93    96        before
     2048     37    41    52    64        this module
 
-Which linear kernel is faster depends on the CPU, so it is measured, not assumed. On a later host (Xeon,
-2026-12-02) the same comparison went the other way for one token: ``F.linear``'s GEMV took about 0.4-0.6 of
-the two-row GEMM's time, transformers' own ``generate`` ran 1.6x our plain decoding, and only passes of ~9
-tokens were faster here. ``tune_cpu_kernels`` times a one-token step and a several-token pass with both
+Which linear kernel is faster may depend on the CPU and the moment. On a later host (Xeon,
+2026-12-02) the pass timings went the other way for one token (``F.linear``'s GEMV about 0.6 of the two-row
+GEMM's time) and one speed bench had transformers' own ``generate`` at 1.6x our plain decoding; a later
+end-to-end run on that host found them level. ``tune_cpu_kernels`` times a one-token step and a several-token pass with both
 (interleaved, after warm-up) and keeps the faster for each (ours unless torch's wins by over 10%, so that
 close calls do not flip from job to job); ``load_model(kernels="auto")`` does it at load
-(~2 s) and records the choice in ``LoadedModel.kernels``.
+(~2 s) and records the choice in ``LoadedModel.kernels``. Experimental, not the default: on that host the
+load-time timing preferred torch's by 1.7x for one token while end to end (``python -m lede.kernels
+--end-to-end``, 12 prompts) plain decoding ran level on both (0.96-1.00x) and level with ``generate``.
 
 ``CpuLinear`` is the same maths with a different summation order, so results can differ from
 ``F.linear`` in the last bits (a near-tie can flip a greedy choice, as with any change of kernel);
