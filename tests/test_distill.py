@@ -148,7 +148,7 @@ def test_decoder_adapter_trains_on_whole_sequences_and_loads_with_its_model(setu
 
 def test_batched_continuations_with_the_cpu_kernels_equal_plain_decoding():
     """The real model runs with lede's CPU kernels (CpuLinear, the lede_sdpa attention: loaded with
-    kernels="auto"). Left-padded batches through them once gave garbage for every padded row, so the
+    the default kernels="lede"). Left-padded batches through them once gave garbage for every padded row, so the
     distillation data (adapters, replayed experience, the replayed evaluation) was not the model's output;
     the engine, one sequence at a time, was unaffected. Float32, prompts of different lengths in one batch."""
     from lede.kernels import use_cpu_kernels

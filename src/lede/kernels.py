@@ -55,13 +55,16 @@ class CpuLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # [out, in], shared (the LM head may be tied to the embedding)
         self.bias = linear.bias
-        self.enabled = True  # False: F.linear for every call (reference_kernels)
-        self.one_row, self.many_rows = True, True  # this module's GEMM for 1 / for several rows (tune_cpu_kernels)
+        self.one_row, self.many_rows = True, True  # this module's GEMM for 1 / for several rows; else F.linear
+
+    @property
+    def enabled(self) -> bool:
+        """False: F.linear for every call (``reference_kernels``, or ``set_linear_kernels(model, "torch", "torch")``)."""
+        return self.one_row or self.many_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows = x.shape[:-1].numel()
-        if (not self.enabled or not (self.one_row if rows == 1 else self.many_rows)
-                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+        if not (self.one_row if rows == 1 else self.many_rows) or (torch.is_grad_enabled() and self.weight.requires_grad):
             return nn.functional.linear(x, self.weight, self.bias)  # reference path; training
         x2 = x.reshape(rows, -1)  # [rows, in]
         if rows == 1:  # two copies of the row: a GEMM, faster here than the GEMV for one
@@ -183,16 +186,17 @@ def reference_kernels(model: nn.Module):
     """Temporarily compute every CpuLinear with F.linear and attention with transformers' "sdpa" (e.g. to
     time transformers' own generate, or as the reference in tests)."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    saved = [(m.one_row, m.many_rows) for m in layers]  # restored as they were (tuned or not)
     attention = model.config._attn_implementation
     for m in layers:
-        m.enabled = False
+        m.one_row = m.many_rows = False
     if attention == ATTENTION:
         model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        for m in layers:
-            m.enabled = True
+        for m, (one, many) in zip(layers, saved):
+            m.one_row, m.many_rows = one, many
         if attention == ATTENTION:
             model.set_attn_implementation(ATTENTION)
 
