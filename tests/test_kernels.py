@@ -8,7 +8,7 @@ from torch import nn
 
 from lede.engine import Decoder
 from lede import Autoregressive, Static
-from lede.kernels import (ATTENTION, KERNELS, CpuLinear, reference_kernels, set_linear_kernels, tune_cpu_kernels,
+from lede.kernels import (ATTENTION, KERNEL_OPTIONS, KERNELS, CpuLinear, reference_kernels, set_linear_kernels, tune_cpu_kernels,
                           use_cpu_kernels)
 from lede.model import ModelError, load_model
 from lede.testing import tiny_model
@@ -89,3 +89,19 @@ def test_tuning_keeps_the_timed_faster_kernels_and_output_stays_exact():
 def test_unknown_kernels_option_is_a_clear_error():
     with pytest.raises(ModelError, match="kernels='fast': expected one of"):
         load_model("smollm2-135m", kernels="fast")
+
+
+def test_kernel_options_are_spelled_once():
+    """The config schema's enum and the CLI's choices are lede.kernels.KERNEL_OPTIONS (the one list)."""
+    import argparse
+    from pathlib import Path
+
+    import yaml
+
+    from lede.cli import _common
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
+    assert tuple(schema["properties"]["kernels"]["enum"]) == KERNEL_OPTIONS
+    parser = argparse.ArgumentParser()
+    _common(parser)
+    assert tuple(next(a for a in parser._actions if a.dest == "kernels").choices) == KERNEL_OPTIONS

