@@ -28,8 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, and recorded, for benchmarks)")
-    p.add_argument("--kernels", choices=KERNEL_OPTIONS, default="lede",
-                   help="CPU float32 linear kernels: auto times both on this machine at load (src/lede/kernels.py)")
+    p.add_argument("--kernels", choices=KERNEL_OPTIONS, default="auto",
+                   help="CPU float32 linear kernels: auto (default) times lede's and torch's at load and keeps the faster per pass width; lede or torch fix them (src/lede/kernels.py)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-draft-len", type=int, default=16, help="the loop's hard cap on drafted tokens per round")
 

@@ -21,15 +21,15 @@ interleaved on the machine at hand):
     2048     52    81    93    96        before
     2048     37    41    52    64        this module
 
-Which linear kernel is faster may depend on the CPU and the moment. On a later host (Xeon,
-2026-12-02) the pass timings went the other way for one token (``F.linear``'s GEMV about 0.6 of the two-row
-GEMM's time) and one speed bench had transformers' own ``generate`` at 1.6x our plain decoding; a later
-end-to-end run on that host found them level. ``tune_cpu_kernels`` times a one-token step and a several-token pass with both
-(interleaved, after warm-up) and keeps the faster for each (ours unless torch's wins by over 10%, so that
-close calls do not flip from job to job); ``load_model(kernels="auto")`` does it at load
-(~2 s) and records the choice in ``LoadedModel.kernels``. Experimental, not the default: on that host the
-load-time timing preferred torch's by 1.7x for one token while end to end (``python -m lede.kernels
---end-to-end``, 12 prompts) plain decoding ran level on both (0.96-1.00x) and level with ``generate``.
+Which linear kernel is faster depends on the CPU. On a later host (Xeon, 2026-12-02) it went the other way: one-token
+passes took 72-84 ms on the two-row GEMM and 38-46 ms on ``F.linear``'s GEMV, and plain decoding ran 1.69-1.81x
+faster on torch's kernels than on ours, level with transformers' own ``generate`` (interleaved, 6 prompts, with and
+without exit heads loaded). ``tune_cpu_kernels`` times a one-token step and a several-token pass with both
+(interleaved, after warm-up) and keeps the faster for each (ours unless torch's wins by over 10%, so that close
+calls do not flip from job to job); ``load_model(kernels="auto")`` does it at load (~3 s) and records the choice in
+``LoadedModel.kernels``. The study's config and the CLI default to ``auto``; ``load_model``'s default stays
+``"lede"`` so that library calls and tests compute the same on every run. (An earlier end-to-end reading on that host,
+``python -m lede.kernels --end-to-end``, had found the kernels level; the one-process runs above did not reproduce it.)
 
 ``CpuLinear`` is the same maths with a different summation order, so results can differ from
 ``F.linear`` in the last bits (a near-tie can flip a greedy choice, as with any change of kernel);
