@@ -1,6 +1,9 @@
 """The cost model at several context lengths: measured per context, looked up by position, and used to price
 each round where it happens (rewards, replayed speed, the oracle, dynamic exit)."""
 
+import json
+from dataclasses import asdict
+
 import pytest
 
 from lede.bench import BenchRecord
@@ -134,3 +137,23 @@ def test_pricing_ratios_compare_engine_time_with_the_model_relative_to_plain() -
     assert ratios["lede"] == pytest.approx(1.05)  # median of 1.1 and 1.0
     with pytest.raises(ValueError, match="keep_rounds"):
         pricing_ratios([_record("lede", "p1", 1.0, drafting)], SHORT)
+
+
+def test_cost_model_records_its_kernels_and_a_job_on_others_is_told() -> None:
+    """With kernels: auto every job chooses its CPU kernels at load: the cost model says which it was timed on
+    (kept through save/load), and a decoding job on other kernels gets a reason to distrust its prices."""
+    from types import SimpleNamespace
+
+    from lede.costs import kernels_mismatch
+    from lede.kernels import KernelChoice
+
+    lm = tiny("llama")
+    lm.kernels = KernelChoice("torch", "lede")
+    cm = measure_costs(Decoder(lm, max_draft_len=2), [1], 2, context_len=16, repeats=2, warmup=0)
+    assert cm.kernels == "one token torch, several lede"
+    assert CostModel.from_dict(json.loads(json.dumps(asdict(cm)))).kernels == cm.kernels
+    assert kernels_mismatch(cm, lm) is None
+    other = SimpleNamespace(kernels=KernelChoice("lede", "lede"))
+    assert "timed on kernels (one token torch, several lede) but this job runs (one token lede, several lede)" in \
+        kernels_mismatch(cm, other)
+    assert kernels_mismatch(CostModel.from_dict({**asdict(cm), "kernels": ""}), other) is None  # older files: no claim

@@ -80,6 +80,8 @@ class CostModel:
     spread: dict[str, float] = field(default_factory=dict)  # (q75 - q25) / median per item
     # more context lengths: {context_len: CostModel of the same items there} (without nested by_context)
     by_context: dict[int, "CostModel"] = field(default_factory=dict)
+    # the CPU linear kernels it was timed on (str of LoadedModel.kernels; "" = transformers' layers, or a GPU)
+    kernels: str = ""
 
     def at(self, position: int) -> "CostModel":
         """The costs at the measured context length nearest to ``position`` (tokens in the cache), in log scale."""
@@ -141,6 +143,20 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def kernels_of(lm) -> str:
+    """The CPU linear kernels ``lm`` runs on, as the cost model records them ("" where lede's are not installed)."""
+    return str(lm.kernels) if getattr(lm, "kernels", None) else ""
+
+
+def kernels_mismatch(costs: CostModel, lm) -> str | None:
+    """Why ``costs`` may misprice ``lm``'s rounds: it was timed on other CPU kernels (with ``kernels: auto`` each job
+    chooses at load, so two jobs differ where the two kernels are within ~10%), or None."""
+    if costs.kernels and costs.kernels != kernels_of(lm):
+        return (f"the cost model was timed on kernels ({costs.kernels}) but this job runs ({kernels_of(lm)}): its "
+                "prices may be off by up to ~10%; fix the choice with config kernels: lede or torch to remove the doubt")
+    return None
 
 
 def round_costs(costs: CostModel, prompt_len: int, rounds: list) -> list[CostModel]:
@@ -271,6 +287,7 @@ def measure_costs(
             draft_design_ms={d: monotone({l: f"design_{d}_{l}" for l in heads if l in layers})
                              for d, heads in (designs or {}).items()},
             spread={name: spread(xs) for (c, name), xs in times.items() if c == ctx},
+            kernels=kernels_of(decoder.lm),
         )
 
     base = model_at(context_len)

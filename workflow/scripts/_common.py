@@ -132,11 +132,18 @@ def adapter_files(paths):
     return out
 
 
-def load_costs(costs_path, selected_path):
-    """The measured cost model, each layer's draft priced as its selected exit head (exit report)."""
+def load_costs(costs_path, selected_path, lm=None):
+    """The measured cost model, each layer's draft priced as its selected exit head (exit report); with ``lm`` (a job
+    that decodes), a warning in the log when it runs other CPU kernels than the cost model was timed on."""
+    import logging
+
+    from lede.costs import kernels_mismatch
     from lede.exits import selected_costs
 
-    return selected_costs(costs_path, selected_path)
+    costs = selected_costs(costs_path, selected_path)
+    if lm is not None and (why := kernels_mismatch(costs, lm)):
+        logging.warning(why)
+    return costs
 
 
 def exit_layers(params):

@@ -14,7 +14,7 @@ inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, col = p.policy, p.policy["collect"]
 kmax = pol["max_draft_len"]
 lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
-costs = load_costs(inp.heads[1], inp.heads[0])
+costs = load_costs(inp.heads[1], inp.heads[0], lm)
 space, behaviours = behaviour_policies(p, inp.sweep, costs, col["static_cells"], col["random"])
 logging.info("behaviour policies: %s", [b.name for b in behaviours])
 prompts = policy_train_prompts(p, col["per_category"], extra_gsm8k=col["per_category"])  # none the adapters saw

@@ -23,7 +23,7 @@ else:
     selected, costs_path, best_path = snakemake.input.heads  # noqa: F821
     best_l, best_k = best_static_cell(best_path, kmax)
     if method in ("best_static", "adaptive_k", "dynamic_exit"):
-        policy = baseline_policy(method, p, best_path, load_costs(costs_path, selected), kmax)
+        policy = baseline_policy(method, p, best_path, load_costs(costs_path, selected, lm), kmax)
     else:  # a LEDE policy: lede_<algo>_s<seed>
         from lede.rl import RLPolicy
 
