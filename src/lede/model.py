@@ -263,10 +263,10 @@ def load_model(
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
     ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
-    ``kernels``: on CPU in float32, the linear kernels of ``lede.kernels``: ``"lede"`` ours (the default),
-    ``"torch"`` transformers' layers untouched (training), ``"auto"`` (experimental) times ours and torch's
-    ``F.linear`` for one-token and several-token passes at load and keeps the faster for each (~2 s;
-    ``LoadedModel.kernels`` says which).
+    ``kernels``: on CPU in float32, the linear kernels of ``lede.kernels``: ``"lede"`` ours (this function's
+    default, so library calls and tests compute alike on every run), ``"torch"`` transformers' layers untouched
+    (training), ``"auto"`` (the study's and the CLI's default) times ours and torch's ``F.linear`` for one-token and
+    several-token passes at load and keeps the faster for each (~3 s; ``LoadedModel.kernels`` says which).
     ``early_exit_weights``: an artefact of ``lede.early_exit`` for this base model; its deltas are merged
     into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
     (``smollm2-135m-ee``): then the weights are required.
