@@ -99,6 +99,7 @@ def test_test_config_runs_the_whole_dag():
                 "early_exit/quality/parity.md", "parity/parity.md", "parity/parity.csv",
                 "notebooks/quality_parity.ipynb", "figures/quality_parity.png", "tables/quality_parity.md"):
         assert (out / rel).stat().st_size > 0, rel
+    assert not list(out.rglob("*.journal.jsonl"))  # the benchmarks' resume journals go once their outputs are written
     # the .test config enables the early-exit variant: every later stage ran on it
     assert "smollm2-135m-ee" in (out / "early_exit/bench.md").read_text()
     assert json.loads((out / "exits/selected.json").read_text())["model"] == "smollm2-135m-ee"

@@ -15,6 +15,7 @@ per round, and whether the greedy output equals plain decoding's.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
@@ -94,6 +95,71 @@ def _hf_generate(decoder: Decoder, ids: Sequence[int], max_new_tokens: int, refe
     return Generation(len(ids), toks, "", [], 0.0, wall, "length", HF_GENERATE)
 
 
+class BenchJournal:
+    """The records of every finished (repeat, prompt), appended as each finishes, so that an interrupted benchmark
+    resumes where it stopped instead of starting over (the evaluation at issue 8's scale runs for hours on a 2-core
+    CPU). A JSON-lines file: a header ``{"key": ..., "meta": {...}}``, then one line per (repeat, prompt).
+
+    ``key`` is a digest of everything the records depend on (settings, input files, code; the caller's to compute);
+    a journal with another key is discarded, as is a line cut short by the interruption. ``meta`` carries what a
+    resumed run must reuse rather than recompute, e.g. a threshold tuned by timing: read ``meta`` after opening,
+    then ``begin(**meta)``. Call ``finish()`` (removes the file) once the final outputs are written.
+
+        journal = BenchJournal("results/eval/records.journal.jsonl", key)
+        threshold = journal.meta.get("threshold") or tune()
+        journal.begin(threshold=threshold)
+        records = run_bench(dec, prompts, configs, journal=journal)
+    """
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = Path(path), key
+        self.meta: dict = {}
+        self.done: dict[tuple[int, str], list[BenchRecord]] = {}
+        self._lines: list[str] = []  # the valid lines read back, header included
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            head = None
+        if not isinstance(head, dict) or head.get("key") != self.key:
+            return  # another run's (or unreadable): started afresh by begin()
+        self.meta, self._lines = dict(head.get("meta") or {}), [lines[0]]
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the line being written when the run was killed
+            recs = [BenchRecord(**r) for r in entry["records"]]
+            for r in recs:  # JSON turned the per-round tuples into lists
+                if r.rounds_detail is not None:
+                    r.rounds_detail = [tuple(d) for d in r.rounds_detail]
+            self.done[(entry["repeat"], entry["prompt"])] = recs
+            self._lines.append(line)
+
+    def begin(self, **meta) -> None:
+        """Keep the journal's records if its ``meta`` equals ``meta`` (or it has none yet); otherwise start afresh.
+        Rewrites the file with only its valid lines, so that appending never follows a cut line."""
+        if not self._lines or self.meta != meta:
+            self.done, self.meta = {}, dict(meta)
+            self._lines = [json.dumps({"key": self.key, "meta": self.meta})]
+        atomic_write_text(self.path, "\n".join(self._lines) + "\n")
+
+    def append(self, repeat: int, prompt: str, records: Sequence[BenchRecord]) -> None:
+        line = json.dumps({"repeat": repeat, "prompt": prompt, "records": [asdict(r) for r in records]})
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[(repeat, prompt)] = list(records)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def run_order(names: Sequence[str], prompt_index: int, repeat: int, seed: int = 0) -> list[str]:
     """The order in which the configurations run on one prompt in one repeat: a permutation of ``names`` drawn from a
     generator seeded by (seed, repeat, prompt index), so it is the same in every run of the benchmark."""
@@ -112,12 +178,14 @@ def run_bench(
     progress: bool = True,
     keep_rounds: bool = False,
     seed: int = 0,
+    journal: BenchJournal | None = None,
 ) -> list[BenchRecord]:
     """Run every config on every prompt, interleaved (``keep_rounds``: also each round's exit layer, drafted
     and accepted counts, and the output's decoded pieces). ``configs`` maps a name to a policy, to a function
     of the prompt returning a policy (e.g. the oracle, built per prompt), or to ``"hf_generate"`` /
     ``"hf_prompt_lookup"``; a plain (Autoregressive) config named ``"plain"`` is added if absent. ``seed``: the
-    run order's (``run_order``)."""
+    run order's (``run_order``). ``journal`` (begun): finished prompts' records are taken from it, not rerun, and
+    every prompt's are appended to it as it finishes."""
     if not prompts:
         raise ValueError("no prompts to benchmark: check the prompt file / categories / per_category")
     configs = {PLAIN: Autoregressive(), **configs}
@@ -132,9 +200,12 @@ def run_bench(
         policy = cfg if hasattr(cfg, "choose_exit") else cfg(p)
         return decoder.generate(list(p.ids), policy, max_new_tokens=max_new_tokens)
 
-    for _ in range(warmup):
+    # a journal's records count only for the same configurations, in the same order (else that prompt reruns)
+    done = {k: v for k, v in (journal.done if journal is not None else {}).items() if [r.config for r in v] == names}
+    todo = [(rep, i, p) for rep in range(repeats) for i, p in enumerate(prompts) if (rep, p.uid) not in done]
+    for _ in range(warmup if todo else 0):
         for name in names:
-            run(name, prompts[0])
+            run(name, todo[0][2])
 
     def decode(ids: list[int]) -> str:
         return decoder.lm.tokenizer.decode(ids, skip_special_tokens=False)
@@ -143,11 +214,16 @@ def run_bench(
     bar = tqdm(total=len(prompts) * repeats * len(names), desc="bench", disable=not progress, mininterval=5)
     for rep in range(repeats):
         for i, p in enumerate(prompts):
+            if (rep, p.uid) in done:
+                records += done[(rep, p.uid)]
+                bar.update(len(names))
+                continue
             outs = {name: run(name, p) for name in run_order(names, i, rep, seed)}
             ref = outs[PLAIN].token_ids
+            mine = []
             for name, g in ((n, outs[n]) for n in names):  # records in the configured order, whatever the run order
                 dec = g.decode_s or 1e-12
-                records.append(BenchRecord(
+                mine.append(BenchRecord(
                     prompt=p.uid, category=p.category, config=name, repeat=rep, new_tokens=g.new_tokens,
                     wall_s=g.wall_s, tokens_per_s=g.tokens_per_s, rounds=len(g.rounds),
                     mean_accepted=g.mean_accepted if g.rounds else float("nan"),
@@ -159,6 +235,9 @@ def run_bench(
                     decode_s=g.decode_s, prompt_tokens=len(p.ids),
                 ))
                 bar.update()
+            if journal is not None:
+                journal.append(rep, p.uid, mine)
+            records += mine
     bar.close()
     return records
 

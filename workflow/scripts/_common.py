@@ -251,6 +251,27 @@ def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0):
     return prompts
 
 
+def bench_journal(snakemake, out_path):
+    """The resume journal (lede.bench.BenchJournal) of a benchmarking job, beside its output ``out_path``. Its key
+    digests the job's params, its input files (content up to 64 MiB, else size and mtime, as Snakemake's own rerun
+    test) and the workflow scripts, so that a journal is resumed only by the same job on the same inputs; the model
+    weights and the library source are inputs of every such job."""
+    import hashlib
+    import json
+
+    from lede.bench import BenchJournal
+
+    h = hashlib.sha256(json.dumps(dict(snakemake.params), sort_keys=True, default=str).encode())
+    files = sorted({Path(x) for x in snakemake.input} | set(Path(snakemake.scriptdir).glob("*.py")))
+    for path in (q for x in files for q in ([x] if x.is_file() else sorted(x.rglob("*")) if x.is_dir() else [x])):
+        h.update(str(path).encode())
+        if path.is_file() and path.stat().st_size <= 64 << 20:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        elif path.exists():
+            h.update(f"{path.stat().st_size}/{path.stat().st_mtime_ns}".encode())
+    return BenchJournal(f"{out_path}.journal.jsonl", h.hexdigest())
+
+
 def eval_bench_prompts(params, lm):
     """The evaluation half of Spec-Bench (bench.per_category per category), encoded for ``run_bench``."""
     from lede.bench import BenchPrompt

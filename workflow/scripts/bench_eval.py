@@ -5,7 +5,7 @@ import json
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
+from _common import bench_journal, eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.bench import HF_GENERATE, run_bench  # noqa: E402
@@ -23,5 +23,8 @@ configs = {HF_GENERATE: HF_GENERATE}
 for c in cells:
     policy = Static(c["exit_layer"], c["draft_len"])
     configs[policy.name] = policy
-records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens)
+journal = bench_journal(snakemake, snakemake.output.json)  # noqa: F821  (an interrupted run resumes)
+journal.begin()
+records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens, journal=journal)
 write_bench(p, lm, records, len(prompts), out, "Speed on held-out prompts", {"cells": cells})
+journal.finish()

@@ -4,7 +4,7 @@ variant, interleaved, on held-out Spec-Bench prompts (plain exit heads over the 
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
+from _common import bench_journal, eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 from lede.bench import HF_PROMPT_LOOKUP, run_bench  # noqa: E402
@@ -19,7 +19,10 @@ for layer in p.exit_layers:
     for k in p.draft_lens:
         policy = Static(layer, k)
         configs[policy.name] = policy
-records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens)
+journal = bench_journal(snakemake, snakemake.output.json)  # noqa: F821  (an interrupted run resumes)
+journal.begin()
+records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens, journal=journal)
 write_bench(p, lm, records, len(prompts), snakemake.output,  # noqa: F821
             f"Static grid on the early-exit variant {lm.name}", {"grid": {"exit_layers": p.exit_layers,
                                                                           "draft_lens": p.draft_lens}})
+journal.finish()

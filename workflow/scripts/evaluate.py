@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, exit_layers, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup  # noqa: E402
+from _common import baseline_policy, bench_journal, best_static_cell, exit_layers, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
@@ -40,7 +40,12 @@ def tokens_per_s(threshold):
     return statistics.median(dec.generate(ids, policy, max_new_tokens=tune_tokens).tokens_per_s for ids in tune_prompts)
 
 
-threshold = tune_threshold([0.3, 0.5, 0.7, 0.9], tokens_per_s)
+# an interrupted evaluation resumes from its journal, with the threshold it tuned (tuning times runs: a rerun may differ)
+journal = bench_journal(snakemake, out.json)  # noqa: F821
+threshold = journal.meta.get("threshold") or tune_threshold([0.3, 0.5, 0.7, 0.9], tokens_per_s)
+journal.begin(threshold=threshold)
+if journal.done:
+    logging.info("resuming from %s: %d prompts done", journal.path, len(journal.done))
 logging.info("best static %s; best exit cell L=%d K=%d; tuned confidence threshold %.2f", best_cell, best_l, best_k,
              threshold)
 
@@ -63,7 +68,7 @@ configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, **basel
            "confidence": ConfidenceThreshold(best_l, threshold, kmax), **lede, "oracle": oracle_for}
 prompts = prompts_for(p, "eval", ev["per_category"], humaneval=ev.get("humaneval", 0))
 bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
-records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True)
+records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True, journal=journal)
 overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
 
 
@@ -113,3 +118,4 @@ write_json(out.json, {"settings": dict(p), "threshold": threshold, "pricing": pr
                       "summary": {g: [asdict(s) for s in rows] for g, rows in (overall | per_cat).items()},
                       "records": [asdict(r) for r in records]})
 atomic_write_text(out.md, text)
+journal.finish()
