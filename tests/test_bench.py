@@ -63,6 +63,8 @@ def test_an_interrupted_benchmark_resumes_from_its_journal(tmp_path) -> None:
     assert {r.prompt: r.wall_s for r in records if r.config == "static" and r.prompt in first} == \
         {u: r.wall_s for u, r in first.items()}  # the journal's records, not new runs
     assert len(BenchJournal(path, key="k1").done) == 3  # the cut line was dropped, p2 appended after it
+    journal.begin(**journal.meta)  # beginning again keeps what was appended since the first begin
+    assert len(BenchJournal(path, key="k1").done) == 3
 
     # another key (other settings or inputs), or other meta, starts afresh; finish() removes the file
     other = BenchJournal(path, key="k2")

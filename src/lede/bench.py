@@ -115,7 +115,7 @@ class BenchJournal:
         self.path, self.key = Path(path), key
         self.meta: dict = {}
         self.done: dict[tuple[int, str], list[BenchRecord]] = {}
-        self._lines: list[str] = []  # the valid lines read back, header included
+        self._ours = False  # the file holds a journal of this key
         if self.path.exists():
             self._read()
 
@@ -127,7 +127,7 @@ class BenchJournal:
             head = None
         if not isinstance(head, dict) or head.get("key") != self.key:
             return  # another run's (or unreadable): started afresh by begin()
-        self.meta, self._lines = dict(head.get("meta") or {}), [lines[0]]
+        self._ours, self.meta = True, dict(head.get("meta") or {})
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
@@ -138,20 +138,24 @@ class BenchJournal:
                 if r.rounds_detail is not None:
                     r.rounds_detail = [tuple(d) for d in r.rounds_detail]
             self.done[(entry["repeat"], entry["prompt"])] = recs
-            self._lines.append(line)
 
     def begin(self, **meta) -> None:
         """Keep the journal's records if its ``meta`` equals ``meta`` (or it has none yet); otherwise start afresh.
-        Rewrites the file with only its valid lines, so that appending never follows a cut line."""
-        if not self._lines or self.meta != meta:
+        Rewrites the file from the records kept, so that appending never follows a cut line."""
+        if not self._ours or self.meta != meta:
             self.done, self.meta = {}, dict(meta)
-            self._lines = [json.dumps({"key": self.key, "meta": self.meta})]
-        atomic_write_text(self.path, "\n".join(self._lines) + "\n")
+        self._ours = True
+        lines = [json.dumps({"key": self.key, "meta": self.meta})]
+        lines += [self._line(rep, prompt, recs) for (rep, prompt), recs in self.done.items()]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    @staticmethod
+    def _line(repeat: int, prompt: str, records: Sequence[BenchRecord]) -> str:
+        return json.dumps({"repeat": repeat, "prompt": prompt, "records": [asdict(r) for r in records]})
 
     def append(self, repeat: int, prompt: str, records: Sequence[BenchRecord]) -> None:
-        line = json.dumps({"repeat": repeat, "prompt": prompt, "records": [asdict(r) for r in records]})
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+            fh.write(self._line(repeat, prompt, records) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.done[(repeat, prompt)] = list(records)
