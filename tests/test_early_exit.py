@@ -79,7 +79,7 @@ def test_training_moves_exits_toward_the_teacher_and_leaves_the_base_untouched(t
     for layer in (2, 3):
         assert exit_kl(variant, seqs, layer) < 0.8 * exit_kl(untouched, seqs, layer), layer
     assert result.steps_done == 30 and not result.stopped_by_budget
-    assert set(result.loss_curve[0]) == {"step", "loss", "L2", "L3", "final"}
+    assert set(result.loss_curve[0]) == {"step", "lr", "loss", "L2", "L3", "final"}
 
 
 def test_merged_weights_equal_the_trained_lora_forward(trained, tmp_path):
@@ -136,6 +136,53 @@ def test_checkpoint_resumes_and_budget_stops(tmp_path):
     stopped = train_early_exit(lm, seqs, recipe, data_hash="other", checkpoint=tmp_path / "b.ckpt", budget_s=0.0,
                                progress=False)
     assert stopped.stopped_by_budget and stopped.steps_done == 0
+
+
+class FakeClock:
+    """One second per reading: a budget then buys a known number of steps, whatever the machine's speed."""
+
+    def __init__(self, kill_at: float = float("inf")):
+        self.t, self.kill_at = 0.0, kill_at
+
+    def __call__(self) -> float:
+        self.t += 1.0
+        if self.t >= self.kill_at:
+            raise KeyboardInterrupt("killed")
+        return self.t
+
+
+def test_budget_fits_the_schedule_and_resume_keeps_it(tmp_path, caplog):
+    lm, recipe = fresh(), Recipe(**{**RECIPE, "steps": 200})
+    seqs = greedy_sequences(lm, n=3, length=12)
+    ckpt = tmp_path / "train.ckpt"
+    result = train_early_exit(lm, seqs, recipe, data_hash="h", checkpoint=ckpt, checkpoint_every=5, budget_s=100.0,
+                              progress=False, clock=FakeClock())
+    # ~2 clock readings a step: the 100 s budget buys ~43 of the 200 steps, and the run ends at the horizon it
+    # fitted (not by the hard stop), with the learning rate decayed from its peak to ~0 over exactly those steps
+    assert 30 < result.horizon < 48 and result.steps_done == result.horizon and result.stopped_by_budget
+    lrs = [row["lr"] for row in result.loss_curve]
+    assert max(lrs) == pytest.approx(recipe.lr, rel=0.05) and lrs[-1] < 0.02 * recipe.lr
+    # killed after a fit, the rerun resumes from the last checkpoint (its curve kept) and refits the horizon to
+    # what is left of the budget (the killed run's time up to its checkpoint counts), again decaying to ~0
+    half = tmp_path / "half.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_early_exit(fresh(), seqs, recipe, data_hash="h", checkpoint=half, checkpoint_every=5, budget_s=100.0,
+                         progress=False, clock=FakeClock(kill_at=60))
+    blob = torch.load(half, weights_only=False)
+    assert blob["plan"]["fitted"] and blob["step"] >= 20
+    with caplog.at_level("INFO", logger="lede.early_exit"):
+        again = train_early_exit(fresh(), seqs, recipe, data_hash="h", checkpoint=half, budget_s=100.0, progress=False,
+                                 clock=FakeClock())
+    assert "resumed early-exit training" in caplog.text
+    assert again.loss_curve[:blob["step"]] == blob["curve"] and again.steps_done == again.horizon
+    assert 30 < again.horizon < 50 and again.loss_curve[-1]["lr"] < 0.02 * recipe.lr
+    # another budget is another schedule: the checkpoint is not resumed
+    other = train_early_exit(fresh(), seqs, recipe, data_hash="h", checkpoint=half, budget_s=50.0, progress=False,
+                             clock=FakeClock())
+    assert other.horizon < result.horizon and "for another recipe, data or budget" in caplog.text
+    # without a budget the schedule is the recipe's
+    unbudgeted = train_early_exit(fresh(), seqs, Recipe(**{**RECIPE, "steps": 6}), progress=False)
+    assert unbudgeted.horizon == 6 and not unbudgeted.stopped_by_budget
 
 
 def test_full_fine_tuning_option_restores_the_base(tmp_path):

@@ -32,7 +32,13 @@ model every number is for.
 
 Training runs on CPU or GPU with the same code (the model's device), shows a progress bar, checkpoints
 every ``checkpoint_every`` steps and resumes from the checkpoint when rerun with the same recipe and data;
-``budget_s`` bounds its wall time (training stops at a step boundary and the artefact records that).
+``budget_s`` bounds its wall time, summed over resumed runs. With a budget, the learning-rate schedule
+(linear warm-up, cosine decay) is fitted to it: every ``FIT_EVERY`` steps the run sets its horizon to the steps
+the remaining budget buys at the rate of its recent steps (at most ``recipe.steps``), so a budget-cut run
+still decays its learning rate to zero instead of stopping high up a schedule sized for steps it never
+reaches, and a slow stretch (a busy shared host) does not fix a short schedule for good. The artefact
+records the horizon; the checkpoint keeps it and is keyed by the budget too (a run with another budget
+starts afresh). Past the budget, training stops at a step boundary regardless.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +62,8 @@ from lede.distill import Sequence, atomic_torch_save, top_vocab
 from lede.io import load_artefact
 
 FORMAT = "lede-early-exit/1"
+FIT_EVERY = 5  # a budgeted run refits its schedule's horizon every this many steps, from its last FIT_WINDOW
+FIT_WINDOW = 30
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 log = logging.getLogger(__name__)
 
@@ -170,9 +179,10 @@ class EarlyExitResult:
     deltas: dict[str, dict[str, torch.Tensor]]  # name -> {"A", "B", "scale"} or {"delta"}
     vocab: list[int] | None  # the draft vocabulary the exits were trained for
     steps_done: int = 0
-    stopped_by_budget: bool = False
+    stopped_by_budget: bool = False  # the budget cut training short of recipe.steps (its schedule, or a hard stop)
     seconds: float = 0.0  # training wall time, summed over resumed runs
-    loss_curve: list[dict] = field(default_factory=list)  # per logged step: step, loss, per-term losses
+    loss_curve: list[dict] = field(default_factory=list)  # per step: step, learning rate, loss, per-term losses
+    horizon: int = 0  # the steps the learning-rate schedule decayed over (recipe.steps, or what the budget bought)
 
 
 def _window(s: Sequence, max_context: int) -> tuple[list[int], int]:
@@ -215,11 +225,12 @@ def train_early_exit(
     checkpoint_every: int = 25,
     budget_s: float | None = None,
     progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> EarlyExitResult:
     """Train the variant's deltas on ``sequences`` (the base model's greedy continuations of training
     prompts). ``lm`` is the base model (loaded with ``kernels="torch"``); it is modified in place
-    (deltas attached) and restored before returning."""
-    t0 = time.perf_counter()
+    (deltas attached) and restored before returning. ``clock`` measures the budget (tests pass a fake one)."""
+    t0 = clock()
     model = lm.model
     n_layers = lm.num_layers
     recipe.validate(n_layers)
@@ -250,11 +261,15 @@ def train_early_exit(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    warmup = max(1, recipe.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
+    plan = {"horizon": recipe.steps, "fitted": False}  # the schedule's length; fitted to the budget below
 
-    key = _fingerprint(lm.name, recipe, data_hash)
+    def lr_factor(s: int) -> float:  # linear warm-up over 5% of the horizon, cosine decay to 0 at the horizon
+        h = plan["horizon"]
+        return min(1.0, (s + 1) / max(1, h // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, h) / h))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+    key = _fingerprint(lm.name, recipe, data_hash, budget_s)
     step, curve, earlier_s = 0, [], 0.0  # earlier_s: training time of the runs this one resumes
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
@@ -265,19 +280,33 @@ def train_early_exit(
             opt.load_state_dict(blob["opt"])
             sched.load_state_dict(blob["sched"])
             step, curve, earlier_s = blob["step"], blob["curve"], blob.get("seconds", 0.0)
-            log.info("resumed early-exit training from %s at step %d/%d", ckpt, step, recipe.steps)
+            plan.update(blob.get("plan", {}))
+            log.info("resumed early-exit training from %s at step %d/%d", ckpt, step, plan["horizon"])
         else:
-            log.warning("checkpoint %s is for another recipe or data: starting afresh", ckpt)
+            log.warning("checkpoint %s is for another recipe, data or budget: starting afresh", ckpt)
 
     rng = random.Random(f"{recipe.seed}:{step}")
     order = list(range(len(seqs)))
     weights = recipe.weights()
     capture = sorted(set(recipe.exit_layers) | {n_layers})
     stopped = False
-    bar = tqdm(total=recipe.steps, initial=step, desc="early-exit self-distillation", disable=not progress, mininterval=10)
+    step_ends: list[float] = []  # this run's step end times, to fit the schedule to the budget
+    bar = tqdm(total=plan["horizon"], initial=step, desc="early-exit self-distillation", disable=not progress, mininterval=10)
     model.train(False)  # no dropout inside transformers' layers; ours is layer dropout below
-    while step < recipe.steps:
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+    while step < plan["horizon"]:
+        if budget_s is not None and len(step_ends) > FIT_EVERY and step % FIT_EVERY == 0:
+            # a run's first step carries one-off costs (not timed); the recent steps (checkpoints included; the
+            # sequences' lengths vary) give the rate, and a 5% margin keeps the schedule inside the budget
+            window = step_ends[-FIT_WINDOW - 1:]
+            per_step = (window[-1] - window[0]) / (len(window) - 1)
+            affordable = int(0.95 * (budget_s - earlier_s - (clock() - t0)) / per_step)
+            horizon = max(step + 1, min(recipe.steps, step + affordable))
+            if not plan["fitted"] or abs(horizon - plan["horizon"]) > max(2, plan["horizon"] // 50):
+                log.info("%.1f s a step: the %.0f s budget buys %d of %d steps; the schedule now decays over %d",
+                         per_step, budget_s, horizon, recipe.steps, horizon)
+            plan.update(horizon=horizon, fitted=True)
+            bar.total = horizon
+        if budget_s is not None and earlier_s + clock() - t0 > budget_s:
             stopped = True
             log.warning("early-exit training stopped by its budget (%.0f s) at step %d/%d", budget_s, step, recipe.steps)
             break
@@ -315,16 +344,18 @@ def train_early_exit(
             (loss / len(batch)).backward()
             total += float(loss.detach()) / len(batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         step += 1
-        curve.append({"step": step, "loss": total, **terms})
+        curve.append({"step": step, "lr": lr, "loss": total, **terms})
         bar.update()
         bar.set_postfix(loss=f"{total:.3f}", **{k: f"{v:.2f}" for k, v in terms.items()})
-        if ckpt is not None and (step % checkpoint_every == 0 or step == recipe.steps):
+        if ckpt is not None and (step % checkpoint_every == 0 or step == plan["horizon"]):
             atomic_torch_save(ckpt, {"key": key, "params": [p.detach() for p in params], "opt": opt.state_dict(),
-                                "sched": sched.state_dict(), "step": step, "curve": curve,
-                                "seconds": earlier_s + time.perf_counter() - t0})
+                                "sched": sched.state_dict(), "step": step, "curve": curve, "plan": dict(plan),
+                                "seconds": earlier_s + clock() - t0})
+        step_ends.append(clock())
     bar.close()
 
     if full_ft:
@@ -339,8 +370,9 @@ def train_early_exit(
                   for name, m in lora.items()}
         detach_lora(model)
     return EarlyExitResult(lm.name, n_layers, recipe, data_hash, deltas,
-                           vocab.tolist() if vocab is not None else None, step, stopped,
-                           earlier_s + time.perf_counter() - t0, curve)
+                           vocab.tolist() if vocab is not None else None, step,
+                           stopped or plan["horizon"] < recipe.steps, earlier_s + clock() - t0, curve,
+                           horizon=plan["horizon"])
 
 
 def _swap(model, recipe, originals) -> None:
@@ -360,15 +392,15 @@ def detach_lora(model: nn.Module) -> None:
                 setattr(module, name, child.base)
 
 
-def _fingerprint(model: str, recipe: Recipe, data_hash: str) -> str:
-    return hashlib.sha256(json.dumps([model, asdict(recipe), data_hash], sort_keys=True).encode()).hexdigest()[:16]
+def _fingerprint(model: str, recipe: Recipe, data_hash: str, budget_s: float | None) -> str:
+    return hashlib.sha256(json.dumps([model, asdict(recipe), data_hash, budget_s], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_early_exit(path: str | Path, result: EarlyExitResult, metrics: dict | None = None) -> None:
     """One file (written atomically) with the deltas, the base model id, the recipe and the data hash."""
     meta = {"base_model": result.base_model, "num_layers": result.num_layers, "recipe": asdict(result.recipe),
             "data_hash": result.data_hash, "steps_done": result.steps_done,
-            "stopped_by_budget": result.stopped_by_budget, "seconds": result.seconds,
+            "stopped_by_budget": result.stopped_by_budget, "horizon": result.horizon, "seconds": result.seconds,
             "loss_curve": result.loss_curve, "metrics": metrics or {}}
     atomic_torch_save(Path(path), {"format": FORMAT, "meta": meta, "deltas": result.deltas, "vocab": result.vocab})
 

@@ -41,7 +41,7 @@ def cell(agree, cat=None):
 result = {
     "base_model": p.model, "variant": p.model + "-ee", "vocab_size": len(vocab) if vocab else None,
     "recipe": ee["recipe"], "steps_done": ee["steps_done"], "stopped_by_budget": ee["stopped_by_budget"],
-    "train_seconds": ee["seconds"], "prompts": len(base_seqs),
+    "horizon": ee.get("horizon", 0), "train_seconds": ee["seconds"], "prompts": len(base_seqs),
     "exit_agreement": {name: {str(l): {c or "all": cell(rows[name][l], c) for c in [None, *cats]} for l in layers}
                        for name in ("base", "variant")},
     "token_agreement_with_base": {c or "all": cell(rows["variant_on_base"]["final"], c) for c in [None, *cats]},
@@ -56,7 +56,8 @@ lines = [f"# Early-exit variant `{p.model}-ee` vs base `{p.model}`", "",
          f"{len(base_seqs)} evaluation prompts, greedy continuations of {p.max_new_tokens} tokens; exits use the "
          f"shared final norm + LM head over a {result['vocab_size'] or 'full'}-token draft vocabulary. "
          f"Training: {ee['steps_done']}/{ee['recipe']['steps']} steps in {ee['seconds'] / 60:.1f} min"
-         + (" (**stopped by its budget**)" if ee["stopped_by_budget"] else "") + ". 95% bootstrap intervals over prompts.", "",
+         + (f" (**cut by its budget** of {ee['recipe']['steps']}; learning rate decayed over {ee.get('horizon') or '?'} steps)"
+            if ee["stopped_by_budget"] else "") + ". 95% bootstrap intervals over prompts.", "",
          "## Exit agreement with each model's own greedy token", "",
          "| layer | base | variant | variant / base |", "|---:|---:|---:|---:|"]
 for l in layers:

@@ -19,10 +19,10 @@ recipe = Recipe(**dict(p.recipe))
 result = train_early_exit(lm, seqs, recipe, data_hash=data_hash(seqs), checkpoint=p.checkpoint,
                           checkpoint_every=p.checkpoint_every, budget_s=60.0 * p.budget_minutes)
 if result.stopped_by_budget:
-    logging.warning("stopped by early_exit.budget_minutes=%s after %d/%d steps: the artefact records it; raise the "
-                    "budget (or rerun: training resumes from %s)", p.budget_minutes, result.steps_done, recipe.steps,
-                    p.checkpoint)
+    logging.warning("early_exit.budget_minutes=%s bought %d of %d steps (learning rate decayed over %d): the artefact "
+                    "records it; raise the budget to train longer (an interrupted run resumes from %s)",
+                    p.budget_minutes, result.steps_done, recipe.steps, result.horizon, p.checkpoint)
 tail = result.loss_curve[-20:]
 logging.info("%d steps in %.0f s; mean loss of the last %d steps: %s", result.steps_done, result.seconds, len(tail),
-             {k: round(sum(r[k] for r in tail) / len(tail), 4) for k in tail[0] if k != "step"} if tail else {})
+             {k: round(sum(r[k] for r in tail) / len(tail), 4) for k in tail[0] if k not in ("step", "lr")} if tail else {})
 save_early_exit(snakemake.output[0], result)  # noqa: F821
