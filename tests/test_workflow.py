@@ -102,6 +102,7 @@ def test_test_config_runs_the_whole_dag():
     assert not list(out.rglob("*.journal.jsonl"))  # the benchmarks' resume journals go once their outputs are written
     # the .test config enables the early-exit variant: every later stage ran on it
     assert "smollm2-135m-ee" in (out / "early_exit/bench.md").read_text()
+    assert "## Fit: agreement with the base model's greedy tokens" in (out / "early_exit/report.md").read_text()
     assert json.loads((out / "exits/selected.json").read_text())["model"] == "smollm2-135m-ee"
     summary = (out / "eval/summary.md").read_text()
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary

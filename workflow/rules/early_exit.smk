@@ -60,6 +60,7 @@ rule early_exit_report:
     input:
         weights=EE_WEIGHTS,
         teacher=f"{R}/early_exit/teacher_eval.pt",
+        train=f"{R}/early_exit/teacher_train.pt",  # the generalisation gap: the same measure on training sequences
         code=src("early_exit", "model", "distill"),
     output:
         json=f"{R}/early_exit/report.json",

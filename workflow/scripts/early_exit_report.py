@@ -28,8 +28,13 @@ own_seqs = [Sequence(s.prompt_ids, c, s.category, s.uid) for s, c in zip(base_se
 rows = {
     "base": teacher_forced_agreement(base, base_seqs, layers, vocab),  # base exits vs base tokens
     "variant": teacher_forced_agreement(variant, own_seqs, layers, vocab),  # variant exits vs its own tokens
-    "variant_on_base": teacher_forced_agreement(variant, base_seqs, [], vocab),  # variant's argmax vs base tokens
+    "variant_on_base": teacher_forced_agreement(variant, base_seqs, layers, vocab),  # variant vs base tokens
 }
+# the same measure on as many of the variant's TRAINING sequences: far above the held-out value = the exits
+# learned their training sequences rather than the model (more, broader teacher data is the lever)
+train_all = load_teacher(inp.train)[0]
+train_seqs = train_all[::max(1, len(train_all) // len(base_seqs))][:len(base_seqs)]  # spread over its categories
+gap = {"held_out": rows["variant_on_base"], "training": teacher_forced_agreement(variant, train_seqs, layers, vocab)}
 cats = sorted({s.category for s in base_seqs})
 
 
@@ -45,6 +50,8 @@ result = {
     "exit_agreement": {name: {str(l): {c or "all": cell(rows[name][l], c) for c in [None, *cats]} for l in layers}
                        for name in ("base", "variant")},
     "token_agreement_with_base": {c or "all": cell(rows["variant_on_base"]["final"], c) for c in [None, *cats]},
+    "fit_gap": {name: {str(k): cell(a[k]) for k in a} for name, a in gap.items()},
+    "fit_gap_training_prompts": len(train_seqs),
 }
 
 
@@ -74,6 +81,13 @@ lines += ["", "## Quality cost: the variant's greedy token vs the base model's (
           "| category | agreement |", "|---|---:|"]
 for c in ["all", *cats]:
     lines.append(f"| {c} | {fmt(result['token_agreement_with_base'][c])} |")
+lines += ["", f"## Fit: agreement with the base model's greedy tokens, {len(train_seqs)} training vs {len(base_seqs)} "
+          "held-out sequences", "", "Exits and final layer of the variant, teacher-forced on the base model's text. A "
+          "training value far above the held-out one means the training sequences were learned, not the model.", "",
+          "| | " + " | ".join("final" if k == "final" else f"L{k}" for k in gap["held_out"]) + " |",
+          "|---|" + "---:|" * len(gap["held_out"])]
+for name, a in (("training", gap["training"]), ("held-out", gap["held_out"])):
+    lines.append(f"| {name} | " + " | ".join(f"{a[k].rate():.3f}" for k in a) + " |")
 atomic_write_text(out.json, json.dumps(result, indent=1))
 atomic_write_text(out.md, "\n".join(lines) + "\n")  # last: the rule's report output
 logging.info("\n%s", "\n".join(lines))
