@@ -51,6 +51,7 @@ def test_lint_and_dry_runs():
     # embedded model, so everything else in it (keys, ranges, layers within the depth, the DAG) is checked
     for extra in ([], ["--configfile", ".test/config.yaml"], ["--configfile", "config/cpu_full.yaml"],
                   ["--configfile", "config/early_exit.yaml"],
+                  ["--configfile", "config/early_exit.yaml", "config/early_exit_gpu.yaml"],
                   ["--configfile", "config/paper.yaml", "--config", "model=smollm2-135m"]):
         dry = smk("-n", "--quiet", *extra)
         assert dry.returncode == 0, " ".join(extra) + "\n" + dry.stdout + dry.stderr
