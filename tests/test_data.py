@@ -8,7 +8,6 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import random
 import shutil
 import warnings
@@ -16,14 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DATA_DIR, needs_data
 from lede import data
 from lede.data import DataError, Prompt, normalize_text, prompt_pool
 
-REAL_DATA = Path(os.environ.get("LEDE_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-needs_real_data = pytest.mark.skipif(
-    not (REAL_DATA / "spec_bench" / "question.jsonl").is_file(),
-    reason=f"real benchmark data not found at {REAL_DATA} (set LEDE_DATA_DIR to the folder holding spec_bench/)",
-)
 FAKE_HE_PKG = "lede_test_fake_human_eval"
 
 
@@ -76,20 +71,20 @@ def no_humaneval(monkeypatch: pytest.MonkeyPatch) -> None:
 def real_pools() -> dict[str, list[Prompt]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HumanEval may be absent
-        return {s: prompt_pool(REAL_DATA, s) for s in ("train", "eval")}
+        return {s: prompt_pool(DATA_DIR, s) for s in ("train", "eval")}
 
 
 # ----------------------------------------------------------------- real data
 
 
-@needs_real_data
+@needs_data
 def test_real_data_dir_is_complete() -> None:
-    data.check_data_dir(REAL_DATA)
+    data.check_data_dir(DATA_DIR)
 
 
-@needs_real_data
+@needs_data
 def test_spec_bench_counts_and_balanced_halves() -> None:
-    prompts = data.load_spec_bench(REAL_DATA)
+    prompts = data.load_spec_bench(DATA_DIR)
     assert len(prompts) == 480
     assert len({p.uid for p in prompts}) == 480
     assert {p.category for p in prompts} == set(data.SPEC_BENCH_CATEGORIES)
@@ -106,10 +101,10 @@ def test_spec_bench_counts_and_balanced_halves() -> None:
     assert all(p.reference for p in prompts if p.category in ("translation", "summarization", "math_reasoning", "rag"))
 
 
-@needs_real_data
+@needs_data
 def test_split_follows_documented_rule() -> None:
     """Recompute lede-split-v1 independently from the raw file."""
-    rows = [json.loads(line) for line in (REAL_DATA / "spec_bench" / "question.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (DATA_DIR / "spec_bench" / "question.jsonl").read_text().splitlines()]
     by_cat = collections.defaultdict(list)
     for r in rows:
         by_cat[r["category"]].append(r["question_id"])
@@ -119,13 +114,13 @@ def test_split_follows_documented_rule() -> None:
         ordered = sorted(ids, key=key)
         half = math.ceil(len(ordered) / 2)
         expected.update({f"spec_bench/{q}": ("eval" if i < half else "train") for i, q in enumerate(ordered)})
-    assert {p.uid: p.split for p in data.load_spec_bench(REAL_DATA)} == expected
+    assert {p.uid: p.split for p in data.load_spec_bench(DATA_DIR)} == expected
 
 
-@needs_real_data
+@needs_data
 def test_extra_sources_counts() -> None:
-    train, test = data.load_gsm8k(REAL_DATA, "train"), data.load_gsm8k(REAL_DATA, "test")
-    nq = data.load_nq_open(REAL_DATA)
+    train, test = data.load_gsm8k(DATA_DIR, "train"), data.load_gsm8k(DATA_DIR, "test")
+    nq = data.load_nq_open(DATA_DIR)
     assert (len(train), len(test), len(nq)) == (7473, 1319, 3610)
     assert {p.split for p in train} == {"train"} and {p.split for p in test} == {"eval"}
     assert {p.split for p in nq} == {"train"} and {p.category for p in nq} == {"qa_nq"}
@@ -133,13 +128,13 @@ def test_extra_sources_counts() -> None:
     assert all(p.reference for p in nq)
 
 
-@needs_real_data
+@needs_data
 def test_known_cross_source_overlap_in_raw_data() -> None:
     """The raw sources overlap; this pins down the facts the train pool has to handle."""
-    spec = data.load_spec_bench(REAL_DATA)
-    gsm_test = {normalize_text(p.text) for p in data.load_gsm8k(REAL_DATA, "test")}
-    gsm_train = {normalize_text(p.text) for p in data.load_gsm8k(REAL_DATA, "train")}
-    nq = {normalize_text(p.text) for p in data.load_nq_open(REAL_DATA)}
+    spec = data.load_spec_bench(DATA_DIR)
+    gsm_test = {normalize_text(p.text) for p in data.load_gsm8k(DATA_DIR, "test")}
+    gsm_train = {normalize_text(p.text) for p in data.load_gsm8k(DATA_DIR, "train")}
+    nq = {normalize_text(p.text) for p in data.load_nq_open(DATA_DIR)}
     math_r = [p for p in spec if p.category == "math_reasoning"]
     assert all(normalize_text(p.text) in gsm_test for p in math_r)  # all 80 are GSM8K test questions
     assert not gsm_test & gsm_train
@@ -149,7 +144,7 @@ def test_known_cross_source_overlap_in_raw_data() -> None:
     assert not {normalize_text(p.text) for p in others} & (gsm_test | gsm_train | nq)
 
 
-@needs_real_data
+@needs_data
 def test_train_and_eval_pools_are_disjoint(real_pools: dict[str, list[Prompt]]) -> None:
     train, ev = real_pools["train"], real_pools["eval"]
     assert {p.split for p in train} == {"train"} and {p.split for p in ev} == {"eval"}
@@ -161,10 +156,10 @@ def test_train_and_eval_pools_are_disjoint(real_pools: dict[str, list[Prompt]]) 
     assert len({p.uid for p in ev}) == len(ev)
 
 
-@needs_real_data
+@needs_data
 def test_train_exclusions_are_explicit_and_complete(real_pools: dict[str, list[Prompt]]) -> None:
-    dropped = data.train_exclusions(REAL_DATA)
-    spec = {p.uid: p for p in data.load_spec_bench(REAL_DATA)}
+    dropped = data.train_exclusions(DATA_DIR)
+    spec = {p.uid: p for p in data.load_spec_bench(DATA_DIR)}
     kinds = collections.Counter(
         (uid.split("/")[0], cause.split("/")[0], spec[cause].split if cause in spec else None)
         for uid, cause in dropped.items()
@@ -176,7 +171,7 @@ def test_train_exclusions_are_explicit_and_complete(real_pools: dict[str, list[P
     assert all(spec[u].category == "math_reasoning" for u in dropped if u in spec)
     # nothing else is dropped: pool + exclusions == all training candidates
     candidates = [p for p in spec.values() if p.split == "train"]
-    candidates += data.load_gsm8k(REAL_DATA, "train") + data.load_nq_open(REAL_DATA)
+    candidates += data.load_gsm8k(DATA_DIR, "train") + data.load_nq_open(DATA_DIR)
     train_uids = {p.uid for p in real_pools["train"]}
     assert not train_uids & dropped.keys()
     assert train_uids | dropped.keys() == {p.uid for p in candidates}
@@ -184,10 +179,10 @@ def test_train_exclusions_are_explicit_and_complete(real_pools: dict[str, list[P
     assert counts == {"mt_bench": 40, "translation": 40, "summarization": 40, "qa": 40, "rag": 40,
                       "gsm8k": 7473, "qa_nq": 3567}
     with pytest.warns(UserWarning, match="no prompts for category 'math_reasoning'"):
-        assert prompt_pool(REAL_DATA, "train", ["math_reasoning"]) == []
+        assert prompt_pool(DATA_DIR, "train", ["math_reasoning"]) == []
 
 
-@needs_real_data
+@needs_data
 def test_eval_pool_counts(real_pools: dict[str, list[Prompt]]) -> None:
     counts = collections.Counter(p.category for p in real_pools["eval"])
     expected = {c: 40 for c in data.SPEC_BENCH_CATEGORIES} | {"gsm8k": 1319}
@@ -196,51 +191,51 @@ def test_eval_pool_counts(real_pools: dict[str, list[Prompt]]) -> None:
     assert counts == expected
 
 
-@needs_real_data
+@needs_data
 def test_pools_are_deterministic(real_pools: dict[str, list[Prompt]]) -> None:
-    assert prompt_pool(REAL_DATA, "eval", include_extra=False) == prompt_pool(REAL_DATA, "eval", include_extra=False)
+    assert prompt_pool(DATA_DIR, "eval", include_extra=False) == prompt_pool(DATA_DIR, "eval", include_extra=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert [p.uid for p in prompt_pool(REAL_DATA, "eval")] == [p.uid for p in real_pools["eval"]]
+        assert [p.uid for p in prompt_pool(DATA_DIR, "eval")] == [p.uid for p in real_pools["eval"]]
 
 
-@needs_real_data
+@needs_data
 def test_split_independent_of_line_order(tmp_path: Path) -> None:
     root = tmp_path / "data"
     for rel in data.EXPECTED_FILES:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         if rel != data.SPEC_BENCH_FILE:
-            (root / rel).symlink_to(REAL_DATA / rel)
-    lines = (REAL_DATA / data.SPEC_BENCH_FILE).read_text(encoding="utf-8").splitlines()
+            (root / rel).symlink_to(DATA_DIR / rel)
+    lines = (DATA_DIR / data.SPEC_BENCH_FILE).read_text(encoding="utf-8").splitlines()
     random.Random(1234).shuffle(lines)
     (root / data.SPEC_BENCH_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    original = data.load_spec_bench(REAL_DATA)
+    original = data.load_spec_bench(DATA_DIR)
     shuffled = data.load_spec_bench(root)
     assert [p.uid for p in shuffled] != [p.uid for p in original]
     assert sorted(shuffled, key=lambda p: p.uid) == sorted(original, key=lambda p: p.uid)
     for split in ("train", "eval"):
-        assert prompt_pool(root, split, include_extra=False) == prompt_pool(REAL_DATA, split, include_extra=False)
+        assert prompt_pool(root, split, include_extra=False) == prompt_pool(DATA_DIR, split, include_extra=False)
 
 
-@needs_real_data
+@needs_data
 def test_per_category_and_categories(real_pools: dict[str, list[Prompt]]) -> None:
-    pool = prompt_pool(REAL_DATA, "eval", per_category=3, include_extra=False)
+    pool = prompt_pool(DATA_DIR, "eval", per_category=3, include_extra=False)
     assert collections.Counter(p.category for p in pool) == {c: 3 for c in data.SPEC_BENCH_CATEGORIES}
     full = real_pools["eval"]
     for cat in data.SPEC_BENCH_CATEGORIES:  # first N of the full hash order
         assert [p for p in pool if p.category == cat] == [p for p in full if p.category == cat][:3]
-    mt = prompt_pool(REAL_DATA, "eval", ["mt_bench"], per_category=8)
+    mt = prompt_pool(DATA_DIR, "eval", ["mt_bench"], per_category=8)
     assert sorted(p.subcategory for p in mt) == sorted(data.MT_BENCH_SUBCATEGORIES)
-    gsm = prompt_pool(REAL_DATA, "eval", ["gsm8k", "qa"], per_category=5)
+    gsm = prompt_pool(DATA_DIR, "eval", ["gsm8k", "qa"], per_category=5)
     assert collections.Counter(p.source for p in gsm) == {"gsm8k_test": 5, "spec_bench": 5}
-    assert {p.subcategory for p in prompt_pool(REAL_DATA, "train", ["writing"])} == {"writing"}
-    nq = prompt_pool(REAL_DATA, "train", ["qa_nq"], per_category=10)
+    assert {p.subcategory for p in prompt_pool(DATA_DIR, "train", ["writing"])} == {"writing"}
+    nq = prompt_pool(DATA_DIR, "train", ["qa_nq"], per_category=10)
     assert len(nq) == 10 and {p.source for p in nq} == {"nq_open"}
     with pytest.warns(UserWarning, match="no prompts for category 'qa_nq'"):
-        assert prompt_pool(REAL_DATA, "train", ["qa_nq"], include_extra=False) == []
+        assert prompt_pool(DATA_DIR, "train", ["qa_nq"], include_extra=False) == []
 
 
-@needs_real_data
+@needs_data
 def test_real_humaneval_if_installed() -> None:
     if not data.humaneval_available():
         pytest.skip(f"human-eval not installed ({data.HUMANEVAL_INSTALL})")
@@ -493,7 +488,7 @@ def test_check_data_dir_lists_every_missing_file(tiny_dir: Path) -> None:
     assert "train.jsonl" in str(exc.value) and "test.jsonl" in str(exc.value)
 
 
-@needs_real_data
+@needs_data
 def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
     """Experience and threshold tuning use training prompts the exit adapters never saw; asking for more than
     the distillation leaves is a clear error naming the settings to lower."""
@@ -504,7 +499,7 @@ def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
     from _common import policy_train_prompts, split_prompts
 
     cats = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
-    p = types.SimpleNamespace(categories=cats, data_dir=REAL_DATA,
+    p = types.SimpleNamespace(categories=cats, data_dir=DATA_DIR,
                               prompts={"spec_bench_per_category": 30, "gsm8k": 5, "nq_open": 0, "max_new_tokens": 8})
     distilled = {pr.uid for pr in split_prompts(p, "train")[0]}
     got = policy_train_prompts(p, 10, extra_gsm8k=3)

@@ -24,7 +24,7 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
-from conftest import REPO, tiny  # noqa: E402
+from conftest import DATA_DIR, REPO, needs_data, tiny  # noqa: E402
 from lede.data import DataError  # noqa: E402
 from lede.engine import Decoder  # noqa: E402
 from lede.lm_eval_model import ContextWindowError, LedeLM, make_policy, register_policy  # noqa: E402
@@ -32,9 +32,6 @@ from lede.policy import Autoregressive, Static  # noqa: E402
 from lede.tasks import SPEC_BENCH_TASKS, TASK_DIR, task_manager  # noqa: E402
 from lede.tasks import utils as tu  # noqa: E402
 
-DATA_DIR = (REPO / ".." / "shared" / "data").resolve()
-needs_data = pytest.mark.skipif(not (DATA_DIR / "spec_bench" / "question.jsonl").is_file(),
-                                reason=f"benchmark data not found at {DATA_DIR}")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
