@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lede.data import SPEC_BENCH_FILE
 from lede.testing import tiny_model
 
 torch.set_num_threads(int(os.environ.get("LEDE_TEST_THREADS", "2")))
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # our machines. Tests that need them skip with this message when the folder is missing; the workflow tests pass it
 # to snakemake as `--config data_dir=...` (config.yaml's relative default resolves only beside shared/).
 DATA_DIR = Path(os.environ.get("LEDE_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
-HAVE_DATA = (DATA_DIR / "spec_bench" / "question.jsonl").is_file()
+HAVE_DATA = (DATA_DIR / SPEC_BENCH_FILE).is_file()
 NO_DATA = f"real benchmark data not found at {DATA_DIR} (set LEDE_DATA_DIR to the folder holding spec_bench/)"
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 
