@@ -12,7 +12,7 @@ from lede.costs import CostModel
 from lede.features import COPY_RUN_CAP, ActionSpace, FeatureTracker, decision_rewards, feature_names
 from lede.oracle import Oracle, oracle_runs
 from lede.policy import RoundRecord
-from lede.rl import (EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
+from lede.rl import (EpochFQE, EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
                      off_policy_value, train_policy)
 
 LAYERS = (1, 3, 5)
@@ -195,6 +195,23 @@ def test_train_and_decode_exactly(experience, tmp_path, algo):
         RLPolicy.load(tmp_path / "p.pt", lm_name="other")
     with pytest.raises(PolicyError, match="candidate layers"):
         RLPolicy.load(tmp_path / "p.pt", exit_layers=(1, 2))
+
+
+def test_fqe_per_epoch_is_logged_and_leaves_the_training_unchanged(experience, tmp_path):
+    kw = dict(algo="DiscreteCQL", seed=0, n_steps=150, n_steps_per_epoch=50, fqe_steps=0, eval_episodes=3,
+              target_update_interval=50)
+    plain = train_policy(experience, log_dir=tmp_path / "a", **kw)
+    watched = train_policy(experience, log_dir=tmp_path / "b", fqe_epoch_steps=30, **kw)
+    assert "fqe_initial_state_value" not in plain.history[0] and plain.policy.info["fqe_epoch_steps"] == 0
+    values = [h["fqe_initial_state_value"] for h in watched.history]
+    assert len(values) == 3 and all(np.isfinite(values)) and len(set(values)) == 3  # one continued FQE, read per epoch
+    assert watched.policy.info["fqe_epoch_steps"] == 30
+    # the FQE's random draws are taken from saved states: the same training, step for step
+    for a, b in zip(plain.policy.q_net.state_dict().values(), watched.policy.q_net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [h["td_error"] for h in plain.history] == [h["td_error"] for h in watched.history]
+    with pytest.raises(ValueError, match="fqe_epoch_steps"):
+        EpochFQE(0, 0.9, [])
 
 
 @pytest.mark.parametrize("algo", ["DiscreteCQL", "DoubleDQN", "DiscreteBCQ"])

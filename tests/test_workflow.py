@@ -128,6 +128,8 @@ def test_test_config_runs_the_whole_dag():
     restarts = info["restarts"]
     assert isinstance(info["fqe_initial_state_value"], float)  # FQE on the kept restart only
     assert (out / "rl/logs/DiscreteCQL_s0_fqe").is_dir()
+    history = (out / "rl/history_DiscreteCQL_s0.csv").read_text().splitlines()
+    assert "fqe_initial_state_value" in history[0].split(",") and len(history) > 2  # the off-policy estimate per epoch
     assert restarts["seeds"] == [0, 1000] and len(restarts["dev_replay_median"]) == 2
     assert restarts["chosen_seed"] == restarts["seeds"][max(range(2), key=lambda i: (restarts["dev_replay_median"][i], -i))]
     again = smk("-n", "--configfile", ".test/config.yaml")

@@ -488,11 +488,55 @@ class RLPolicy:
 @dataclass
 class TrainResult:
     policy: PolicyFile
-    history: list[dict]  # per epoch: td_error, initial_state_value, loss
+    history: list[dict]  # per epoch: td_error, initial_state_value, loss (+ fqe_initial_state_value)
     fqe_value: float | None  # None until off_policy_value ran (train_policy runs it unless fqe_steps=0)
     fitted: object = field(default=None, repr=False)  # the d3rlpy algorithm, for off_policy_value
     dataset: object = field(default=None, repr=False)  # the standardised ReplayBuffer it was fitted on
     sample: list = field(default_factory=list, repr=False)  # the episodes the per-epoch metrics read
+
+
+class _RngPreserved:
+    """Restores Python's, NumPy's and torch's random states on exit, so that what runs inside does not change
+    what the caller's random stream draws next."""
+
+    def __enter__(self):
+        self._states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def __exit__(self, *exc):
+        py, np_state, cpu, cuda = self._states
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        return False
+
+
+class EpochFQE:
+    """A d3rlpy evaluator: the off-policy estimate per epoch. At each epoch's end it continues one fitted Q
+    evaluation (d3rlpy's ``DiscreteFQE``) of the policy as it stands by ``steps`` gradient steps — warm-started,
+    so it tracks the changing policy at a total cost of ``steps`` × epochs — and reads its initial-state value on
+    ``episodes``. Its random draws come from saved and restored states, so the training it watches is step for
+    step the same as without it (``tests/test_rl.py``)."""
+
+    def __init__(self, steps: int, gamma: float, episodes: list):
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1 (policy.fqe_epoch_steps; 0 in the config turns it off)")
+        self.steps, self.gamma, self.episodes = steps, gamma, episodes
+        self.fqe = None
+
+    def __call__(self, algo, dataset) -> float:
+        import d3rlpy
+        from d3rlpy.metrics import InitialStateValueEstimationEvaluator
+
+        with _RngPreserved():
+            if self.fqe is None:
+                self.fqe = d3rlpy.ope.DiscreteFQE(algo=algo, config=d3rlpy.ope.FQEConfig(learning_rate=1e-4,
+                                                                                         gamma=self.gamma))
+            self.fqe.fit(dataset, n_steps=self.steps, n_steps_per_epoch=self.steps, with_timestamp=False,
+                         logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False, save_interval=10**9)
+            return float(InitialStateValueEstimationEvaluator(self.episodes)(self.fqe, dataset))
 
 
 def _algo_config(algo: str, batch_size: int, gamma: float, lr: float, hidden_units: Sequence[int],
@@ -565,14 +609,16 @@ def _restrict_to_valid_actions(model, algo: str, space: ActionSpace, phase_thres
 def train_policy(
     exp: Experience, algo: str = "DiscreteCQL", seed: int = 0, n_steps: int = 20000, n_steps_per_epoch: int = 2000,
     log_dir: str | Path = "results/rl/logs", run_name: str | None = None, batch_size: int = 256, gamma: float = 0.99,
-    lr: float = 3e-4, fqe_steps: int = 5000, eval_episodes: int = 256, progress: bool = False,
+    lr: float = 3e-4, fqe_steps: int = 5000, fqe_epoch_steps: int = 0, eval_episodes: int = 256, progress: bool = False,
     hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000, cql_alpha: float = 0.3,
     decision: str = "token", valid_only: bool = True, discount: str = "decision", reward_scale: float = 1.0,
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
     with FQE (``off_policy_value``; ``fqe_steps=0`` leaves it for later, e.g. for the one restart that is kept:
-    FQE's 5000 steps took 46 s of the .test config's 118 s job with two restarts). The per-epoch metrics read
+    FQE's 5000 steps took 46 s of the .test config's 118 s job with two restarts). ``fqe_epoch_steps`` > 0 adds
+    the off-policy estimate per epoch (``fqe_initial_state_value``; ``EpochFQE``: one FQE continued by that many
+    steps at each epoch's end, the training unchanged by it). The per-epoch metrics read
     a fixed, evenly strided sample of ``eval_episodes`` episodes (all of them if fewer): over a million
     replayed decisions, evaluating every episode each epoch took longer than the training itself.
 
@@ -649,6 +695,8 @@ def train_policy(
     sample = dataset.episodes[:: max(1, math.ceil(len(dataset.episodes) / eval_episodes))]
     evaluators = {"td_error": TDErrorEvaluator(sample),
                   "initial_state_value": InitialStateValueEstimationEvaluator(sample)}
+    if fqe_epoch_steps > 0:
+        evaluators["fqe_initial_state_value"] = EpochFQE(fqe_epoch_steps, gamma, sample)
     if algo == "DiscreteBC":
         evaluators = {}  # BC has no Q-function
     history = []
@@ -661,7 +709,7 @@ def train_policy(
             "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
             "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
             "reward_credit": exp.meta.get("reward_credit"), "decision": decision, "valid_only": valid_only,
-            "discount": discount, "reward_scale": reward_scale,
+            "discount": discount, "reward_scale": reward_scale, "fqe_epoch_steps": fqe_epoch_steps,
             "fqe_initial_state_value": None}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)

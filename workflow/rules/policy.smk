@@ -81,6 +81,7 @@ rule train_policy:
         hidden_units=POLICY["hidden_units"],
         eval_episodes=POLICY["eval_episodes"],
         fqe_steps=POLICY["fqe_steps"],
+        fqe_epoch_steps=POLICY["fqe_epoch_steps"],
         gamma=POLICY["gamma"],
         cql_alpha=POLICY["cql_alpha"],
         reward_scale=POLICY["reward_scale"],

@@ -59,7 +59,8 @@ def train_d3rlpy():
         res = train_policy(exp, algo=w.algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
                            log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
                            eval_episodes=p.eval_episodes, gamma=p.gamma, cql_alpha=p.cql_alpha, hidden_units=p.hidden_units,
-                           target_update_interval=p.target_update_interval, fqe_steps=0, decision=p.decision,
+                           target_update_interval=p.target_update_interval, fqe_steps=0,
+                           fqe_epoch_steps=p.fqe_epoch_steps, decision=p.decision,
                            discount=p.discount, reward_scale=p.reward_scale)
         logging.info("seed %d: history %s", seed, res.history)
         results.append(res)
