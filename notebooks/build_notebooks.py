@@ -618,7 +618,7 @@ for f in files:
 hist = pd.concat(frames, ignore_index=True)
 METRICS = {"td_error": "TD error (mean squared, tokens²)",
            "initial_state_value": "Initial-state value (tokens gained)",
-           "fqe_initial_state_value": "FQE initial-state value (off-policy estimate, tokens gained)", "loss": "Training loss"}
+           "fqe_initial_state_value": "FQE initial-state value (tokens gained)", "loss": "Training loss"}
 metrics = [m for m in METRICS if m in hist and hist[m].notna().any()]
 runs = hist.groupby(["algo", "seed"]).epoch.max()
 print("runs (algo, seed → epochs):", runs.to_dict(), "; metrics:", metrics, "; all columns:", list(hist.columns))
