@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -495,22 +496,25 @@ class TrainResult:
     sample: list = field(default_factory=list, repr=False)  # the episodes the per-epoch metrics read
 
 
-class _RngPreserved:
-    """Restores Python's, NumPy's and torch's random states on exit, so that what runs inside does not change
-    what the caller's random stream draws next."""
+@contextmanager
+def _rng_preserved():
+    """Restores Python's, NumPy's and torch's (CPU and every CUDA device's) random states on exit, so that what
+    runs inside does not change what the caller's random stream draws next."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
-    def __enter__(self):
-        self._states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
-    def __exit__(self, *exc):
-        py, np_state, cpu, cuda = self._states
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        return False
+def _fqe(algo, gamma: float):
+    """d3rlpy's fitted Q evaluation of ``algo``'s greedy policy, configured once for the per-epoch and the final
+    estimate."""
+    import d3rlpy
+
+    return d3rlpy.ope.DiscreteFQE(algo=algo, config=d3rlpy.ope.FQEConfig(learning_rate=1e-4, gamma=gamma))
 
 
 class EpochFQE:
@@ -530,10 +534,9 @@ class EpochFQE:
         import d3rlpy
         from d3rlpy.metrics import InitialStateValueEstimationEvaluator
 
-        with _RngPreserved():
+        with _rng_preserved():
             if self.fqe is None:
-                self.fqe = d3rlpy.ope.DiscreteFQE(algo=algo, config=d3rlpy.ope.FQEConfig(learning_rate=1e-4,
-                                                                                         gamma=self.gamma))
+                self.fqe = _fqe(algo, self.gamma)
             self.fqe.fit(dataset, n_steps=self.steps, n_steps_per_epoch=self.steps, with_timestamp=False,
                          logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False, save_interval=10**9)
             return float(InitialStateValueEstimationEvaluator(self.episodes)(self.fqe, dataset))
@@ -747,7 +750,7 @@ def off_policy_value(res: TrainResult, steps: int = 5000, log_dir: str | Path = 
     if res.policy.algo == "DiscreteBC":
         return None
     gamma = res.policy.info["gamma"]
-    fqe = d3rlpy.ope.DiscreteFQE(algo=res.fitted, config=d3rlpy.ope.FQEConfig(learning_rate=1e-4, gamma=gamma))
+    fqe = _fqe(res.fitted, gamma)
     fqe.fit(res.dataset, n_steps=steps, n_steps_per_epoch=steps, experiment_name=run_name, with_timestamp=False,
             logger_adapter=d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir)), show_progress=progress,
             save_interval=10**9, evaluators={"fqe_initial_state_value": InitialStateValueEstimationEvaluator(res.sample)})
