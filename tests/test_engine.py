@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import Scripted, tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
-from lede.exits import ExitHead, LinearResidual
+from lede.core.exits import ExitHead, LinearResidual
 
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -93,9 +93,9 @@ def test_context_adapters_keep_output_and_draft_from_the_whole_context(seed):
     """Kangaroo-style context adapters (an extra decoder layer with its own KV cache) at several layers, mixed
     rounds and plain steps: the output is plain greedy's, and every first draft of a round equals the context
     layer run over the whole sequence so far, teacher-forced (its cache held exactly the settled positions)."""
-    from lede.adapters import context_rows
-    from lede.distill import Sequence
-    from lede.exits import build_adapter, build_exit_heads
+    from lede.drafters.adapters import context_rows
+    from lede.drafters.distill import Sequence
+    from lede.core.exits import build_adapter, build_exit_heads
 
     lm = tiny("llama")
     torch.manual_seed(seed)
@@ -127,7 +127,7 @@ def test_context_adapters_keep_output_and_draft_from_the_whole_context(seed):
 def test_cache_invariant_is_enforced(monkeypatch):
     """The always-on check fires if a round leaves the cache out of sync (guards the guard): here a
     cache that forgets to crop rejected drafts."""
-    from lede.engine import KVCache
+    from lede.core.engine import KVCache
 
     crop = KVCache.crop
     # forget the crop after verification (the one over all layers)

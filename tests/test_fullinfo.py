@@ -9,14 +9,14 @@ import pytest
 
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
-from lede.costs import round_costs
-from lede.distill import Sequence, collect
-from lede.exits import build_exit_heads
-from lede.features import ActionSpace, feature_names
-from lede.fullinfo import _Probe, fit_round_values, train_full_information
-from lede.policy import LOOKUP
-from lede.replay import ReplayDecoder, ReplayOracle, replay_tables
-from lede.rl import PolicyError, RLPolicy
+from lede.core.costs import round_costs
+from lede.drafters.distill import Sequence, collect
+from lede.core.exits import build_exit_heads
+from lede.rl.features import ActionSpace, feature_names
+from lede.rl.fullinfo import _Probe, fit_round_values, train_full_information
+from lede.core.policy import LOOKUP
+from lede.rl.replay import ReplayDecoder, ReplayOracle, replay_tables
+from lede.rl.offline import PolicyError, RLPolicy
 from test_replay import COSTS, DRAFTERS, LAYERS, PROMPTS
 
 KMAX = 6

@@ -1,4 +1,4 @@
-"""Baseline policies (lede.heuristics): exactness on tiny random models, and each policy's rule."""
+"""Baseline policies (lede.rl.heuristics): exactness on tiny random models, and each policy's rule."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from conftest import tiny
 from lede import Autoregressive, Decoder, DecodeState, Policy, RoundRecord
-from lede.costs import CostModel
-from lede.heuristics import (
+from lede.core.costs import CostModel
+from lede.rl.heuristics import (
     AdaptiveDraftLength,
     ConfidenceThreshold,
     DynamicExit,

@@ -1,4 +1,4 @@
-"""Atomic output (lede.io): a write that fails leaves the previous file untouched and no temporary behind."""
+"""Atomic output (lede.core.io): a write that fails leaves the previous file untouched and no temporary behind."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import csv
 import pytest
 import torch
 
-from lede.distill import atomic_torch_save
-from lede.exits import ADAPTER_FORMAT, AdapterError, load_adapter
-from lede.io import atomic_path, atomic_write_csv, atomic_write_text, load_artefact
+from lede.drafters.distill import atomic_torch_save
+from lede.core.exits import ADAPTER_FORMAT, AdapterError, load_adapter
+from lede.core.io import atomic_path, atomic_write_csv, atomic_write_text, load_artefact
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):

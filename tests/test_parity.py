@@ -1,4 +1,4 @@
-"""lede.parity: the parity table (metric diff + bootstrap CI, identity rate, first differing token, margin)."""
+"""lede.eval.parity: the parity table (metric diff + bootstrap CI, identity rate, first differing token, margin)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from lede.parity import (
+from lede.eval.parity import (
     MethodRun,
     _first_difference,
     full_model_margin,

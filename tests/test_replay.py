@@ -8,16 +8,16 @@ import torch
 
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
-from lede.costs import CostModel
-from lede.distill import Sequence, collect
-from lede.exits import build_adapter, build_exit_heads
-from lede.features import ActionSpace, decision_rewards
-from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
-from lede.oracle import Oracle, oracle_runs
-from lede.policy import LOOKUP
-from lede.replay import (ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables,
+from lede.core.costs import CostModel
+from lede.drafters.distill import Sequence, collect
+from lede.core.exits import build_adapter, build_exit_heads
+from lede.rl.features import ActionSpace, decision_rewards
+from lede.rl.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
+from lede.rl.oracle import Oracle, oracle_runs
+from lede.core.policy import LOOKUP
+from lede.rl.replay import (ReplayDecoder, ReplayedSpeed, ReplayOracle, replay_speed, replay_tables,
                          select_by_replay)
-from lede.rl import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
+from lede.rl.offline import EpsilonPerturbed, Experience, PolicyError, Recorder, collect_experience
 
 LAYERS = (1, 3, 5)
 DRAFTERS = (LOOKUP, *LAYERS)  # the policies' candidates: prompt lookup and the exit layers
@@ -135,7 +135,7 @@ def test_lookup_drafts_replay_exactly_and_the_oracle_takes_them():
         took += sum(r.exit_layer == LOOKUP for r in eng.rounds)
     assert outcome[0] > 0 and outcome[1] > 0 and took > 0
     # the exit report's lookup rows (the static sweep's layer-0 cells) are the replay of Static(LOOKUP, K)
-    from lede.report import lookup_rows
+    from lede.drafters.report import lookup_rows
 
     for row in lookup_rows(data, "dev", seqs, [1, 3, 6], COSTS):
         if row.category == "all":
@@ -242,7 +242,7 @@ def test_confidence_one_row_equals_the_batched_formula_and_softmax(scale):
     """The engine's per-row confidence (numpy) and the replay tables' batched one (torch) are the same
     numbers, and both are softmax's top-1 probability, top-1 − top-2 margin and entropy; a -inf logit (a
     token outside a draft vocabulary) and a tied maximum are handled."""
-    from lede.policy import Confidence, top_prob_margin_entropy
+    from lede.core.policy import Confidence, top_prob_margin_entropy
 
     x = torch.randn(4, 3000, generator=torch.Generator().manual_seed(int(scale))) * scale
     x[1, ::3] = -torch.inf

@@ -3,7 +3,7 @@ distillation prompts (where a higher-capacity adapter looks better than it is)."
 
 import pytest
 
-from lede.report import ALL, ReportRow, best_cells, select_heads
+from lede.drafters.report import ALL, ReportRow, best_cells, select_heads
 
 
 def _row(split, layer, head, k, speedup, category=ALL):

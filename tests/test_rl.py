@@ -8,11 +8,11 @@ import torch
 
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
-from lede.costs import CostModel
-from lede.features import COPY_RUN_CAP, ActionSpace, FeatureTracker, decision_rewards, feature_names
-from lede.oracle import Oracle, oracle_runs
-from lede.policy import RoundRecord
-from lede.rl import (EpochFQE, EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
+from lede.core.costs import CostModel
+from lede.rl.features import COPY_RUN_CAP, ActionSpace, FeatureTracker, decision_rewards, feature_names
+from lede.rl.oracle import Oracle, oracle_runs
+from lede.core.policy import RoundRecord
+from lede.rl.offline import (EpochFQE, EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
                      off_policy_value, train_policy)
 
 LAYERS = (1, 3, 5)
@@ -90,7 +90,7 @@ def test_recorder_is_transparent_and_logs_every_decision():
 
 
 def test_copy_feature_fires_on_repetition():
-    from lede.policy import DecodeState
+    from lede.core.policy import DecodeState
 
     tr = FeatureTracker(SPACE)
     names = feature_names(SPACE)
@@ -106,7 +106,7 @@ def test_copy_feature_fires_on_repetition():
 
 
 def test_copy_run_counts_the_whole_copied_span():
-    from lede.lookup import NgramIndex
+    from lede.core.lookup import NgramIndex
 
     text = [5, 6, 7, 8, 9, 1, 2, 3]
     idx = NgramIndex().sync(text, [5, 6, 7, 8, 9, 1])  # copying "5 6 7 8 9 1" for 6 tokens; the n-gram match is 3

@@ -14,8 +14,8 @@ from scipy.stats import chisquare
 
 from conftest import tiny
 from lede import Autoregressive, Decoder, Sampling, Static
-from lede.engine import Decoder as _D
-from lede.policy import LOOKUP
+from lede.core.engine import Decoder as _D
+from lede.core.policy import LOOKUP
 
 ALPHA = 1e-3
 

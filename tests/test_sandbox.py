@@ -1,4 +1,4 @@
-"""lede.sandbox: generated code runs in a separate, limited process; runaway code is killed and fails."""
+"""lede.eval.sandbox: generated code runs in a separate, limited process; runaway code is killed and fails."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lede.sandbox import check_humaneval, extract_code, humaneval_program, run_program
+from lede.eval.sandbox import check_humaneval, extract_code, humaneval_program, run_program
 
 FAST = {"timeout_s": 3.0, "memory_mb": 256}
 

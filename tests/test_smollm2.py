@@ -7,7 +7,8 @@ import torch
 
 from conftest import REPO, Scripted
 from lede import Autoregressive, Decoder, RandomSchedule, Static
-from lede.model import ModelError, load_model
+from lede.core.model import ModelError
+from lede.drafters.loading import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ def test_alias_loads_offline(smollm2):
 def test_plain_path_equals_transformers_generate(smollm2):
     """Our plain path (own cache, CpuLinear kernels) against transformers' generate with its own layers:
     equal token for token, or different only after a numerical near-tie."""
-    from lede.kernels import reference_kernels
+    from lede.core.kernels import reference_kernels
 
     dec = Decoder(smollm2)
     for text in PROMPTS[:3]:
@@ -44,7 +45,7 @@ def test_plain_path_equals_transformers_generate(smollm2):
 
 
 def _logit_gap(lm, ids):
-    from lede.kernels import reference_kernels
+    from lede.core.kernels import reference_kernels
 
     with torch.inference_mode(), reference_kernels(lm.model):
         top2 = torch.topk(lm.model(torch.tensor([ids])).logits[0, -1], 2).values
@@ -100,7 +101,7 @@ def test_gguf_converted_once_loads_the_same_model(smollm2, tmp_path):
     """The cache_dir route (the pipeline's model_cache; the fixture loads through it) gives the GGUF load's
     weights bit for bit, the same tokenizer, chat template and EOS ids, and the same name; the folder is keyed
     on the GGUF's content and a fresh conversion leaves no temporary behind."""
-    from lede.model import converted_dir
+    from lede.core.model import converted_dir
 
     direct = load_model("smollm2-135m", dtype="float32", device="cpu")  # from the GGUF, no cache
     folder = converted_dir("smollm2-135m", REPO / "resources/models")

@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, HAVE_DATA, NO_DATA, REPO, needs_data
+from conftest import DATA_DIR, REPO
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def smk(*args, cwd=REPO, timeout=900, data_dir=True):
-    """snakemake with ``args``; ``data_dir=True`` points the run at the tests' DATA_DIR (merged into the args'
-    own --config, which a second --config flag would replace)."""
-    args = list(args)
-    if data_dir:
-        setting = f"data_dir={DATA_DIR}"
-        if "--config" in args:
-            args.insert(args.index("--config") + 1, setting)
-        else:
-            args += ["--config", setting]
+def smk(*args, cwd=REPO, timeout=900):
+    """snakemake with ``args`` (the config's default data_dir: the repository's data/)."""
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -53,7 +45,6 @@ def dry_run_after_editing(path: Path) -> str:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-@needs_data
 def test_lint_and_dry_runs():
     lint = smk("--lint")
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -84,24 +75,20 @@ def test_config_errors_stop_before_any_job(tmp_path, override, needle):
     cfg = tmp_path / "c.yaml"
     shutil.copy(REPO / ".test/config.yaml", cfg)
     key, value = override.split("=", 1)
-    if key != "data_dir" and not HAVE_DATA:
-        pytest.skip(NO_DATA)  # the workflow checks data_dir first
     import yaml
 
     data = yaml.safe_load(cfg.read_text())
-    data["data_dir"] = str(DATA_DIR)
     parsed = yaml.safe_load(value)
     if isinstance(parsed, dict):
         data[key] = {**data[key], **parsed}
     else:
         data[key] = parsed
     cfg.write_text(yaml.safe_dump(data))
-    res = smk("-n", "--configfile", str(cfg), data_dir=False)
+    res = smk("-n", "--configfile", str(cfg))
     assert res.returncode != 0
     assert needle in res.stdout + res.stderr, res.stdout + res.stderr
 
 
-@needs_data
 def test_test_config_runs_the_whole_dag():
     out = REPO / "results-test"
     # ~30 jobs, each loading the model (~20 s on a fast 2-core host, ~60 s on a slow one): 15-35 minutes
@@ -122,7 +109,7 @@ def test_test_config_runs_the_whole_dag():
     summary = (out / "eval/summary.md").read_text()
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
     # policy.restarts: 2 -> two training runs, the one that replays fastest on the dev sequences kept
-    from lede.rl import RLPolicy
+    from lede.rl.offline import RLPolicy
 
     info = RLPolicy.load(out / "rl/policy_DiscreteCQL_s0.pt").pf.info
     restarts = info["restarts"]
@@ -161,7 +148,6 @@ def test_test_config_runs_the_whole_dag():
     assert all(int(r["n_outputs"]) == 1 for r in rows)
 
 
-@needs_data
 def test_same_config_and_seeds_give_the_same_artefacts(tmp_path):
     """A second run of the study's trained stages (the base model's greedy continuations, the early-exit variant,
     its distillation data and an exit adapter) into another results directory reproduces them bit for bit, run

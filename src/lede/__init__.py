@@ -1,8 +1,9 @@
 """lede: self-speculative decoding with a learned, per-round choice of exit layer and draft length."""
 
-from lede.engine import Decoder, Generation, Sampling
-from lede.model import LoadedModel, load_model
-from lede.policy import Autoregressive, DecodeState, Policy, RandomSchedule, RoundRecord, Static
+from lede.core.engine import Decoder, Generation, Sampling
+from lede.core.model import LoadedModel
+from lede.drafters.loading import load_model
+from lede.core.policy import Autoregressive, DecodeState, Policy, RandomSchedule, RoundRecord, Static
 
 __all__ = [
     "Autoregressive",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lede.kernels import KERNEL_OPTIONS
+from lede.core.kernels import KERNEL_OPTIONS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,8 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _parse_configs(spec: str):
     """'8:4,20:2,hf,cql=results/rl/policy_DiscreteCQL_s0.pt' -> {'static_L8_K4': Static(8, 4), ...,
     'hf_generate': 'hf_generate', 'cql': Path(...)} (a learned policy file, loaded once the model is)."""
-    from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP
-    from lede.policy import Static
+    from lede.eval.bench import HF_GENERATE, HF_PROMPT_LOOKUP
+    from lede.core.policy import Static
 
     out: dict = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -66,9 +66,9 @@ def _parse_configs(spec: str):
 
 
 def cmd_generate(args) -> int:
-    from lede.engine import Decoder, Sampling
-    from lede.model import load_model
-    from lede.policy import Autoregressive, Static
+    from lede.core.engine import Decoder, Sampling
+    from lede.drafters.loading import load_model
+    from lede.core.policy import Autoregressive, Static
 
     if not args.prompt or not args.prompt.strip():
         raise SystemExit("error: empty prompt: pass --prompt 'some text'")
@@ -91,34 +91,34 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lede.bench import BenchPrompt, format_summary, run_bench, summarize, write_json
-    from lede.data import load_prompt_file, prompt_pool
-    from lede.engine import Decoder
-    from lede.model import load_model
+    from lede.eval.bench import BenchPrompt, format_summary, run_bench, summarize, write_json
+    from lede.data import DEFAULT_DATA_DIR, load_prompt_file, prompt_pool
+    from lede.core.engine import Decoder
+    from lede.drafters.loading import load_model
 
     configs = _parse_configs(args.configs)
     if args.prompt_file:
         prompts = load_prompt_file(args.prompt_file)
     else:
         cats = args.categories.split(",") if args.categories else None
-        prompts = prompt_pool(args.data_dir, args.split, categories=cats, per_category=args.per_category,
+        prompts = prompt_pool(args.data_dir or DEFAULT_DATA_DIR, args.split, categories=cats, per_category=args.per_category,
                               include_extra=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
                     cache_dir=args.model_cache or None, kernels=args.kernels)
     heads = {}
     if args.exit_heads:  # the selection file of the workflow's exit_report (adapters + draft vocabulary)
-        from lede.exits import load_exit_heads
+        from lede.core.exits import load_exit_heads
 
         heads = load_exit_heads(lm, args.exit_heads)
     dec = Decoder(lm, exit_heads=heads, max_draft_len=args.max_draft_len)
     for name, policy in list(configs.items()):  # fail before any timing, not in the middle of it
         if isinstance(policy, Path):
-            from lede.rl import RLPolicy
+            from lede.rl.offline import RLPolicy
 
             if not heads:
                 raise SystemExit(f"error: --configs {name}={policy} is a learned policy: pass --exit-heads with the "
                                  "selection file its exit heads came from (results/exits/selected.json)")
-            from lede.policy import LOOKUP
+            from lede.core.policy import LOOKUP
 
             blob_layers = RLPolicy.load(policy, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
             configs[name] = policy = RLPolicy.load(policy, lm_name=lm.name,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                    "lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
     b.add_argument("--exit-heads", help="selection file (results/exits/selected.json): exit adapters + draft vocabulary")
     b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
-    b.add_argument("--data-dir", default="../shared/data", help="folder with spec_bench/, gsm8k/, nq_open/")
+    b.add_argument("--data-dir", default=None, help="folder with spec_bench/, gsm8k/, nq_open/ (default: the repository's data/)")
     b.add_argument("--split", default="eval", choices=["train", "eval"])
     b.add_argument("--categories", default="", help="comma-separated categories (default: all Spec-Bench)")
     b.add_argument("--per-category", type=int, default=2)

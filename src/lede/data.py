@@ -5,8 +5,9 @@ This module is the single place that reads benchmark prompts. Everything else
 
 Data directory
 --------------
-Files are read from a configurable data directory (``data_dir`` in
-``config/config.yaml``; on our machines ``../shared/data`` relative to the repo):
+Files are read from a configurable data directory (``data_dir`` in ``config/config.yaml``, ``--data-dir`` on
+the command line); the repository ships the files under ``data/`` with their licences (``data/README.md``), the
+default (:data:`DEFAULT_DATA_DIR`):
 
 * ``spec_bench/question.jsonl``   -- Spec-Bench, 480 prompts in 13 raw categories
 * ``gsm8k/train.jsonl``, ``gsm8k/test.jsonl`` -- GSM8K
@@ -91,6 +92,7 @@ from typing import Any, Literal
 
 __all__ = [
     "DATA_DIR_FIX",
+    "DEFAULT_DATA_DIR",
     "DataError",
     "EXTRA_CATEGORIES",
     "HUMANEVAL_INSTALL",
@@ -154,9 +156,13 @@ _SOURCE_CATEGORY = {
 }
 
 DATA_DIR_FIX = (
-    "set `data_dir` in config/config.yaml to the folder holding spec_bench/, gsm8k/, nq_open/ "
-    "— on our machines ../shared/data"
+    "set `data_dir` in config/config.yaml (or --data-dir) to the folder holding spec_bench/, gsm8k/, nq_open/ "
+    "— the repository ships them under data/"
 )
+
+#: The benchmark files shipped with the repository (``data/`` at its root), found from this file in a clone or an
+#: editable install; a wheel installed elsewhere has no such folder and must be given ``data_dir``.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 SPEC_BENCH_FILE = Path("spec_bench") / "question.jsonl"
 GSM8K_FILES = {"train": Path("gsm8k") / "train.jsonl", "test": Path("gsm8k") / "test.jsonl"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lede.model import LoadedModel, check_supported
+from lede.core.model import LoadedModel, check_supported
 
 
 class ByteTokenizer:

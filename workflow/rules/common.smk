@@ -7,7 +7,7 @@ validate(config, "../../config/schema.yaml")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the library, also where it is not pip-installed
 from lede.data import DataError, check_data_dir  # noqa: E402
-from lede.model import ModelError, model_depth  # noqa: E402
+from lede.core.model import ModelError, model_depth  # noqa: E402
 
 R = config.get("results_dir", "results")
 EXITS = config["exits"]
@@ -18,7 +18,7 @@ CATEGORIES = config.get("categories", ["mt_bench", "translation", "summarization
 
 def src(*modules):
     """The library files a job runs (a change to one of them reruns the job). A job that loads the model
-    ("model") also runs lede.kernels, the CPU kernels it installs: a fix there (5fe56fb, the attention mask of
+    ("model") also runs lede.core.kernels, the CPU kernels it installs: a fix there (5fe56fb, the attention mask of
     batched generation) changes the outputs of every such job."""
     if "model" in modules:
         modules += ("kernels",)

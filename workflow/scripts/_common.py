@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# config key model_cache: where the GGUF alias is converted once (lede.model.convert_gguf). Read from the config,
+# config key model_cache: where the GGUF alias is converted once (lede.core.model.convert_gguf). Read from the config,
 # not from params: it changes no output, and a params change would rerun every job.
 MODEL_CACHE = None
 
@@ -30,7 +30,7 @@ def load_lm(params, device=None, kernels=None, early_exit_weights=None):
     """The studied model: the base model, or its early-exit variant when the config enables it (or when
     ``early_exit_weights`` is given: the variant of the params' base model). ``kernels``: overrides the config's
     (training needs "torch")."""
-    from lede.model import load_model
+    from lede.drafters.loading import load_model
 
     return load_model(params.model, dtype=params.dtype, device=device or params.device,
                       kernels=kernels or params.kernels,
@@ -75,8 +75,8 @@ def split_prompts(params, split):
 
 
 def greedy_sequences(params, split):
-    """The loaded model and its greedy continuations (``lede.distill.Sequence``) of the split's prompts."""
-    from lede.distill import Sequence, greedy_continuations
+    """The loaded model and its greedy continuations (``lede.drafters.distill.Sequence``) of the split's prompts."""
+    from lede.drafters.distill import Sequence, greedy_continuations
 
     prompts, max_new = split_prompts(params, split)
     lm = load_lm(params)
@@ -87,8 +87,8 @@ def greedy_sequences(params, split):
 
 def decoder_from_selection(params, selected_path, max_draft_len):
     """The model and a Decoder with the selected exit heads (adapters + draft vocabulary)."""
-    from lede.engine import Decoder
-    from lede.exits import load_exit_heads
+    from lede.core.engine import Decoder
+    from lede.core.exits import load_exit_heads
 
     lm = load_lm(params)
     heads = load_exit_heads(lm, selected_path)
@@ -99,7 +99,7 @@ def decoder_from_selection(params, selected_path, max_draft_len):
 class ReplayedSplit:
     """One distillation split's stored sequences with their teacher-forced replay tables (src/lede/replay.py)."""
 
-    lm: Any            # the studied model (lede.model.LM)
+    lm: Any            # the studied model (lede.core.model.LM)
     sequences: list    # the split's DistillSequence records
     tables: dict       # replay tables: every exit layer's predictions along each sequence
     decoder: Any       # a ReplayDecoder over ``tables``: runs any Policy along the stored sequences
@@ -112,8 +112,8 @@ class ReplayedSplit:
 def replayed_split(params, selected_path, distill_path, split, max_draft_len, why) -> ReplayedSplit:
     """Teacher-forced replay of one distillation split's stored sequences with the selected exit heads. A file of
     another split is refused with ``why`` (each caller's reason for reading only ``split``)."""
-    from lede.distill import load_distill
-    from lede.replay import ReplayDecoder, replay_tables
+    from lede.drafters.distill import load_distill
+    from lede.rl.replay import ReplayDecoder, replay_tables
 
     seqs, data, meta = load_distill(distill_path)
     if meta.get("split") != split:
@@ -137,8 +137,8 @@ def load_costs(costs_path, selected_path, lm=None):
     that decodes), a warning in the log when it runs other CPU kernels than the cost model was timed on."""
     import logging
 
-    from lede.costs import kernels_mismatch
-    from lede.exits import selected_costs
+    from lede.core.costs import kernels_mismatch
+    from lede.core.exits import selected_costs
 
     costs = selected_costs(costs_path, selected_path)
     if lm is not None and (why := kernels_mismatch(costs, lm)):
@@ -168,8 +168,8 @@ def baseline_policy(name, params, best_path, costs, max_draft_len):
     """A baseline the study compares LEDE against, from the sweep's best cells (``best_path``): ``best_static``
     (the best cell, prompt lookup included), ``adaptive_k`` (transformers' assisted-generation heuristic at the
     best exit cell's L) or ``dynamic_exit`` (over the exit layers, with the measured ``costs``, a CostModel)."""
-    from lede.heuristics import AdaptiveDraftLength, DynamicExit
-    from lede.policy import Static
+    from lede.rl.heuristics import AdaptiveDraftLength, DynamicExit
+    from lede.core.policy import Static
 
     if name == "best_static":
         return Static(*best_static_cell(best_path, max_draft_len))
@@ -188,10 +188,10 @@ def behaviour_policies(params, sweep_csv, costs, static_cells, random, random_se
     approximately) and dynamic exit, and plain decoding."""
     import csv
 
-    from lede.features import ActionSpace
-    from lede.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
-    from lede.policy import Autoregressive, RandomSchedule, Static
-    from lede.rl import EpsilonPerturbed
+    from lede.rl.features import ActionSpace
+    from lede.rl.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
+    from lede.core.policy import Autoregressive, RandomSchedule, Static
+    from lede.rl.offline import EpsilonPerturbed
 
     pol, kmax = params.policy, params.policy["max_draft_len"]
     space = ActionSpace(tuple(params.layers), kmax)
@@ -252,14 +252,14 @@ def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0):
 
 
 def bench_journal(snakemake, out_path):
-    """The resume journal (lede.bench.BenchJournal) of a benchmarking job, beside its output ``out_path``. Its key
+    """The resume journal (lede.eval.bench.BenchJournal) of a benchmarking job, beside its output ``out_path``. Its key
     digests the job's params, its input files (content up to 64 MiB, else size and mtime, as Snakemake's own rerun
     test) and the workflow scripts, so that a journal is resumed only by the same job on the same inputs; the model
     weights and the library source are inputs of every such job."""
     import hashlib
     import json
 
-    from lede.bench import BenchJournal
+    from lede.eval.bench import BenchJournal
 
     h = hashlib.sha256(json.dumps(dict(snakemake.params), sort_keys=True, default=str).encode())
     files = sorted({Path(x) for x in snakemake.input} | set(Path(snakemake.scriptdir).glob("*.py")))
@@ -274,7 +274,7 @@ def bench_journal(snakemake, out_path):
 
 def eval_bench_prompts(params, lm):
     """The evaluation half of Spec-Bench (bench.per_category per category), encoded for ``run_bench``."""
-    from lede.bench import BenchPrompt
+    from lede.eval.bench import BenchPrompt
     from lede.data import prompt_pool
 
     prompts = prompt_pool(params.data_dir, "eval", categories=list(params.categories),
@@ -289,8 +289,8 @@ def write_bench(params, lm, records, n_prompts, out, title, extra=None):
 
     import torch
 
-    from lede.bench import format_summary, summarize, write_json
-    from lede.io import atomic_write_text
+    from lede.eval.bench import format_summary, summarize, write_json
+    from lede.core.io import atomic_write_text
 
     overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
     header = (f"model={lm.name} dtype={lm.dtype} device={lm.device} threads={torch.get_num_threads()} "

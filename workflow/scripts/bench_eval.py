@@ -8,10 +8,10 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import bench_journal, eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.bench import HF_GENERATE, run_bench  # noqa: E402
-from lede.engine import Decoder  # noqa: E402
-from lede.exits import load_exit_heads  # noqa: E402
-from lede.policy import Static  # noqa: E402
+from lede.eval.bench import HF_GENERATE, run_bench  # noqa: E402
+from lede.core.engine import Decoder  # noqa: E402
+from lede.core.exits import load_exit_heads  # noqa: E402
+from lede.core.policy import Static  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 cells = json.loads(open(inp.best).read())["cells"]

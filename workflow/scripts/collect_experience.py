@@ -8,7 +8,7 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import behaviour_policies, decoder_from_selection, load_costs, policy_train_prompts, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.rl import collect_experience  # noqa: E402
+from lede.rl.offline import collect_experience  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, col = p.policy, p.policy["collect"]

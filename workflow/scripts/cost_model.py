@@ -8,9 +8,9 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import adapter_files, exit_layers, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.costs import measure_costs  # noqa: E402
-from lede.engine import Decoder  # noqa: E402
-from lede.exits import build_exit_heads, load_adapter  # noqa: E402
+from lede.eval.cost_probe import measure_costs  # noqa: E402
+from lede.core.engine import Decoder  # noqa: E402
+from lede.core.exits import build_exit_heads, load_adapter  # noqa: E402
 
 lm = load_lm(p)
 files = adapter_files(snakemake.input.adapters)  # noqa: F821

@@ -7,7 +7,7 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import greedy_sequences, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.distill import collect, data_hash, save_distill  # noqa: E402
+from lede.drafters.distill import collect, data_hash, save_distill  # noqa: E402
 
 split = snakemake.wildcards.split  # noqa: F821
 lm, seqs, max_new = greedy_sequences(p, split)

@@ -7,9 +7,9 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import bench_journal, eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.bench import HF_PROMPT_LOOKUP, run_bench  # noqa: E402
-from lede.engine import Decoder  # noqa: E402
-from lede.policy import Static  # noqa: E402
+from lede.eval.bench import HF_PROMPT_LOOKUP, run_bench  # noqa: E402
+from lede.core.engine import Decoder  # noqa: E402
+from lede.core.policy import Static  # noqa: E402
 
 lm = load_lm(p)
 dec = Decoder(lm, max_draft_len=max(p.draft_lens))

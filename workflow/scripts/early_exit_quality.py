@@ -11,7 +11,7 @@ from _common import load_lm, setup  # noqa: E402
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-from lede.parity import compare_models  # noqa: E402
+from lede.eval.parity import compare_models  # noqa: E402
 
 out_dir = Path(snakemake.output.md).parent  # noqa: F821
 base = load_lm(p)  # these rules' params name the base model (common_params(base=True))

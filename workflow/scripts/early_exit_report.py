@@ -8,10 +8,10 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.distill import Sequence, greedy_continuations  # noqa: E402
-from lede.distill import load_teacher  # noqa: E402
-from lede.early_exit import read_early_exit, teacher_forced_agreement  # noqa: E402
-from lede.io import atomic_write_text  # noqa: E402
+from lede.drafters.distill import Sequence, greedy_continuations  # noqa: E402
+from lede.drafters.distill import load_teacher  # noqa: E402
+from lede.drafters.early_exit import read_early_exit, teacher_forced_agreement  # noqa: E402
+from lede.core.io import atomic_write_text  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 base_seqs, meta = load_teacher(inp.teacher)

@@ -13,13 +13,13 @@ from _common import baseline_policy, bench_journal, best_static_cell, exit_layer
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
 
-from lede.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
-from lede.costs import pricing_ratios  # noqa: E402
-from lede.io import atomic_write_text  # noqa: E402
-from lede.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
-from lede.oracle import Oracle, oracle_runs  # noqa: E402
-from lede.policy import Autoregressive, drafter_name  # noqa: E402
-from lede.rl import RLPolicy  # noqa: E402
+from lede.eval.bench import HF_GENERATE, HF_PROMPT_LOOKUP, PLAIN, BenchPrompt, format_summary, run_bench, summarize, write_json  # noqa: E402
+from lede.core.costs import pricing_ratios  # noqa: E402
+from lede.core.io import atomic_write_text  # noqa: E402
+from lede.rl.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
+from lede.rl.oracle import Oracle, oracle_runs  # noqa: E402
+from lede.core.policy import Autoregressive, drafter_name  # noqa: E402
+from lede.rl.offline import RLPolicy  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, ev = p.policy, p.policy["evaluate"]

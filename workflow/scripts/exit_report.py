@@ -11,11 +11,11 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import adapter_files, load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.costs import CostModel  # noqa: E402
-from lede.distill import load_distill  # noqa: E402
-from lede.exits import load_adapter  # noqa: E402
-from lede.io import atomic_write_csv, atomic_write_text  # noqa: E402
-from lede.report import best_cells, exit_rows, lookup_markdown, lookup_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
+from lede.core.costs import CostModel  # noqa: E402
+from lede.drafters.distill import load_distill  # noqa: E402
+from lede.core.exits import load_adapter  # noqa: E402
+from lede.core.io import atomic_write_csv, atomic_write_text  # noqa: E402
+from lede.drafters.report import best_cells, exit_rows, lookup_markdown, lookup_rows, markdown, rows_as_dicts, select_heads  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 train_seqs, train, _ = load_distill(inp.train)

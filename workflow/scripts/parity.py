@@ -1,4 +1,4 @@
-"""Rule parity: compare every method's saved run with plain decoding's (lede.parity.write_parity)."""
+"""Rule parity: compare every method's saved run with plain decoding's (lede.eval.parity.write_parity)."""
 
 import logging
 import sys
@@ -8,7 +8,7 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.parity import MethodRun, write_parity  # noqa: E402
+from lede.eval.parity import MethodRun, write_parity  # noqa: E402
 
 out_dir = Path(snakemake.output.md).parent  # noqa: F821
 runs = [MethodRun.load(out_dir, m) for m in p.methods]

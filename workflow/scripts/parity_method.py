@@ -12,7 +12,7 @@ from _common import baseline_policy, best_static_cell, load_costs, load_lm, setu
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-from lede.parity import SuiteSettings, evaluate_method  # noqa: E402
+from lede.eval.parity import SuiteSettings, evaluate_method  # noqa: E402
 
 method, cfg, kmax = snakemake.wildcards.method, p.parity, p.max_draft_len  # noqa: F821
 lm = load_lm(p)
@@ -25,14 +25,14 @@ else:
     if method in ("best_static", "adaptive_k", "dynamic_exit"):
         policy = baseline_policy(method, p, best_path, load_costs(costs_path, selected, lm), kmax)
     else:  # a LEDE policy: lede_<algo>_s<seed>
-        from lede.rl import RLPolicy
+        from lede.rl.offline import RLPolicy
 
         policy = RLPolicy.load(snakemake.input.policy, lm_name=lm.name, exit_layers=p.layers)  # noqa: F821
         assert policy.name == method, (policy.name, method)
     logging.info("%s: best static cell L=%d K=%d", method, best_l, best_k)
 gen_kwargs = {"max_gen_toks": cfg["max_gen_toks"]} if cfg.get("max_gen_toks") else None
 logging.info("parity run of %s on %s (limit %d, gen_kwargs %s)", method, cfg["tasks"], cfg["limit"], gen_kwargs)
-# lede_humaneval's generated code runs in lede.sandbox: a separate process with CPU, memory and fork limits
+# lede_humaneval's generated code runs in lede.eval.sandbox: a separate process with CPU, memory and fork limits
 suite = SuiteSettings(p.data_dir, cfg["limit"], gen_kwargs, confirm_run_unsafe_code=True)
 run = evaluate_method(Path(snakemake.output[0]).parent, method, lm, policy, list(cfg["tasks"]), suite,  # noqa: F821
                       exit_heads=selected)

@@ -1,5 +1,5 @@
 """Rule replay_eval: every trained LEDE policy, the baselines and the oracle replayed along the held-out
-distillation sequences and timed by the cost model (lede.replay.replay_speed): seconds per policy, so that
+distillation sequences and timed by the cost model (lede.rl.replay.replay_speed): seconds per policy, so that
 ablations (algorithms, seeds, reward) are compared on the same sequences before the engine's evaluation."""
 
 import json
@@ -10,11 +10,11 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import baseline_policy, best_static_cell, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.heuristics import ConfidenceThreshold  # noqa: E402
-from lede.io import atomic_write_text  # noqa: E402
-from lede.policy import LOOKUP, Autoregressive, Static  # noqa: E402
-from lede.replay import ReplayedSpeed, ReplayOracle, replay_speed  # noqa: E402
-from lede.rl import RLPolicy  # noqa: E402
+from lede.rl.heuristics import ConfidenceThreshold  # noqa: E402
+from lede.core.io import atomic_write_text  # noqa: E402
+from lede.core.policy import LOOKUP, Autoregressive, Static  # noqa: E402
+from lede.rl.replay import ReplayedSpeed, ReplayOracle, replay_speed  # noqa: E402
+from lede.rl.offline import RLPolicy  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 kmax = p.max_draft_len

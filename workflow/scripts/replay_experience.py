@@ -9,7 +9,7 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.rl import collect_experience  # noqa: E402
+from lede.rl.offline import collect_experience  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, rep = p.policy, p.policy["replay"]

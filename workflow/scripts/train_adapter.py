@@ -9,9 +9,9 @@ from _common import load_lm, setup  # noqa: E402
 p = setup(snakemake)  # noqa: F821
 from dataclasses import asdict  # noqa: E402
 
-from lede.adapters import exit_agreement, train_adapter  # noqa: E402
-from lede.distill import load_distill, top_vocab  # noqa: E402
-from lede.exits import AdapterFile, save_adapter  # noqa: E402
+from lede.drafters.adapters import exit_agreement, train_adapter  # noqa: E402
+from lede.drafters.distill import load_distill, top_vocab  # noqa: E402
+from lede.core.exits import AdapterFile, save_adapter  # noqa: E402
 
 layer, design = int(snakemake.wildcards.layer), snakemake.wildcards.design  # noqa: F821
 seqs, data, meta = load_distill(snakemake.input.data)  # noqa: F821

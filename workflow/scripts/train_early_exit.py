@@ -7,9 +7,9 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import load_lm, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.distill import data_hash  # noqa: E402
-from lede.distill import load_teacher  # noqa: E402
-from lede.early_exit import Recipe, save_early_exit, train_early_exit  # noqa: E402
+from lede.drafters.distill import data_hash  # noqa: E402
+from lede.drafters.distill import load_teacher  # noqa: E402
+from lede.drafters.early_exit import Recipe, save_early_exit, train_early_exit  # noqa: E402
 
 seqs, meta = load_teacher(snakemake.input.data)  # noqa: F821
 if meta["model"] != p.model:

@@ -11,15 +11,15 @@ sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
 
 p = setup(snakemake)  # noqa: F821
-from lede.io import atomic_write_csv  # noqa: E402
-from lede.rl import Experience, RLPolicy, off_policy_value, train_policy  # noqa: E402
+from lede.core.io import atomic_write_csv  # noqa: E402
+from lede.rl.offline import Experience, RLPolicy, off_policy_value, train_policy  # noqa: E402
 
 inp, w = snakemake.input, snakemake.wildcards  # noqa: F821
 
 
 def train_fullinfo():
-    from lede.fullinfo import train_full_information
-    from lede.replay import ReplayOracle
+    from lede.rl.fullinfo import train_full_information
+    from lede.rl.replay import ReplayOracle
 
     kmax, fi, rep = p.max_draft_len, p.fullinfo, p.policy["replay"]
     dev = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax,
@@ -66,7 +66,7 @@ def train_d3rlpy():
         results.append(res)
     best = 0
     if len(results) > 1:
-        from lede.replay import select_by_replay
+        from lede.rl.replay import select_by_replay
 
         dev = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
                              "select restarts on the dev split (training prompts) only")

@@ -1,0 +1,66 @@
+"""``load_model``: the studied model, composed from the layers below — the base model as transformers loads it
+(``lede.core.model``), an early-exit variant's deltas merged in (``lede.drafters.early_exit``), and the CPU
+linear kernels swapped in and, with ``kernels="auto"``, timed (``lede.core.kernels``, ``lede.core.tuning``).
+
+    from lede import load_model
+    lm = load_model("smollm2-135m")          # the embedded default, offline
+    lm = load_model("facebook/layerskip-llama3.2-1B", dtype="bfloat16", device="cuda")
+    lm = load_model("smollm2-135m", cache_dir="resources/models")  # GGUF converted once, then ~1 s a load
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lede.core.kernels import KERNEL_OPTIONS, KernelChoice, use_cpu_kernels
+from lede.core.model import EARLY_EXIT_SUFFIX, SMOLLM2_ALIAS, LoadedModel, ModelError, load_base_model
+from lede.core.tuning import tune_cpu_kernels
+from lede.drafters.early_exit import merge_early_exit, read_early_exit
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    spec: str = SMOLLM2_ALIAS,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    kernels: str = "lede",
+    early_exit_weights: str | Path | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
+
+    ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
+    ``kernels``: on CPU in float32, the linear kernels of ``lede.core.kernels``: ``"lede"`` ours (this function's
+    default, so library calls and tests compute alike on every run), ``"torch"`` transformers' layers untouched
+    (training), ``"auto"`` (the study's and the CLI's default) times ours and torch's ``F.linear`` for one-token and
+    several-token passes at load and keeps the faster for each (~3 s; ``LoadedModel.kernels`` says which).
+    ``early_exit_weights``: an artefact of ``lede.drafters.early_exit`` for this base model; its deltas are merged
+    into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
+    (``smollm2-135m-ee``): then the weights are required.
+    ``cache_dir``: convert a GGUF alias there once and load the converted folder (``lede.core.model.convert_gguf``).
+    """
+    if kernels not in KERNEL_OPTIONS:
+        raise ModelError(f"kernels={kernels!r}: expected one of {KERNEL_OPTIONS}")
+    base = spec[: -len(EARLY_EXIT_SUFFIX)] if spec.endswith(EARLY_EXIT_SUFFIX) and not Path(spec).exists() else spec
+    if base != spec and early_exit_weights is None:
+        raise ModelError(
+            f"model {spec!r} is the early-exit-trained variant of {base!r}: pass its weights "
+            "(early_exit_weights= / --early-exit-weights FILE), made by `snakemake early_exit`"
+        )
+    # a missing or foreign file fails before the model loads
+    blob = read_early_exit(early_exit_weights) if early_exit_weights is not None else None
+    lm = load_base_model(base, dtype=dtype, device=device, cache_dir=cache_dir)
+    if blob is not None:
+        merge_early_exit(lm.model, base, blob, str(early_exit_weights))  # before use_cpu_kernels wraps the linears
+        lm.name, lm.draft_vocab = base + EARLY_EXIT_SUFFIX, blob.get("vocab")
+    if kernels != "torch" and lm.device.type == "cpu" and lm.dtype == torch.float32:
+        use_cpu_kernels(lm.model)
+        lm.kernels = tune_cpu_kernels(lm) if kernels == "auto" else KernelChoice("lede", "lede")
+        log.info("CPU linear kernels: %s (%s)", lm.kernels,
+                 ", ".join(f"{k} {v:.1f} ms" for k, v in lm.kernels.ms.items()) or "not timed")
+    return lm
