@@ -15,11 +15,12 @@ include: "workflow/rules/notebooks.smk"
 rule all:
     default_target: True
     input:
-        f"{R}/exits/report.md",
-        f"{R}/sweep/best_static.json",
-        f"{R}/bench/eval.md",
-        f"{R}/eval/summary.md",
-        f"{R}/rl/replay_eval.md",
-        f"{R}/parity/parity.md",
+        rules.exit_report.output.md,
+        rules.exit_report.output.best,
+        rules.bench_eval.output.md,
+        rules.evaluate.output.md,
+        rules.replay_eval.output.md,
+        rules.parity.output.md,
         NOTEBOOK_OUTPUTS,
-        [f"{R}/early_exit/{f}.md" for f in ("report", "bench", "quality/parity")] if EE["enabled"] else [],
+        [rules.early_exit_report.output.md, rules.early_exit_bench.output.md, rules.early_exit_quality.output.md]
+        if EE["enabled"] else [],

@@ -99,8 +99,7 @@ def test_a_workflow_journal_is_keyed_by_params_inputs_and_scripts(tmp_path) -> N
     from pathlib import Path
 
     scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
-    sys.path.insert(0, str(scripts))
-    from _common import bench_journal
+    from lede.study import bench_journal
 
     data = tmp_path / "costs.json"
     data.write_text("{}")

@@ -58,7 +58,9 @@ def test_bench_runs_static_cells_and_a_learned_policy(files, policy_file, capsys
 @pytest.mark.parametrize("configs,extra,message", [
     ("mine={policy}", [], "pass --exit-heads"),
     ("mine=/no/such/policy.pt", [], "existing policy file"),
-    ("8-4", [], "EXIT_LAYER:DRAFT_LEN"),
+    ("8-4", [], "the grammar is plain | static:L:K"),
+    ("static:8", [], "takes 2"),
+    ("confidence:4:1.5", [], "strictly between 0 and 1"),
 ])
 def test_bench_input_errors_name_the_fix(files, policy_file, configs, extra, message):
     tmp, prompts, _ = files

@@ -482,8 +482,7 @@ def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
     import sys
     import types
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
-    from _common import policy_train_prompts, split_prompts
+    from lede.study import policy_train_prompts, split_prompts
 
     cats = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
     p = types.SimpleNamespace(categories=cats, data_dir=DATA_DIR,

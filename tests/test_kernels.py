@@ -39,7 +39,7 @@ def test_cpu_kernels_match_transformers_forward():
     with torch.inference_mode():
         cache = dec.new_cache(64)
         dec._layers(dec.embed(torch.tensor([ids[:-3]])), 0, dec.n_layers, cache)
-        ours = dec._verify(ids[-3:], None, cache)  # [3, V]
+        ours = dec.verify(ids[-3:], None, cache)  # [3, V]
         with reference_kernels(lm.model):
             assert lm.model.config._attn_implementation == "sdpa"
             assert not any(m.enabled for m in lm.model.modules() if isinstance(m, CpuLinear))

@@ -27,7 +27,7 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from conftest import DATA_DIR, REPO, tiny  # noqa: E402
 from lede.data import DataError  # noqa: E402
 from lede.core.engine import Decoder  # noqa: E402
-from lede.eval.lm_eval_model import ContextWindowError, LedeLM, make_policy, register_policy  # noqa: E402
+from lede.eval.lm_eval_model import ContextWindowError, LedeLM, make_policy  # noqa: E402
 from lede.core.policy import Autoregressive, Static  # noqa: E402
 from lede.eval.tasks import SPEC_BENCH_TASKS, TASK_DIR, task_manager  # noqa: E402
 from lede.eval.tasks import utils as tu  # noqa: E402
@@ -68,18 +68,20 @@ def test_registered_with_lm_eval():
         _lm(polcy="static:2:2")
 
 
-def test_policy_strings_and_registry_hook():
+def test_policy_strings_use_the_project_grammar():
     lm = tiny()
     assert isinstance(make_policy("autoregressive", lm), Autoregressive)
+    assert isinstance(make_policy("plain", lm), Autoregressive)
     p = make_policy("static:2:3", lm)
     assert isinstance(p, Static) and (p.exit_layer, p.draft_len) == (2, 3)
     assert make_policy("static:0:4", lm).name == "static_lookup_K4"  # prompt lookup
-    for bad, msg in [("static:9:2", r"1\.\.5"), ("static:-1:2", "0 for prompt lookup"), ("static:2", "EXIT_LAYER"), ("static:a:b", "integers"),
-                     ("bogus", "unknown policy"), ("autoregressive:3", "no arguments")]:
+    assert make_policy("lookup:4", lm).name == "static_lookup_K4"
+    for bad, msg in [("static:9:2", r"1\.\.5"), ("static:-1:2", "0 is prompt lookup"), ("static:2", "takes 2"),
+                     ("static:a:b", "integers"), ("bogus", "unknown policy kind"), ("autoregressive:3", "no arguments")]:
         with pytest.raises(ValueError, match=msg):
             make_policy(bad, lm)
-    register_policy("test_fixed", lambda args, lm: Static(int(args[0]), 1))
-    assert _lm(policy="test_fixed:3").policy.exit_layer == 3
+    with pytest.raises(ValueError, match="unknown policy kind"):
+        _lm(policy="bogus:1")  # before any model loads: _lm's tiny model is never asked for
 
 
 def test_generate_until_is_the_engine_and_exact_under_speculation():

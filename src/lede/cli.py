@@ -35,48 +35,57 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_configs(spec: str):
-    """'8:4,20:2,hf,cql=results/rl/policy_DiscreteCQL_s0.pt' -> {'static_L8_K4': Static(8, 4), ...,
-    'hf_generate': 'hf_generate', 'cql': Path(...)} (a learned policy file, loaded once the model is)."""
+    """'8:4,lookup:3,hf,cql=file:results/rl/policy_DiscreteCQL_s0.pt' -> {None-or-name: ...}: [(None, PolicySpec
+    static:8:4), ..., ('hf_generate', 'hf_generate'), ('cql', PolicySpec file:...)]: policies in the one grammar
+    (``lede.rl.spec``), each optionally named NAME=SPEC (NAME=PATH of an existing file is file:PATH; unnamed ones
+    are called by the policy's own name), and transformers' two baselines."""
     from lede.eval.bench import HF_GENERATE, HF_PROMPT_LOOKUP
-    from lede.core.policy import Static
+    from lede.rl.spec import PolicySpec, PolicySpecError
 
-    out: dict = {}
+    out: list = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if item in ("hf", HF_GENERATE):
-            out[HF_GENERATE] = HF_GENERATE
+            out.append((HF_GENERATE, HF_GENERATE))
             continue
         if item in ("pld", HF_PROMPT_LOOKUP):
-            out[HF_PROMPT_LOOKUP] = HF_PROMPT_LOOKUP
+            out.append((HF_PROMPT_LOOKUP, HF_PROMPT_LOOKUP))
             continue
-        if "=" in item:  # NAME=POLICY_FILE
-            name, path = (x.strip() for x in item.split("=", 1))
-            if not name or not Path(path).is_file():
-                raise SystemExit(f"error: bad --configs item {item!r}: use NAME=PATH with an existing policy file "
-                                 "(train one with the workflow's train_policy rule)")
-            out[name] = Path(path)
-            continue
+        name, _, text = item.rpartition("=")
+        if name and ":" not in text and (Path(text).suffix == ".pt" or Path(text).is_file()):
+            if not Path(text).is_file():
+                raise SystemExit(f"error: bad --configs item {item!r}: {text} is not an existing policy file (NAME=PATH; "
+                                 "train one with the workflow's train_policy rule)")
+            text = f"file:{text}"
         try:
-            layer, k = (int(x) for x in item.split(":"))
-        except ValueError:
-            raise SystemExit(f"error: bad --configs item {item!r}: use EXIT_LAYER:DRAFT_LEN (e.g. 8:4), 'hf', 'pld' "
-                             "or NAME=POLICY_FILE")
-        policy = Static(layer, k)
-        out[policy.name] = policy
+            out.append((name.strip() or None, PolicySpec.parse(text)))
+        except PolicySpecError as err:
+            raise SystemExit(f"error: bad --configs item {item!r}: {err} (or 'hf', 'pld')")
     return out
 
 
 def cmd_generate(args) -> int:
     from lede.core.engine import Decoder, Sampling
     from lede.drafters.loading import load_model
-    from lede.core.policy import Autoregressive, Static
 
     if not args.prompt or not args.prompt.strip():
         raise SystemExit("error: empty prompt: pass --prompt 'some text'")
-    if not args.autoregressive and (args.exit_layer is None or args.draft_len is None):
-        raise SystemExit("error: pass --exit-layer and --draft-len, or --autoregressive for plain decoding")
+    from lede.rl.spec import PolicyContext, PolicySpec, PolicySpecError
+
+    if args.policy:
+        text = args.policy
+    elif args.autoregressive:
+        text = "plain"
+    elif args.exit_layer is not None and args.draft_len is not None:
+        text = f"static:{args.exit_layer}:{args.draft_len}"
+    else:
+        raise SystemExit("error: pass --policy SPEC, --exit-layer and --draft-len, or --autoregressive for plain decoding")
+    try:
+        spec = PolicySpec.parse(text)  # before the model loads
+    except PolicySpecError as err:
+        raise SystemExit(f"error: {err}")
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
                     cache_dir=args.model_cache or None, kernels=args.kernels)
-    policy = Autoregressive() if args.autoregressive else Static(args.exit_layer, args.draft_len)
+    policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name))
     dec = Decoder(lm, max_draft_len=args.max_draft_len)
     ids = lm.encode_chat(args.prompt) if not args.raw else lm.tokenizer(args.prompt)["input_ids"]
     sampling = Sampling(args.temperature, args.top_p, args.seed)
@@ -111,23 +120,29 @@ def cmd_bench(args) -> int:
 
         heads = load_exit_heads(lm, args.exit_heads)
     dec = Decoder(lm, exit_heads=heads, max_draft_len=args.max_draft_len)
-    for name, policy in list(configs.items()):  # fail before any timing, not in the middle of it
-        if isinstance(policy, Path):
+    from lede.core.policy import LOOKUP
+    from lede.rl.spec import PolicyContext
+
+    policies: dict = {}
+    for name, spec in configs:  # fail before any timing, not in the middle of it
+        if isinstance(spec, str):  # transformers' generate / prompt lookup
+            policies[name] = spec
+            continue
+        layers = None
+        if spec.kind == "file":
             from lede.rl.offline import RLPolicy
 
             if not heads:
-                raise SystemExit(f"error: --configs {name}={policy} is a learned policy: pass --exit-heads with the "
-                                 "selection file its exit heads came from (results/exits/selected.json)")
-            from lede.core.policy import LOOKUP
-
-            blob_layers = RLPolicy.load(policy, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
-            configs[name] = policy = RLPolicy.load(policy, lm_name=lm.name,
-                                                   exit_layers=[0] * (LOOKUP in blob_layers) + sorted(heads))
+                raise SystemExit(f"error: --configs {name}={spec.text} is a learned policy: pass --exit-heads with "
+                                 "the selection file its exit heads came from (results/exits/selected.json)")
+            blob_layers = RLPolicy.load(spec.path, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
+            layers = [LOOKUP] * (LOOKUP in blob_layers) + sorted(heads)
+        policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name, layers))
+        if name:
             policy.name = name
-        if getattr(policy, "exit_layer", 0):  # 0: prompt lookup, no exit head to check
-            dec._check_exit(policy.exit_layer)
+        policies[name or policy.name] = policy
     bench_prompts = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.text))) for p in prompts]
-    records = run_bench(dec, bench_prompts, configs, max_new_tokens=args.max_new_tokens,
+    records = run_bench(dec, bench_prompts, policies, max_new_tokens=args.max_new_tokens,
                         repeats=args.repeats, warmup=args.warmup)
     overall = summarize(records)
     per_cat = summarize(records, group=lambda r: r.category)
@@ -153,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate text with plain or self-speculative decoding")
     _common(g)
     g.add_argument("--prompt", required=True)
+    g.add_argument("--policy", help="a policy in the one grammar: plain, static:L:K, lookup:K, adaptive:L[:K0], "
+                                    "confidence:L:T (see lede.rl.spec); --exit-layer/--draft-len/--autoregressive "
+                                    "are the same as static:L:K / plain")
     g.add_argument("--exit-layer", type=int)
     g.add_argument("--draft-len", type=int)
     g.add_argument("--autoregressive", action="store_true", help="plain decoding (no drafts)")

@@ -5,12 +5,12 @@
 rule bench_eval:
     input:
         model_files=MODEL_FILES,
-        selected=f"{R}/exits/selected.json",
-        best=f"{R}/sweep/best_static.json",
-        costs=f"{R}/costs.json",
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        vocab=f"{R}/exits/distill_train.pt",
-        code=src("bench", "engine", "exits", "policy", "data", "model"),
+        selected=rules.exit_report.output.selected,
+        best=rules.exit_report.output.best,
+        costs=rules.cost_model.output.costs,
+        adapters=ADAPTERS,
+        vocab=DISTILL["train"],
+        code=src("eval.bench", "core.engine", "core.exits", "core.policy", "data", "core.model"),
     output:
         json=f"{R}/bench/eval.json",
         md=report(f"{R}/bench/eval.md", caption="../report/bench.rst", category="Speed"),

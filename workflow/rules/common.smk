@@ -1,11 +1,13 @@
-import sys
+import importlib.util
 from pathlib import Path
 
 from snakemake.utils import validate
 
 validate(config, "../../config/schema.yaml")
+# a relative data_dir names a folder of the repository (default: data/, shipped), whatever the working directory
+config["data_dir"] = str(Path(workflow.basedir, config["data_dir"]))
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the library, also where it is not pip-installed
+# the installed package (make setup: pip install -e .; the conda env and the container install it too)
 from lede.data import DataError, check_data_dir  # noqa: E402
 from lede.core.model import ModelError, model_depth  # noqa: E402
 
@@ -17,12 +19,13 @@ CATEGORIES = config.get("categories", ["mt_bench", "translation", "summarization
 
 
 def src(*modules):
-    """The library files a job runs (a change to one of them reruns the job). A job that loads the model
-    ("model") also runs lede.core.kernels, the CPU kernels it installs: a fix there (5fe56fb, the attention mask of
-    batched generation) changes the outputs of every such job."""
-    if "model" in modules:
-        modules += ("kernels",)
-    return [f"src/lede/{m}.py" for m in modules]
+    """The library files a job runs, by module under ``lede`` (a change to one of them reruns the job), found where
+    the package is installed. Every job runs ``lede.study`` (the scripts' shared layer); a job that loads the model
+    ("core.model") also runs ``lede.drafters.loading`` and the CPU kernels it installs: a fix there (5fe56fb, the
+    attention mask of batched generation) changes the outputs of every such job."""
+    if "core.model" in modules:
+        modules += ("drafters.loading", "core.kernels", "core.tuning")
+    return [importlib.util.find_spec(f"lede.{m}").origin for m in ("study", *dict.fromkeys(modules))]
 
 
 def _check_config():
@@ -81,7 +84,7 @@ def common_params(base=False):
 
 
 POLICY = config["policy"]
-# the policy's candidate drafters: prompt lookup ("exit layer 0", src/lede/lookup.py) and the exit layers
+# the policy's candidate drafters: prompt lookup ("exit layer 0", src/lede/core/lookup.py) and the exit layers
 DRAFTERS = ([0] if POLICY["lookup"] else []) + LAYERS
 
 
@@ -100,17 +103,16 @@ def replays_dev(wc):
 
 # what a behaviour-policy run reads: the draft cap, the reward, the ε of the perturbed heuristics
 BEHAVIOUR = ("max_draft_len", "reward_weight", "reward_credit")
-# what every policy run reads besides the adapters: the selected heads, the cost model, the best static cells
-HEADS = [f"{R}/exits/selected.json", f"{R}/costs.json", f"{R}/sweep/best_static.json"]
 
 # Quality parity (issue 5, rules in parity.smk): plain decoding, the configured baselines, every LEDE policy.
 PARITY = config["parity"]
-LEDE_NAMES = {f"lede_{a}_s{s}": f"{R}/rl/policy_{a}_s{s}.pt" for a in POLICY["algos"] for s in POLICY["seeds"]}
+LEDE_NAMES = {f"lede_{a}_s{s}": (a, s) for a in POLICY["algos"] for s in POLICY["seeds"]}  # method -> (algo, seed)
 PARITY_METHODS = ["plain"] + [m for m in PARITY["methods"] if m != "lede"] + (
     list(LEDE_NAMES) if "lede" in PARITY["methods"] else [])
 PARITY_FILES = ["results_{method}.json", "samples_{method}.jsonl", "speed_{method}.jsonl"]
-PARITY_CODE = src("parity", "lm_eval_model", "sandbox", "engine", "policy", "model") + sorted(
-    str(p) for p in Path("src/lede/tasks").iterdir() if p.suffix in (".py", ".yaml"))
+PARITY_CODE = src("eval.parity", "eval.lm_eval_model", "eval.sandbox", "core.engine", "core.policy", "core.model") + sorted(
+    str(p) for p in Path(importlib.util.find_spec("lede.eval.tasks").origin).parent.iterdir()
+    if p.suffix in (".py", ".yaml"))
 
 
 def parity_method_inputs(wc):
@@ -119,8 +121,8 @@ def parity_method_inputs(wc):
     the speculative methods."""
     if wc.method == "plain":
         return {}
-    named = {"heads": HEADS, "adapters": expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS,
-                                                 design=DESIGNS)}
+    named = {"heads": HEADS, "adapters": ADAPTERS}  # defined in exits.smk, read when the DAG is built
     if wc.method in LEDE_NAMES:
-        return named | {"policy": LEDE_NAMES[wc.method], "policy_code": src("rl", "features")}
-    return named | {"policy_code": src("heuristics")}
+        algo, seed = LEDE_NAMES[wc.method]
+        return named | {"policy": expand(rules.train_policy.output.policy, algo=algo, seed=seed)[0], "policy_code": src("rl.offline", "rl.features")}
+    return named | {"policy_code": src("rl.heuristics")}

@@ -6,9 +6,9 @@ rule early_exit_data:
     """The BASE model's greedy continuations of the {split} prompts (the same prompts as distill_data):
     the teacher data of the variant (train) and the reference for its quality cost (eval)."""
     input:
-        code=src("data", "model", "distill"),
+        code=src("data", "core.model", "drafters.distill"),
     output:
-        f"{R}/early_exit/teacher_{{split}}.pt",
+        data=f"{R}/early_exit/teacher_{{split}}.pt",
     params:
         **common_params(base=True),
         data_dir=config["data_dir"],
@@ -31,10 +31,10 @@ rule early_exit:
     """Train the variant's low-rank deltas (or full weights) toward the base model at the exits and the
     final layer; checkpointed and resumable (rerun the rule after an interruption)."""
     input:
-        data=f"{R}/early_exit/teacher_train.pt",
-        code=src("early_exit", "model", "distill"),
+        data=expand(rules.early_exit_data.output.data, split="train")[0],
+        code=src("drafters.early_exit", "core.model", "drafters.distill"),
     output:
-        EE_WEIGHTS,
+        weights=EE_WEIGHTS,
     params:
         **common_params(base=True),
         recipe={k: v for k, v in EE.items() if k not in ("enabled", "budget_minutes", "checkpoint_every", "bench_draft_lens", "quality")},
@@ -59,9 +59,9 @@ rule early_exit_report:
     tokens, and the variant's agreement with the base model's greedy tokens (its quality cost)."""
     input:
         weights=EE_WEIGHTS,
-        teacher=f"{R}/early_exit/teacher_eval.pt",
-        train=f"{R}/early_exit/teacher_train.pt",  # the generalisation gap: the same measure on training sequences
-        code=src("early_exit", "model", "distill"),
+        teacher=expand(rules.early_exit_data.output.data, split="eval")[0],
+        train=expand(rules.early_exit_data.output.data, split="train")[0],  # the generalisation gap: the same measure on training sequences
+        code=src("drafters.early_exit", "core.model", "drafters.distill"),
     output:
         json=f"{R}/early_exit/report.json",
         md=report(f"{R}/early_exit/report.md", caption="../report/early_exit.rst", category="Early-exit variant"),
@@ -85,7 +85,7 @@ rule early_exit_bench:
     prompt lookup, interleaved, on held-out prompts (median per-prompt ratios, overall and per category)."""
     input:
         weights=EE_WEIGHTS,
-        code=src("bench", "engine", "exits", "policy", "data", "model", "early_exit"),
+        code=src("eval.bench", "core.engine", "core.exits", "core.policy", "data", "core.model", "drafters.early_exit"),
     output:
         json=f"{R}/early_exit/bench.json",
         md=report(f"{R}/early_exit/bench.md", caption="../report/early_exit_bench.rst", category="Early-exit variant"),
@@ -112,7 +112,7 @@ rule early_exit_quality:
     the offline suite (metric differences with paired bootstrap intervals, output identity)."""
     input:
         weights=EE_WEIGHTS,
-        code=src("parity", "lm_eval_model", "model", "early_exit", "engine"),
+        code=src("eval.parity", "eval.lm_eval_model", "core.model", "drafters.early_exit", "core.engine"),
     output:
         md=report(f"{R}/early_exit/quality/parity.md", caption="../report/early_exit_quality.rst",
                   category="Early-exit variant"),

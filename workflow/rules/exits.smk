@@ -8,10 +8,10 @@ rule distill_data:
     (the same as collect_experience's; head selection, static sweep, replayed experience); split=eval:
     the evaluation half of Spec-Bench."""
     input:
-        code=src("data", "model", "distill"),
+        code=src("data", "core.model", "drafters.distill"),
         model_files=MODEL_FILES,
     output:
-        f"{R}/exits/distill_{{split}}.pt",
+        data=f"{R}/exits/distill_{{split}}.pt",
     params:
         **common_params(),
         data_dir=config["data_dir"],
@@ -34,14 +34,18 @@ rule distill_data:
         "../scripts/distill_data.py"
 
 
+# the three splits' distillation files, by split (wired from the rule's output pattern)
+DISTILL = {split: expand(rules.distill_data.output.data, split=split)[0] for split in ("train", "dev", "eval")}
+
+
 rule train_adapter:
     """One exit adapter (layer, design), trained on the training distillation data only."""
     input:
         model_files=MODEL_FILES,
-        data=f"{R}/exits/distill_train.pt",
-        code=src("adapters", "distill", "exits", "model"),
+        data=DISTILL["train"],
+        code=src("drafters.adapters", "drafters.distill", "core.exits", "core.model"),
     output:
-        f"{R}/exits/adapters/L{{layer}}_{{design}}.pt",
+        adapter=f"{R}/exits/adapters/L{{layer}}_{{design}}.pt",
     params:
         **common_params(),
         loss=EXITS["loss"],
@@ -64,17 +68,21 @@ rule train_adapter:
         "../scripts/train_adapter.py"
 
 
+# every configured exit adapter: an input of every job that drafts with the selected heads
+ADAPTERS = expand(rules.train_adapter.output.adapter, layer=LAYERS, design=DESIGNS)
+
+
 rule cost_model:
     """Time of a draft step per exit layer (with its adapter and draft vocabulary; draft_ms: the first design,
     draft_design_ms: every design) and of verifying K+1 tokens, on the machine that runs this rule, at the
     base context and at each long context."""
     input:
         model_files=MODEL_FILES,
-        data=f"{R}/exits/distill_train.pt",
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", design=DESIGNS, layer=LAYERS),
-        code=src("costs", "engine", "exits", "model", "lookup"),
+        data=DISTILL["train"],
+        adapters=ADAPTERS,
+        code=src("eval.cost_probe", "core.costs", "core.engine", "core.exits", "core.model", "core.lookup"),
     output:
-        f"{R}/costs.json",
+        costs=f"{R}/costs.json",
     params:
         **common_params(),
         layers=DRAFTERS,
@@ -99,12 +107,12 @@ rule exit_report:
     static (L, K) cells by replayed speedup on the dev split (training prompts the adapters never saw)."""
     input:
         model_files=MODEL_FILES,
-        train=f"{R}/exits/distill_train.pt",
-        dev=f"{R}/exits/distill_dev.pt",
-        eval=f"{R}/exits/distill_eval.pt",
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        costs=f"{R}/costs.json",
-        code=src("report", "adapters", "distill", "costs", "lookup"),
+        train=DISTILL["train"],
+        dev=DISTILL["dev"],
+        eval=DISTILL["eval"],
+        adapters=ADAPTERS,
+        costs=rules.cost_model.output.costs,
+        code=src("drafters.report", "drafters.adapters", "drafters.distill", "core.costs", "core.lookup"),
     output:
         csv=f"{R}/exits/report.csv",
         md=report(f"{R}/exits/report.md", caption="../report/exits.rst", category="Exit adapters"),
@@ -123,3 +131,7 @@ rule exit_report:
         "../envs/lede.yaml"
     script:
         "../scripts/exit_report.py"
+
+
+# what every policy run reads besides the adapters: the selected heads, the cost model, the best static cells
+HEADS = [rules.exit_report.output.selected, rules.cost_model.output.costs, rules.exit_report.output.best]

@@ -4,13 +4,13 @@
 import os
 
 NOTEBOOK_INPUTS = {
-    "speedup_table": [f"{R}/eval/records.json"],
-    "static_heatmap": [f"{R}/exits/report.csv", f"{R}/exits/selected.json", f"{R}/sweep/best_static.json"],
-    "exit_quality": [f"{R}/exits/report.csv", f"{R}/exits/selected.json"],
-    "policy_behaviour": [f"{R}/eval/records.json"],
-    "training_curves": expand(f"{R}/rl/history_{{algo}}_s{{seed}}.csv", algo=POLICY["algos"], seed=POLICY["seeds"]),
-    "ablations": [f"{R}/eval/records.json"],
-    "quality_parity": [f"{R}/parity/parity.csv", f"{R}/parity/differences.csv"],
+    "speedup_table": [rules.evaluate.output.json],
+    "static_heatmap": [rules.exit_report.output.csv, rules.exit_report.output.selected, rules.exit_report.output.best],
+    "exit_quality": [rules.exit_report.output.csv, rules.exit_report.output.selected],
+    "policy_behaviour": [rules.evaluate.output.json],
+    "training_curves": expand(rules.train_policy.output.history, algo=POLICY["algos"], seed=POLICY["seeds"]),
+    "ablations": [rules.evaluate.output.json],
+    "quality_parity": [rules.parity.output.csv, rules.parity.output.diffs],
 }
 NOTEBOOKS = list(NOTEBOOK_INPUTS)
 # every file the notebook jobs write (an input of rule all)

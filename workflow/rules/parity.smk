@@ -8,7 +8,7 @@ rule parity_method:
         model_files=MODEL_FILES,
         code=PARITY_CODE,
     output:
-        [f"{R}/parity/{f}" for f in PARITY_FILES],
+        **{f.split("_")[0]: f"{R}/parity/{f}" for f in PARITY_FILES},  # results, samples, speed
     params:
         **common_params(),
         data_dir=config["data_dir"],
@@ -33,8 +33,8 @@ rule parity_method:
 rule parity:
     input:
         model_files=MODEL_FILES,
-        runs=expand(f"{R}/parity/{{f}}", f=[f.format(method=m) for m in PARITY_METHODS for f in PARITY_FILES]),
-        code=src("parity", "model"),
+        runs=[expand(out, method=PARITY_METHODS) for out in rules.parity_method.output],
+        code=src("eval.parity", "core.model"),
     output:
         md=report(f"{R}/parity/parity.md", caption="../report/parity.rst", category="Quality"),
         csv=f"{R}/parity/parity.csv",

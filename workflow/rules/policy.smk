@@ -7,11 +7,11 @@ rule collect_experience:
     input:
         model_files=MODEL_FILES,
         heads=HEADS,
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        sweep=f"{R}/sweep/replay_dev.csv",
-        code=src("rl", "features", "heuristics", "engine", "policy", "costs", "data", "lookup"),
+        adapters=ADAPTERS,
+        sweep=rules.exit_report.output.sweep,
+        code=src("rl.offline", "rl.features", "rl.heuristics", "core.engine", "core.policy", "core.costs", "data", "core.lookup"),
     output:
-        multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
+        multiext(f"{R}/rl/experience", parquet=".parquet", h5=".h5", json=".json"),
     params:
         **common_params(),
         data_dir=config["data_dir"],
@@ -34,16 +34,16 @@ rule collect_experience:
 rule replay_experience:
     """Extra experience without model forwards: the behaviour policies that do not read the draft confidence,
     replayed along the dev split's sequences, the policy's training prompts that the adapters never saw
-    (exact episodes; src/lede/replay.py)."""
+    (exact episodes; src/lede/rl/replay.py)."""
     input:
         model_files=MODEL_FILES,
         heads=HEADS,
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        distill=f"{R}/exits/distill_dev.pt",
-        sweep=f"{R}/sweep/replay_dev.csv",
-        code=src("replay", "rl", "features", "heuristics", "policy", "costs", "distill", "exits", "lookup"),
+        adapters=ADAPTERS,
+        distill=DISTILL["dev"],
+        sweep=rules.exit_report.output.sweep,
+        code=src("rl.replay", "rl.offline", "rl.features", "rl.heuristics", "core.policy", "core.costs", "drafters.distill", "core.exits", "core.lookup"),
     output:
-        multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json"),
+        multiext(f"{R}/rl/replay", parquet=".parquet", h5=".h5", json=".json"),
     params:
         **common_params(),
         layers=DRAFTERS,
@@ -62,16 +62,16 @@ rule replay_experience:
 rule train_policy:
     input:
         model_files=MODEL_FILES,
-        exp=multiext(f"{R}/rl/experience", ".parquet", ".h5", ".json"),
-        replay=multiext(f"{R}/rl/replay", ".parquet", ".h5", ".json") if POLICY["replay"]["enabled"] else [],
+        exp=rules.collect_experience.output,
+        replay=rules.replay_experience.output if POLICY["replay"]["enabled"] else [],
         # restarts > 1: candidates replayed on the dev split's sequences, the fastest kept; FullInfo learns from
         # the dev split's replay (every action's outcome) with the replayed behaviour policies' states
         heads=lambda wc: HEADS if replays_dev(wc) else [],
-        adapters=lambda wc: expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS)
+        adapters=lambda wc: ADAPTERS
         if replays_dev(wc) else [],
-        distill=lambda wc: f"{R}/exits/distill_dev.pt" if replays_dev(wc) else [],
-        sweep=lambda wc: f"{R}/sweep/replay_dev.csv" if wc.algo == "FullInfo" else [],
-        code=src("rl", "features", "replay", "fullinfo"),
+        distill=lambda wc: DISTILL["dev"] if replays_dev(wc) else [],
+        sweep=lambda wc: rules.exit_report.output.sweep if wc.algo == "FullInfo" else [],
+        code=src("rl.offline", "rl.features", "rl.replay", "rl.fullinfo"),
     output:
         policy=f"{R}/rl/policy_{{algo}}_s{{seed}}.pt",
         history=f"{R}/rl/history_{{algo}}_s{{seed}}.csv",
@@ -111,14 +111,14 @@ rule train_policy:
 
 rule replay_eval:
     """Every trained policy, the baselines and the oracle replayed along the held-out distillation sequences,
-    timed by the cost model (seconds; src/lede/replay.py): the cheap comparison for ablations."""
+    timed by the cost model (seconds; src/lede/rl/replay.py): the cheap comparison for ablations."""
     input:
         model_files=MODEL_FILES,
         heads=HEADS,
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        distill=f"{R}/exits/distill_eval.pt",
-        policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),
-        code=src("replay", "rl", "features", "heuristics", "oracle", "policy", "costs", "distill", "exits", "lookup"),
+        adapters=ADAPTERS,
+        distill=DISTILL["eval"],
+        policies=expand(rules.train_policy.output.policy, algo=POLICY["algos"], seed=POLICY["seeds"]),
+        code=src("rl.replay", "rl.offline", "rl.features", "rl.heuristics", "rl.oracle", "core.policy", "core.costs", "drafters.distill", "core.exits", "core.lookup"),
     output:
         json=f"{R}/rl/replay_eval.json",
         md=report(f"{R}/rl/replay_eval.md", caption="../report/replay_eval.rst", category="Speed"),
@@ -142,9 +142,9 @@ rule evaluate:
     input:
         model_files=MODEL_FILES,
         heads=HEADS,
-        adapters=expand(f"{R}/exits/adapters/L{{layer}}_{{design}}.pt", layer=LAYERS, design=DESIGNS),
-        policies=expand(f"{R}/rl/policy_{{algo}}_s{{seed}}.pt", algo=POLICY["algos"], seed=POLICY["seeds"]),
-        code=src("rl", "features", "heuristics", "oracle", "bench", "engine", "policy", "costs", "data", "lookup"),
+        adapters=ADAPTERS,
+        policies=expand(rules.train_policy.output.policy, algo=POLICY["algos"], seed=POLICY["seeds"]),
+        code=src("rl.offline", "rl.features", "rl.heuristics", "rl.oracle", "eval.bench", "core.engine", "core.policy", "core.costs", "data", "core.lookup"),
     output:
         json=f"{R}/eval/records.json",
         md=report(f"{R}/eval/summary.md", caption="../report/eval.rst", category="Speed"),

@@ -2,10 +2,8 @@
 held-out Spec-Bench prompts."""
 
 import json
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import bench_journal, eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
+from lede.study import bench_journal, eval_bench_prompts, load_lm, setup, write_bench
 
 p = setup(snakemake)  # noqa: F821
 from lede.eval.bench import HF_GENERATE, run_bench  # noqa: E402

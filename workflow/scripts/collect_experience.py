@@ -2,10 +2,8 @@
 heuristics, plain decoding) with the real engine on training prompts; every decision logged."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, decoder_from_selection, load_costs, policy_train_prompts, setup  # noqa: E402
+from lede.study import behaviour_policies, decoder_from_selection, load_costs, policy_train_prompts, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.rl.offline import collect_experience  # noqa: E402

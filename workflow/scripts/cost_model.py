@@ -2,10 +2,8 @@
 verification passes (per K) on this machine."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import adapter_files, exit_layers, load_lm, setup  # noqa: E402
+from lede.study import adapter_files, exit_layers, load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.eval.cost_probe import measure_costs  # noqa: E402

@@ -1,10 +1,8 @@
 """Rule distill_data: greedy continuations of the split's prompts, teacher-forced hidden states."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import greedy_sequences, setup  # noqa: E402
+from lede.study import greedy_sequences, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.drafters.distill import collect, data_hash, save_distill  # noqa: E402

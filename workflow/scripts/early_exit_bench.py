@@ -1,10 +1,8 @@
 """Rule early_exit_bench: the early-exit variant's static (L, K) grid against plain decoding of the same
 variant, interleaved, on held-out Spec-Bench prompts (plain exit heads over the variant's draft vocabulary)."""
 
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import bench_journal, eval_bench_prompts, load_lm, setup, write_bench  # noqa: E402
+from lede.study import bench_journal, eval_bench_prompts, load_lm, setup, write_bench
 
 p = setup(snakemake)  # noqa: F821
 from lede.eval.bench import HF_PROMPT_LOOKUP, run_bench  # noqa: E402

@@ -1,9 +1,7 @@
 """Rule early_exit_data: the base model's greedy continuations of a split's prompts (teacher data)."""
 
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import greedy_sequences, setup  # noqa: E402
+from lede.study import greedy_sequences, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.drafters.distill import data_hash, save_teacher  # noqa: E402

@@ -2,11 +2,9 @@
 
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from lede.study import load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded

@@ -2,10 +2,8 @@
 
 import json
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from lede.study import load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.drafters.distill import Sequence, greedy_continuations  # noqa: E402

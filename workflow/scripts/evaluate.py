@@ -3,12 +3,10 @@
 import logging
 import math
 import statistics
-import sys
 from collections import Counter
 from dataclasses import asdict
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, bench_journal, best_static_cell, exit_layers, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup  # noqa: E402
+from lede.study import baseline_policy, bench_journal, best_static_cell, exit_layers, decoder_from_selection, load_costs, policy_train_prompts, prompts_for, setup
 
 p = setup(snakemake)  # noqa: F821
 import torch  # noqa: E402
@@ -62,7 +60,7 @@ def oracle_for(bp):
     return Oracle(oracle_runs(lm, heads, list(bp.ids), cont, oracle_layers), costs, kmax)
 
 
-baselines = {name: baseline_policy(name, p, inp.heads[2], costs, kmax)
+baselines = {name: baseline_policy(name, p, inp.heads[2], costs, kmax, lm)
              for name in ("best_static", "adaptive_k", "dynamic_exit")}
 configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, **baselines,
            "confidence": ConfidenceThreshold(best_l, threshold, kmax), **lede, "oracle": oracle_for}

@@ -4,11 +4,9 @@ prompts never distilled on) and eval splits; head selection and the best static 
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import adapter_files, load_lm, setup  # noqa: E402
+from lede.study import adapter_files, load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.core.costs import CostModel  # noqa: E402

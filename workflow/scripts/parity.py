@@ -1,11 +1,9 @@
 """Rule parity: compare every method's saved run with plain decoding's (lede.eval.parity.write_parity)."""
 
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from lede.study import load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.eval.parity import MethodRun, write_parity  # noqa: E402

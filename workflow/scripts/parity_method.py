@@ -3,11 +3,9 @@
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, load_costs, load_lm, setup  # noqa: E402
+from lede.study import baseline_policy, best_static_cell, load_costs, load_lm, policy_context, setup
 
 p = setup(snakemake)  # noqa: F821
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite reads the data dir; nothing is downloaded
@@ -23,11 +21,11 @@ else:
     selected, costs_path, best_path = snakemake.input.heads  # noqa: F821
     best_l, best_k = best_static_cell(best_path, kmax)
     if method in ("best_static", "adaptive_k", "dynamic_exit"):
-        policy = baseline_policy(method, p, best_path, load_costs(costs_path, selected, lm), kmax)
+        policy = baseline_policy(method, p, best_path, load_costs(costs_path, selected, lm), kmax, lm)
     else:  # a LEDE policy: lede_<algo>_s<seed>
-        from lede.rl.offline import RLPolicy
+        from lede.rl.spec import parse_policy
 
-        policy = RLPolicy.load(snakemake.input.policy, lm_name=lm.name, exit_layers=p.layers)  # noqa: F821
+        policy = parse_policy(f"file:{snakemake.input.policy}", policy_context(p, lm))  # noqa: F821
         assert policy.name == method, (policy.name, method)
     logging.info("%s: best static cell L=%d K=%d", method, best_l, best_k)
 gen_kwargs = {"max_gen_toks": cfg["max_gen_toks"]} if cfg.get("max_gen_toks") else None

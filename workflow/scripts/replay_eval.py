@@ -4,10 +4,8 @@ ablations (algorithms, seeds, reward) are compared on the same sequences before 
 
 import json
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import baseline_policy, best_static_cell, load_costs, replayed_split, setup  # noqa: E402
+from lede.study import baseline_policy, best_static_cell, load_costs, replayed_split, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.rl.heuristics import ConfidenceThreshold  # noqa: E402
@@ -25,7 +23,7 @@ best = best_static_cell(inp.heads[2], kmax)
 best_exit = best_static_cell(inp.heads[2], kmax, exits_only=True)
 lookup = LOOKUP in p.layers
 policies = [Autoregressive()]
-policies += [baseline_policy(n, p, inp.heads[2], costs, kmax) for n in ("best_static", "adaptive_k", "dynamic_exit")]
+policies += [baseline_policy(n, p, inp.heads[2], costs, kmax, split.lm) for n in ("best_static", "adaptive_k", "dynamic_exit")]
 policies += [Static(LOOKUP, k) for k in sorted({1, 2, 4, kmax}) if lookup and k <= kmax]
 policies += [ConfidenceThreshold(best_exit[0], t, kmax) for t in (0.3, 0.5, 0.7, 0.9)]
 for path in inp.policies:

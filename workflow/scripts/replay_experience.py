@@ -1,12 +1,10 @@
 """Rule replay_experience: extra experience by teacher-forced replay of the dev split's sequences (training
 prompts the exit adapters were never distilled on) for behaviour policies that do not read the draft
-confidence; see src/lede/replay.py."""
+confidence; see src/lede/rl/replay.py."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
+from lede.study import behaviour_policies, load_costs, replayed_split, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.rl.offline import collect_experience  # noqa: E402

@@ -1,10 +1,8 @@
 """Rule train_adapter: one exit adapter (layer, design) on the training distillation data."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from lede.study import load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 from dataclasses import asdict  # noqa: E402

@@ -1,10 +1,8 @@
 """Rule early_exit: train the early-exit variant's deltas on the base model's own continuations."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import load_lm, setup  # noqa: E402
+from lede.study import load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.drafters.distill import data_hash  # noqa: E402

@@ -1,14 +1,12 @@
 """Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed). With
 ``policy.restarts`` > 1 it trains that many candidates (d3rlpy seeds seed, seed + 1000, ...) and keeps the one
-with the highest median replayed speedup on the dev split's sequences (training prompts; src/lede/replay.py,
+with the highest median replayed speedup on the dev split's sequences (training prompts; src/lede/rl/replay.py,
 select_by_replay). ``FullInfo`` (not d3rlpy) fits a per-round policy to every action's outcome along the dev split's
-replayed sequences (src/lede/fullinfo.py), its restarts chosen the same way."""
+replayed sequences (src/lede/rl/fullinfo.py), its restarts chosen the same way."""
 
 import logging
-import sys
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import behaviour_policies, load_costs, replayed_split, setup  # noqa: E402
+from lede.study import behaviour_policies, load_costs, replayed_split, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.core.io import atomic_write_csv  # noqa: E402

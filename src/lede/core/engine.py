@@ -7,7 +7,8 @@
     out = Decoder(lm).generate(lm.encode_chat("Hi!"), Static(exit_layer=8, draft_len=4), max_new_tokens=64)
     print(out.text, out.tokens_per_s, out.mean_accepted)
 
-One round (the whole algorithm; ``Decoder._round``):
+One round (the whole algorithm; the loop is ``lede.core.rounds.run_round``, shared with the replays, and the model's
+side of it is ``_ModelSource`` below: ``draft_step`` forwards the first L layers, ``verify`` the full model):
 
 1. the policy picks an exit layer L (or None: a plain step, K = 0; or LOOKUP: copy, see 2);
 2. **draft**: feed the pending token x0 through layers [0, L) and the exit head, pick d1; feed d1, pick
@@ -27,7 +28,7 @@ emitted token is pending), whatever exit layers earlier rounds used.
 
 Verification *recomputes* layers [0, L) for the drafted positions instead of reusing the draft's KV
 entries (LayerSkip's forward_remainder). Measured on a 2-core CPU the reuse gained under 2%; the
-choice lives in ``_verify`` alone.
+choice lives in ``verify`` alone.
 
 **Context adapters** (``decoder`` design, Kangaroo-style: an extra decoder layer after layer L with its
 own KV cache, ``lede.core.exits.ContextLayer``). Its cache must hold the layer-L state of every position before
@@ -52,6 +53,7 @@ from lede.core.exits import ExitHead
 from lede.core.model import LoadedModel
 from lede.core.lookup import MAX_NGRAM, MIN_NGRAM, NgramIndex
 from lede.core.policy import LOOKUP, Confidence, DecodeState, Policy, RoundRecord
+from lede.core.rounds import Draft, Verdict, accepted_prefix, emit, run_round
 
 
 class _StopStrings:
@@ -221,7 +223,7 @@ class Decoder:
         self.plain_head = ExitHead(self.norm, self.lm_head, vocab=vocab)
         self.exit_heads = dict(exit_heads or {})
         for layer in self.exit_heads:
-            self._check_exit(layer)
+            self.check_exit(layer)
         self.max_draft_len = max_draft_len
         cfg = lm.config
         self._kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -230,7 +232,8 @@ class Decoder:
         self._eos = lm.eos_token_ids
 
     # ---- model pieces ---------------------------------------------------------------------------
-    def _check_exit(self, layer: int) -> None:
+    def check_exit(self, layer: int) -> None:
+        """Raise ValueError unless ``layer`` is an exit layer of this model (1..N-1)."""
         if not isinstance(layer, int) or not 1 <= layer <= self.n_layers - 1:
             raise ValueError(
                 f"exit layer {layer!r} is outside 1..{self.n_layers - 1} for {self.lm.name} "
@@ -266,8 +269,10 @@ class Decoder:
             ctx.backlog.clear()
         return self._run([context], h, ctx.kv, ctx.kv.lengths[0])[:, -t:]
 
-    def _draft_step(self, token: int, layer: int, cache: KVCache, head: ExitHead | None = None) -> torch.Tensor:
-        """One token through layers [0, L) (and L's context adapter, if any) and the exit head -> draft logits [V]."""
+    def draft_step(self, token: int, layer: int, cache: KVCache, head: ExitHead | None = None) -> torch.Tensor:
+        """Forward the first L layers: one token through layers [0, L) (and L's context adapter, if any) and the
+        exit head (``head``, else the layer's own) -> draft logits [V]. Appends the token to layers [0, L) of
+        ``cache`` (``verify`` crops them back)."""
         head = head or self.head(layer)
         h = self.embed(torch.tensor([[token]], device=self._device))
         h = self._layers(h, 0, layer, cache)
@@ -283,7 +288,7 @@ class Decoder:
             states[layer], at = h, layer
         return self._layers(h, at, self.n_layers, cache), states
 
-    def _prefill(self, prompt_ids: list[int], cache: KVCache) -> torch.Tensor:
+    def prefill(self, prompt_ids: list[int], cache: KVCache) -> torch.Tensor:
         """The prompt through all N layers into an empty ``cache`` -> final hidden states [1, T, D]; every context
         adapter gets the prompt's layer-L states as its backlog."""
         h, states = self._all_layers(self.embed(torch.tensor([prompt_ids], device=self._device)), cache)
@@ -291,12 +296,13 @@ class Decoder:
             ctx.backlog.append(states[layer])
         return h
 
-    def _verify(self, tokens: list[int], exit_layer: int | None, cache: KVCache,
-                states: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """Full-model logits [T, V] for ``tokens`` (pending token + drafts) in one pass; fills ``states`` with the
-        context adapters' layer-L states of these positions.
+    def verify(self, tokens: list[int], exit_layer: int | None, cache: KVCache,
+               states: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Forward the full model: logits [T, V] for ``tokens`` (pending token + drafts) in one pass over all N
+        layers, appended to ``cache``; fills ``states`` with the context adapters' layer-L states of these positions.
 
-        Recomputes layers [0, L): they are cropped back to the round's start first."""
+        Recomputes layers [0, L) (``exit_layer``, where the drafts were made): they are cropped back to the round's
+        start first, so every layer's cache holds the full model's states."""
         start = cache.lengths[-1]
         if exit_layer is not None:
             cache.crop(start, range(exit_layer))
@@ -348,7 +354,7 @@ class Decoder:
         policy.reset()
 
         t0 = time.perf_counter()
-        h = self._prefill(prompt_ids, cache)
+        h = self.prefill(prompt_ids, cache)
         first_logits = self.lm_head(self.norm(h[0, -1]))
         first = self._pick(first_logits, sampling, gen)
         state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids),
@@ -358,17 +364,17 @@ class Decoder:
 
         stops = _StopStrings(self.lm.tokenizer, stop_strings)
         finish = "eos" if stop_at_eos and first in self._eos else "stop" if stops.hit(state.tokens, 0) else "length"
+        source = _ModelSource(self, cache, sampling, gen)
+        eos = self._eos if stop_at_eos else ()
         t1 = time.perf_counter()
         while finish == "length" and len(state.tokens) < max_new_tokens:
-            emitted = self._round(state, policy, cache, sampling, gen)
+            start = state.position - 1  # the cache holds prompt + tokens[:-1]; tokens[-1] is pending
+            # cheap, always on: a broken cache is silent garbage
+            if any(n != start for n in cache.lengths) or any(c.settled != start for c in cache.context.values()):
+                raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, context adapters "
+                                   f"{ {l: c.settled for l, c in cache.context.items()} }, expected {start} each")
             before = len(state.tokens)
-            for tok in emitted:  # truncate at EOS and at the budget
-                if len(state.tokens) >= max_new_tokens:
-                    break
-                state.tokens.append(tok)
-                if stop_at_eos and tok in self._eos:
-                    finish = "eos"
-                    break
+            finish = emit(state, run_round(state, policy, source, self.max_draft_len).emitted, eos) or "length"
             cut = stops.hit(state.tokens, before)
             if cut is not None:
                 del state.tokens[cut:]
@@ -377,77 +383,6 @@ class Decoder:
 
         text = self.lm.tokenizer.decode(state.tokens, skip_special_tokens=True)
         return Generation(len(prompt_ids), state.tokens, text, state.rounds, prefill_s, decode_s, finish, policy.name)
-
-    def _round(self, state: DecodeState, policy: Policy, cache: KVCache, sampling: Sampling, gen) -> list[int]:
-        """One draft→verify round; returns the emitted tokens (accepted drafts + one from the full model)."""
-        start = state.position - 1  # the cache holds prompt + tokens[:-1]; tokens[-1] is pending
-        # cheap, always on: a broken cache is silent garbage
-        if any(n != start for n in cache.lengths) or any(c.settled != start for c in cache.context.values()):
-            raise RuntimeError(f"KV cache out of sync: layer lengths {cache.lengths}, context adapters "
-                               f"{ {l: c.settled for l, c in cache.context.items()} }, expected {start} each")
-        budget = state.max_new_tokens - len(state.tokens)  # tokens we may still emit
-        t = time.perf_counter()
-        layer = policy.choose_exit(state)
-        t2 = time.perf_counter()
-        copied = state.lookup_candidates(self.max_draft_len) if layer == LOOKUP else None  # [<= Kmax] token ids
-        policy_s, draft_s = t2 - t, time.perf_counter() - t2
-        if layer is not None and copied is None:
-            self._check_exit(layer)
-        state.exit_layer, state.drafted, state.draft, state.draft_tokens = layer, 0, None, []
-
-        drafts: list[int] = []
-        q_rows: list[torch.Tensor] = []  # draft distributions, for the sampling acceptance rule
-        x = state.tokens[-1]
-        support = getattr(self.head(layer), "vocab", None) if layer else None  # reduced draft vocabulary
-        while layer is not None and len(drafts) < min(self.max_draft_len, budget - 1):
-            t = time.perf_counter()
-            if copied is not None:  # a lookup draft: the next candidate, q = a point mass on it
-                if len(drafts) == len(copied):
-                    break
-                x, conf = copied[len(drafts)], None
-                if not sampling.greedy:
-                    q_rows.append(torch.zeros(self.lm_head.weight.shape[0], device=self._device))  # [V]
-                    q_rows[-1][x] = 1.0
-            else:
-                logits = self._draft_step(x, layer, cache)  # [V]
-                if sampling.greedy:
-                    x = int(logits.argmax())
-                else:
-                    q = sampling.probs(logits)
-                    x = int(torch.multinomial(q, 1, generator=gen))
-                    q_rows.append(q)
-                conf = Confidence(logits, support)
-            drafts.append(x)
-            state.drafted, state.draft = len(drafts), conf
-            state.draft_tokens = drafts
-            t2 = time.perf_counter()
-            go_on = policy.keep_drafting(state)
-            t3 = time.perf_counter()
-            draft_s, policy_s = draft_s + (t2 - t), policy_s + (t3 - t2)
-            if not go_on:
-                break
-
-        t = time.perf_counter()
-        states: dict[int, torch.Tensor] = {}  # layer-L states of these positions, for the context adapters
-        logits = self._verify([state.tokens[-1], *drafts], layer if drafts else None, cache, states)  # [K+1, V]
-        if sampling.greedy:
-            target = logits.argmax(-1)  # [K+1]
-            k = len(drafts)
-            match = target[:k] == torch.tensor(drafts, device=target.device)
-            a = int(match.cumprod(0).sum()) if k else 0
-            emitted = drafts[:a] + [int(target[a])]
-        else:
-            a, emitted = self._accept_sampled(drafts, q_rows, logits, sampling, gen)
-        cache.crop(start + a + 1)  # keep the pending token and the accepted drafts
-        for l, ctx in cache.context.items():  # settle x0 + the accepted drafts in every context cache
-            have = ctx.settled - start  # the layer drafted at fed x0, d1..d(K-1) itself (cropped to a + 1 above)
-            if have < a + 1:
-                ctx.backlog.append(states[l][:, have : a + 1])
-        state.last_verify = Confidence(logits[a])
-        verify_s = time.perf_counter() - t
-
-        state.rounds.append(RoundRecord(layer if drafts else None, len(drafts), a, draft_s, verify_s, policy_s))
-        return emitted
 
     @staticmethod
     def _pick(logits: torch.Tensor, sampling: Sampling, gen) -> int:
@@ -469,3 +404,52 @@ class Decoder:
             return i, drafts[:i] + [tok]
         k = len(drafts)
         return k, drafts + [int(torch.multinomial(p[k], 1, generator=gen))]
+
+
+class _ModelSource:
+    """The engine's :class:`lede.core.rounds.RoundSource`: drafts by forwarding the first L layers, verdicts by one
+    full-model pass (greedy: :func:`accepted_prefix`; sampling: the speculative sampling rule), then crops the cache
+    to the accepted prefix and settles the context adapters' caches."""
+
+    def __init__(self, dec: Decoder, cache: KVCache, sampling: Sampling, gen):
+        self.dec, self.cache, self.sampling, self.gen = dec, cache, sampling, gen
+
+    def begin(self, state: DecodeState, layer: int | None) -> None:
+        if layer is not None and layer != LOOKUP:
+            self.dec.check_exit(layer)
+        self.x = state.tokens[-1]  # the token the next draft step reads
+        self.q_rows: list[torch.Tensor] = []  # draft distributions, for the sampling acceptance rule
+        self.support = getattr(self.dec.head(layer), "vocab", None) if layer else None  # reduced draft vocabulary
+
+    def draft(self, state: DecodeState, layer: int, copied: int | None) -> Draft:
+        if copied is not None:  # a lookup draft: q = a point mass on it
+            if not self.sampling.greedy:
+                self.q_rows.append(torch.zeros(self.dec.lm_head.weight.shape[0], device=self.dec._device))  # [V]
+                self.q_rows[-1][copied] = 1.0
+            self.x = copied
+            return Draft(copied)
+        logits = self.dec.draft_step(self.x, layer, self.cache)  # [V]
+        if self.sampling.greedy:
+            self.x = int(logits.argmax())
+        else:
+            q = self.sampling.probs(logits)
+            self.x = int(torch.multinomial(q, 1, generator=self.gen))
+            self.q_rows.append(q)
+        return Draft(self.x, Confidence(logits, self.support))
+
+    def verify(self, state: DecodeState, layer: int | None, drafts: list[int]) -> Verdict:
+        start, cache = state.position - 1, self.cache
+        states: dict[int, torch.Tensor] = {}  # layer-L states of these positions, for the context adapters
+        logits = self.dec.verify([state.tokens[-1], *drafts], layer, cache, states)  # [K+1, V]
+        if self.sampling.greedy:
+            target = logits.argmax(-1)  # [K+1]
+            a = accepted_prefix(target, drafts)
+            emitted = drafts[:a] + [int(target[a])]
+        else:
+            a, emitted = Decoder._accept_sampled(drafts, self.q_rows, logits, self.sampling, self.gen)
+        cache.crop(start + a + 1)  # keep the pending token and the accepted drafts
+        for l, ctx in cache.context.items():  # settle x0 + the accepted drafts in every context cache
+            have = ctx.settled - start  # the layer drafted at fed x0, d1..d(K-1) itself (cropped to a + 1 above)
+            if have < a + 1:
+                ctx.backlog.append(states[l][:, have : a + 1])
+        return Verdict(a, emitted, Confidence(logits[a]))

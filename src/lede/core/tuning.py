@@ -57,7 +57,7 @@ def _time_passes(dec, ids: list[int], context: int, widths, setups: dict, repeat
                     with setup():
                         for i in range(timed_per_block + 1):
                             start = time.perf_counter()
-                            dec._verify(ids[context : context + t], None, cache)
+                            dec.verify(ids[context : context + t], None, cache)
                             if i:
                                 times[f"{name}/{t}"].append(time.perf_counter() - start)
                             cache.crop(context)

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from lede.core.io import atomic_path
 from lede.core.model import LoadedModel
+from lede.core.policy import DecodeState, Static
+from lede.core.rounds import Draft, Verdict, emit, run_round
 
 
 @dataclass
@@ -168,28 +170,51 @@ class ReplayResult:
 
 
 def replay_static(runs: torch.Tensor, seq: torch.Tensor, draft_len: int) -> ReplayResult:
-    """Replay a Static(L, K) policy along teacher-forced greedy sequences: starting at each sequence's
-    first position, a round accepts min(K, run) drafts and emits that + 1 tokens. ``runs`` comes from
-    ``accepted_runs(agreement at L, seq, K)``. Matches the engine's rounds for greedy decoding (tested);
-    the first continuation token comes from the prefill and is not counted."""
+    """Replay a Static(L, K) policy along teacher-forced greedy sequences through the engine's round loop
+    (``lede.core.rounds.run_round``): a round drafts min(K, tokens left - 1) and accepts min(drafted, run) of them,
+    emitting that + 1 tokens. ``runs`` comes from ``accepted_runs(agreement at L, seq, K)``. Matches the engine's
+    rounds for greedy decoding (tested); the first continuation token comes from the prefill and is not counted."""
     r, s = runs.tolist(), seq.tolist()
     out = ReplayResult(0, 0, 0, 0)
+    policy = Static(1, draft_len)  # the layer is a label here: the runs already say what it accepts
     i = 0
     while i < len(r):
         j = i  # the end of this sequence
         while j < len(r) and s[j] == s[i]:
             j += 1
-        pos = i + 1  # row i's token (the first continuation token) comes from the prefill
-        while pos < j:
-            k = min(draft_len, j - pos - 1)  # the last position of a sequence has nothing to draft for
-            a = min(k, r[pos])
-            out.rounds += 1
-            out.drafted += k
-            out.accepted += a
-            out.tokens += a + 1
-            pos += a + 1
+        # row i's token (the first continuation token) comes from the prefill: the state starts with it emitted
+        state = DecodeState(2, 0, j - i, tokens=[0])
+        source = _RunSource(r, i)
+        while len(state.tokens) < state.max_new_tokens:
+            emit(state, run_round(state, policy, source, draft_len, clock=_no_clock).emitted, ())
+        out.rounds += len(state.rounds)
+        out.drafted += sum(x.drafted for x in state.rounds)
+        out.accepted += sum(x.accepted for x in state.rounds)
+        out.tokens += len(state.tokens) - 1
         i = j
     return out
+
+
+def _no_clock() -> float:
+    return 0.0
+
+
+class _RunSource:
+    """The static replay's round source: at a round starting at row ``offset + len(tokens)``, verification accepts
+    min(drafted, run there) drafts (the run is how many consecutive exit-head tokens from that row agree)."""
+
+    def __init__(self, runs: list[int], offset: int):
+        self.runs, self.offset = runs, offset
+
+    def begin(self, state: DecodeState, layer: int | None) -> None:
+        self.pos = self.offset + len(state.tokens)
+
+    def draft(self, state: DecodeState, layer: int, copied: int | None) -> Draft:
+        return Draft(0)
+
+    def verify(self, state: DecodeState, layer: int | None, drafts: list[int]) -> Verdict:
+        a = min(len(drafts), self.runs[self.pos])
+        return Verdict(a, [0] * (a + 1), None)
 
 
 def atomic_torch_save(path, obj) -> None:

@@ -45,7 +45,7 @@ def measure_costs(
     adapter's head needs its own cache, so it is timed through a decoder that drafts with it."""
     for layer in exit_layers:
         if layer != LOOKUP:
-            decoder._check_exit(layer)
+            decoder.check_exit(layer)
     if max_draft_len < 1:
         raise ValueError(f"max_draft_len={max_draft_len} must be >= 1")
     contexts = [context_len] + [int(c) for c in long_contexts if int(c) != context_len]
@@ -63,15 +63,15 @@ def measure_costs(
     def filled(dec: Decoder, ctx: int) -> KVCache:
         """A cache holding ctx tokens (a context adapter's backlog is consumed at its first, warm-up, draft)."""
         cache = dec.new_cache(ctx + max_draft_len + 2)
-        dec._prefill(prefix[:ctx], cache)
+        dec.prefill(prefix[:ctx], cache)
         return cache
 
     def draft(dec, cache, ctx, layer, head=None):
-        dec._draft_step(7, layer, cache, head)
+        dec.draft_step(7, layer, cache, head)
         cache.crop(ctx)
 
     def verify(cache, ctx, t):
-        decoder._verify([7] * t, None, cache)
+        decoder.verify([7] * t, None, cache)
         cache.crop(ctx)
 
     items = []

@@ -16,13 +16,13 @@ does not know the name; ``python -m lede.eval.lm_eval_model`` is lm-eval's own C
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lede.eval.lm_eval_model run --model lede \\
         --model_args model=smollm2-135m,policy=static:8:4,speed_log=out/speed.jsonl \\
-        --include_path src/lede/tasks --metadata data_dir=../shared/data \\
+        --include_path src/lede/eval/tasks --metadata data_dir=../shared/data \\
         --tasks lede_gsm8k --apply_chat_template --limit 5 --log_samples --output_path out
 
 Model arguments (``--model_args key=value,...``):
 
 ``model``        alias, local path or hub id for :func:`lede.drafters.loading.load_model` (default ``smollm2-135m``)
-``policy``       ``autoregressive`` | ``static:L:K`` (``static:0:K``: prompt lookup) | any name added with :func:`register_policy`
+``policy``       a policy in the project's grammar (``lede.rl.spec``): ``plain`` | ``static:L:K`` | ``lookup:K`` | ``file:PATH`` | ...
 ``early_exit_weights``  an early-exit artefact (:mod:`lede.drafters.early_exit`) merged into ``model`` (the -ee variant)
 ``exit_heads``   path to an exit-head selection JSON (:func:`lede.core.exits.heads_from_selection`)
 ``dtype``, ``device``   as for ``load_model``
@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,16 +70,15 @@ from tqdm import tqdm
 from lede.core.engine import Decoder, Generation, Sampling
 from lede.core.model import LoadedModel
 from lede.drafters.loading import load_model
-from lede.core.policy import Autoregressive, Policy, Static
+from lede.core.policy import Policy
+from lede.rl.spec import PolicyContext, PolicySpec, parse_policy
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "POLICIES",
     "ContextWindowError",
     "LedeLM",
     "make_policy",
-    "register_policy",
 ]
 
 
@@ -89,50 +88,10 @@ class ContextWindowError(ValueError):
 
 # --------------------------------------------------------------------------- policies
 
-#: Policy factories by name: ``factory(args, lm) -> Policy``, where ``args`` are the ``:``-separated
-#: fields after the name (``"static:8:4"`` -> ``["8", "4"]``). Add entries with :func:`register_policy`
-#: (e.g. a learned policy loaded from a checkpoint path given as an argument).
-POLICIES: dict[str, Callable[[list[str], LoadedModel], Policy]] = {}
-
-
-def register_policy(name: str, factory: Callable[[list[str], LoadedModel], Policy]) -> None:
-    """Make ``policy=<name>[:arg...]`` available to the lm-eval model and the parity driver."""
-    if not name or ":" in name:
-        raise ValueError(f"policy name {name!r} must be non-empty and contain no ':'")
-    POLICIES[name] = factory
-
-
-def _autoregressive(args: list[str], lm: LoadedModel) -> Policy:
-    if args:
-        raise ValueError(f"policy 'autoregressive' takes no arguments, got {':'.join(args)!r}")
-    return Autoregressive()
-
-
-def _static(args: list[str], lm: LoadedModel) -> Policy:
-    if len(args) != 2:
-        raise ValueError(f"policy 'static' needs static:EXIT_LAYER:DRAFT_LEN (e.g. static:8:4), got {args}")
-    try:
-        layer, k = int(args[0]), int(args[1])
-    except ValueError:
-        raise ValueError(f"static:{':'.join(args)}: exit layer and draft length must be integers") from None
-    if not 0 <= layer <= lm.num_layers - 1:  # 0: prompt lookup (lede.core.lookup)
-        raise ValueError(f"static:{layer}:{k}: exit layer must be in 1..{lm.num_layers - 1} for {lm.name} "
-                         f"({lm.num_layers} layers), or 0 for prompt lookup")
-    return Static(layer, k)
-
-
-register_policy("autoregressive", _autoregressive)
-register_policy("static", _static)
-
-
-def make_policy(spec: str | Policy, lm: LoadedModel) -> Policy:
-    """A policy from its string form (``autoregressive``, ``static:8:4``, a registered name) or as is."""
-    if isinstance(spec, Policy) and not isinstance(spec, str):
-        return spec
-    name, *args = str(spec).strip().split(":")
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {spec!r}: use one of {', '.join(sorted(POLICIES))} (see register_policy)")
-    return POLICIES[name](args, lm)
+def make_policy(spec: str | Policy, lm: LoadedModel, max_draft_len: int = 16) -> Policy:
+    """A policy from its text in the project's one grammar (``lede.rl.spec``: ``plain``, ``static:8:4``,
+    ``lookup:4``, ``file:PATH``, ...) or as it is."""
+    return parse_policy(spec, PolicyContext(lm.num_layers, max_draft_len, lm_name=lm.name))
 
 
 # --------------------------------------------------------------------------- stop strings
@@ -184,6 +143,8 @@ class LedeLM(TemplateLM):
             # lm-eval's CLI passes --device (default cuda:0) to every model; like its HF model, use the CPU
             log.warning("lede: device %s requested but CUDA is not available; using the CPU", device)
             device = "cpu"
+        if isinstance(policy, str):
+            PolicySpec.parse(policy)  # a malformed spec fails before the model loads
         self.lm = loaded if loaded is not None else load_model(str(model), dtype=dtype, device=device,
                                                                        early_exit_weights=early_exit_weights,
                                                                        cache_dir=model_cache)

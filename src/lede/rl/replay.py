@@ -54,6 +54,7 @@ from lede.drafters.distill import DistillSet, Sequence, accepted_runs
 from lede.rl.oracle import Oracle
 from lede.core.lookup import lookup_runs
 from lede.core.policy import LOOKUP, DecodeState, Policy, RoundRecord, top_prob_margin_entropy
+from lede.core.rounds import Draft, Verdict, emit, run_round
 
 
 @dataclass(frozen=True)
@@ -141,48 +142,53 @@ class ReplayDecoder:
         policy.reset()
         state = DecodeState(self.n_layers, len(prompt_ids), budget, tokens=[c[0]], prompt_ids=list(prompt_ids))
         state.last_verify = table.verify[0]
+        source = _TableSource(table)
         approx: list[bool] = []
         finish = "eos" if c[0] in self._eos else "length"
         while finish == "length" and len(state.tokens) < budget:
-            n = len(state.tokens)
-            layer = policy.choose_exit(state)
-            approx.append(False)
-            copied = state.lookup_candidates(self.max_draft_len) if layer == LOOKUP else None
-            if layer is not None and copied is None and layer not in table.draft_token:
-                raise ValueError(f"exit layer {layer} is not in the replay tables ({sorted(table.draft_token)})")
-            state.exit_layer, state.drafted, state.draft, state.draft_tokens = layer, 0, None, []
-            drafts: list[int] = []
-            a, wrong = 0, False
-            while layer is not None and len(drafts) < min(self.max_draft_len, budget - n - 1):
-                row = n + len(drafts)  # this draft predicts c[row]
-                if copied is not None:  # lookup: the candidates depend on the context only, exact
-                    if len(drafts) == len(copied):
-                        break
-                    exact, tok, conf = True, copied[len(drafts)], None
-                else:
-                    exact = not wrong  # its context is the greedy prefix: token and confidence are the engine's
-                    tok = table.draft_token[layer][row] if exact else -1  # after a wrong draft: unknown, rejected
-                    conf = table.draft[layer][row]
-                if not wrong and tok == c[row]:
-                    a += 1
-                else:
-                    wrong = True
-                drafts.append(tok)
-                state.drafted, state.draft, state.draft_tokens = len(drafts), conf, drafts
-                approx.append(not exact)
-                if not policy.keep_drafting(state):
-                    break
-            emitted = c[n : n + a + 1]
-            state.last_verify = table.verify[n + a]
-            state.rounds.append(RoundRecord(layer if drafts else None, len(drafts), a, 0.0, 0.0, 0.0))
-            for tok in emitted:
-                state.tokens.append(tok)
-                if tok in self._eos:
-                    finish = "eos"
-                    break
+            outcome = run_round(state, policy, source, self.max_draft_len, clock=_no_clock)
+            approx += [not e for e in outcome.exact]
+            finish = emit(state, outcome.emitted, self._eos) or "length"
         self.decisions += len(approx)
         self.approx_decisions += sum(approx)
         return ReplayGeneration(state.tokens, state.rounds, finish, approx)
+
+
+def _no_clock() -> float:
+    return 0.0  # replayed rounds take no wall time: the cost model prices them
+
+
+class _TableSource:
+    """The replay's :class:`lede.core.rounds.RoundSource`: draft i of a round started with n tokens emitted predicts
+    continuation token c[n + i]; the exit head's token and confidence there are the table's while every earlier
+    draft of the round was right (its context is then the greedy prefix); after a wrong one the token is unknown
+    (-1, rejected whatever it is) and the confidence the teacher-forced row's (``exact`` False)."""
+
+    def __init__(self, table: SequenceTable):
+        self.table = table
+
+    def begin(self, state: DecodeState, layer: int | None) -> None:
+        if layer is not None and layer != LOOKUP and layer not in self.table.draft_token:
+            raise ValueError(f"exit layer {layer} is not in the replay tables ({sorted(self.table.draft_token)})")
+        self.n, self.accepted, self.wrong = len(state.tokens), 0, False
+
+    def draft(self, state: DecodeState, layer: int, copied: int | None) -> Draft:
+        row = self.n + state.drafted  # this draft predicts c[row]
+        if copied is not None:  # lookup: the candidates depend on the context only, exact
+            tok, conf, exact = copied, None, True
+        else:
+            exact = not self.wrong
+            tok = self.table.draft_token[layer][row] if exact else -1
+            conf = self.table.draft[layer][row]
+        if not self.wrong and tok == self.table.continuation[row]:
+            self.accepted += 1
+        else:
+            self.wrong = True
+        return Draft(tok, conf, exact)
+
+    def verify(self, state: DecodeState, layer: int | None, drafts: list[int]) -> Verdict:
+        n, a = self.n, self.accepted
+        return Verdict(a, self.table.continuation[n : n + a + 1], self.table.verify[n + a])
 
 
 class ReplayOracle(Oracle):

@@ -1,5 +1,6 @@
-"""Shared prelude of the workflow scripts: log to the rule's log file, fix the thread count, make the
-library importable (also in a conda env where it is not pip-installed)."""
+"""The workflow scripts' shared layer (``workflow/scripts/*.py`` import it; it sits above every other module):
+log to the rule's log file, fix the thread count, load the studied model, select prompts per split, build the
+baselines and behaviour policies, key benchmark journals. Config reaches it only through the rule's ``params``."""
 
 import logging
 import sys
@@ -18,7 +19,6 @@ def setup(snakemake):
     log = open(snakemake.log[0], "w", buffering=1)
     sys.stdout = sys.stderr = log  # tqdm progress and warnings go to the rule's log
     logging.basicConfig(stream=log, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
     import torch
 
     torch.set_num_threads(int(snakemake.params.threads))
@@ -164,21 +164,36 @@ def best_static_cell(best_path, max_draft_len, exits_only=False):
     return cells[0]["exit_layer"], cells[0]["draft_len"]
 
 
-def baseline_policy(name, params, best_path, costs, max_draft_len):
-    """A baseline the study compares LEDE against, from the sweep's best cells (``best_path``): ``best_static``
-    (the best cell, prompt lookup included), ``adaptive_k`` (transformers' assisted-generation heuristic at the
-    best exit cell's L) or ``dynamic_exit`` (over the exit layers, with the measured ``costs``, a CostModel)."""
-    from lede.rl.heuristics import AdaptiveDraftLength, DynamicExit
-    from lede.core.policy import Static
-
+def baseline_spec(name, best_path, max_draft_len):
+    """A baseline the study compares LEDE against, as a policy spec in the one grammar (``lede.rl.spec``), from the
+    sweep's best cells (``best_path``): ``best_static`` (the best cell, prompt lookup included: static:L:K or
+    lookup:K), ``adaptive_k`` (transformers' assisted-generation heuristic at the best exit cell's L) or
+    ``dynamic_exit`` (over the exit layers, priced by the cost model)."""
     if name == "best_static":
-        return Static(*best_static_cell(best_path, max_draft_len))
+        layer, k = best_static_cell(best_path, max_draft_len)
+        return f"static:{layer}:{k}"
     if name == "adaptive_k":
         layer, k = best_static_cell(best_path, max_draft_len, exits_only=True)
-        return AdaptiveDraftLength(layer, initial=k, max_len=max_draft_len)
+        return f"adaptive:{layer}:{k}"
     if name == "dynamic_exit":
-        return DynamicExit(exit_layers(params), costs, max_draft_len)
+        return "dynamic"
     raise ValueError(f"unknown baseline {name!r}; expected best_static, adaptive_k or dynamic_exit")
+
+
+def policy_context(params, lm, costs=None):
+    """What building a policy from its spec needs in a workflow job (``lede.rl.spec.PolicyContext``)."""
+    from lede.rl.spec import PolicyContext
+
+    policy = getattr(params, "policy", None)
+    kmax = policy["max_draft_len"] if policy else params.max_draft_len
+    return PolicyContext(lm.num_layers, kmax, lm.name, list(params.layers), costs)
+
+
+def baseline_policy(name, params, best_path, costs, max_draft_len, lm):
+    """The baseline ``name`` (see ``baseline_spec``) built through the one policy grammar."""
+    from lede.rl.spec import parse_policy
+
+    return parse_policy(baseline_spec(name, best_path, max_draft_len), policy_context(params, lm, costs))
 
 
 def behaviour_policies(params, sweep_csv, costs, static_cells, random, random_seed=0, confidence=True):
