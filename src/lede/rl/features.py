@@ -33,60 +33,26 @@ and maximising it minimises the time to produce the budget; w < 1 favours tokens
     stop, verify                   r = 1 − w                              (the bonus token, as a plain step)
 
 Both sum to R over a round (the undiscounted return is the same); with ``per_draft`` the value of "draft one
-more" shows at that decision instead of at the stop. Measured (DiscreteCQL, 10k steps, the full CPU run's
-engine experience, replayed on 60 held-out sequences, ``lede.rl.replay.replay_speed``): at_verify 1.063× plain
-(γ 0.99) / 1.040× (γ 0.9), per_draft 1.028× / 1.031× — per_draft drafts longer (1.5 vs 1.25 drafts per
-round) and loses, so at_verify is the default and per_draft an ablation.
+more" shows at that decision instead of at the stop. at_verify is the default and per_draft an ablation (measured: ``docs/measurement_log.md``, *Design measurements*).
 
 Discount (``policy.gamma``). Decisions are not time: a round that drafts K tokens takes K + 1 decisions, a
 plain step one. With a per-decision discount γ, a round of k decisions delays the value V of the rest of the
 generation by k − 1 more decisions than a plain step, which costs (1 − γ^(k−1))·V ≈ (k − 1)·ḡ, ḡ the policy's
 mean gain per decision, once the generation is longer than 1/(1 − γ) decisions: a tax on drafting that the
 objective (time to the token budget) does not have. γ near 1 removes it (γ = 1 would need a terminal at the
-budget's end, see below). Measured on correct sequences (2026-11-30; 10k steps; trained on the dev split's first
-8 prompts per category + 8 GSM8K, validated by replay on the other 24 dev sequences; static lookup K3 1.415×
-plain there, the oracle 1.933×): DiscreteCQL α 1 — γ 0.9 1.220×, γ 1 1.238×; α 0.3 — γ 0.9 1.285×, γ 0.99
-1.348× (seed 0) / 1.297× (seed 1000), γ 1 1.323×; DoubleDQN γ 0.9 1.261×; DiscreteBCQ γ 0.9 1.229×. Hence the
-defaults γ 0.99 and α 0.3 (``policy.cql_alpha``). More target-network copies (every 100 steps) or 30k steps
-did not help (1.30–1.31×). No setting reached the static cell: the learner, not the data, is what trails it.
-With the budget ends fitted as timeouts (see *Episode ends*; 2026-12-01, a fresh run of the default pipeline, so
-other measured costs: static lookup K3 1.402×, the oracle 1.816× on the same 24 sequences): γ 0.99, α 0.3 1.322× /
-1.234× (seeds 0 / 1000). The seeds differ as much as the settings did, hence ``policy.restarts``.
-On the same data and sequences: DoubleDQN γ 0.99 1.366× / 1.366× (both seeds), DiscreteCQL α 0.1 1.106× / 1.129×:
-without the conservative penalty the learner drafts longer lookups (see README Status for the per-token stop it
-gets wrong). DiscreteCQL stays the default (issue 8's method); an engine evaluation of DoubleDQN is the next step.
-Those runs bootstrapped, as d3rlpy does, from the best of *all* actions at the next state, round-start actions
-after a draft included; restricted to the valid ones (``lede.rl.offline.train_policy``'s ``valid_only``, default since
-2026-12-01) and with ``copy_run`` among the features (a re-measured cost model, so other absolute numbers: static
-lookup K3 1.319×, the oracle 1.833× on the same 24 sequences): DoubleDQN 1.338× / 1.287× (1.052× / 1.302× with
-every action in its targets: its value estimate drifted from 0.4 to 3.7 in 10k steps), DiscreteCQL α 0.3 1.243× /
-1.215× (1.245× / 1.171×), α 0.1 1.194× / 1.162×; DoubleDQN with 20k steps 1.206× / 1.319×. Both learners
-stopped lookup drafts after one token in nearly every state (DoubleDQN's Q(more) < Q(stop) at 96–100% of logged
-lookup states, at copy runs of 16+ too, where the data's stop rewards grow from 0.91 at K = 1 to 3.04 at K = 4),
-and their Q-values were far from Bellman-consistent (a lookup's value at the round start 5.6, its stop one draft
-later 8.8). Copying the target network every 100 steps instead of 1000 made it worse (DoubleDQN 0.956× /
-0.959×, DiscreteCQL 1.143× / 1.223×). What worked is a discount per *round* (``policy.discount: round``,
-``lede.rl.offline.RoundDiscount``: d3rlpy's transition interval 0 inside a round, 1 at its end), which removes the tax
-on drafting and lets γ shorten the horizon in rounds: DoubleDQN γ 0.9 per round **1.374× / 1.385×**, both seeds
-above the static cell (1.319×); γ 0.99 per round 1.360× / 1.302×; DiscreteCQL γ 0.9 per round 1.185× / 1.167×.
-Hence the defaults since 2026-12-01: ``discount: round``, γ 0.9, DoubleDQN first with DiscreteCQL beside it.
+budget's end, see below). With
+``policy.discount: round`` (default; ``lede.rl.offline.RoundDiscount``: d3rlpy's transition interval 0 inside a round,
+1 at its end) the discount applies per round, which removes the tax on drafting and lets γ (default 0.9) shorten the
+horizon in rounds; ``decision`` is the per-decision ablation.
 
 Decisions per round (``policy.decision: round``, ``lede.rl.offline.Experience.per_round``): (drafter, K) chosen together
 at the round start, ids 0 and 1 + i·Kmax + (K − 1), learned from the same logged experience; the discount is then
-per round, so it does not tax drafting. Measured with the validation above (same data, same 24 sequences):
-γ 0.99 1.199× / 1.106×, γ 0.9 1.306× / 1.123× (seeds 0 / 1000), against 1.322× / 1.234× per decision. With 57
-actions instead of 10 and a third as many transitions, CQL's penalty over the unseen (drafter, K) pairs and the
-data per pair are what it trades for the shorter horizon; it lost, so it stays an ablation.
+per round, so it does not tax drafting. It is an
+ablation: with 57 actions instead of 10 and a third as many transitions it replayed slower.
 
 Episode ends (``lede.rl.offline.Experience.ends``). A generation that stops at EOS (or a stop string) ends the task: its
 last decision is terminal. One that stops at the token budget is cut by a time limit that is not in the state:
-its last decision is a timeout, and the Q-target bootstraps through it. Until 2026-12-01 ``train_policy`` dropped
-these flags when it standardised the features, so every generation was fitted as ending in a terminal: the
-comparison once reported here ("1.160× plain with and without it") trained the same thing twice, and the γ / α
-numbers under *Discount* were measured with budget ends as terminals. Not re-measured on its own since. What
-did move the learned policy was how many *prompts* its experience covers: trained on replay along those 110
-sequences instead of 12, it reached 1.68× on the held-out ones (1.43× from the default pipeline's 12 prompts;
-static prompt lookup K = 3: 1.98×, the oracle 2.52×).
+its last decision is a timeout, and the Q-target bootstraps through it. 
 
 State (``FeatureTracker.features``; cheap, computed inside the loop, names in ``feature_names``):
 phase; position and prompt length (scaled); the previous round (plain/layer one-hot, drafted and accepted
@@ -96,10 +62,8 @@ entropy, top-1/top-2 margin); in a draft: the current layer (one-hot), drafted s
 head's confidence for the token just drafted (0 for a lookup draft); copy signals from the recent tokens
 (does the last bigram / trigram occur earlier in prompt + output, how many tokens a lookup draft would
 propose, and for how many tokens the context has been copying that earlier text, ``copy_run``:
-``DecodeState.lookup``, the index the engine's lookup drafter uses). ``copy_run`` was added on 2026-12-01 after the
-learned policy was seen to draft lookups of K = 1 where static K = 3 paid: the n-gram flags saturate at 3, while a
-lookup draft's accepted length keeps growing with the copy run (dev sequences: 2.1 accepted of up to 16 candidates
-at a run of 2, 4.4 at 5, 9.4 at 16 or more).
+``DecodeState.lookup``, the index the engine's lookup drafter uses). A lookup draft's accepted length keeps growing with the copy run, while the n-gram flags
+saturate at 3: hence ``copy_run``.
 """
 
 from __future__ import annotations
