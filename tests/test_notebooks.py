@@ -35,9 +35,18 @@ def declared_inputs(results_dir: str) -> dict[str, list[str]]:
     """NOTEBOOK_INPUTS of workflow/rules/notebooks.smk, evaluated for a results directory."""
     from snakemake.io import expand
 
+    from types import SimpleNamespace as NS
+
     text = RULES.read_text()
     head = text[: text.index("NOTEBOOKS = list(NOTEBOOK_INPUTS)")]
-    ns = {"R": results_dir, "POLICY": POLICY, "expand": expand}
+    r = results_dir
+    # the producing rules' outputs the notebooks are wired to (rules.x.output.y; the .test DAG checks the real wiring)
+    rules = NS(evaluate=NS(output=NS(json=f"{r}/eval/records.json")),
+               exit_report=NS(output=NS(csv=f"{r}/exits/report.csv", selected=f"{r}/exits/selected.json",
+                                        best=f"{r}/sweep/best_static.json")),
+               train_policy=NS(output=NS(history=f"{r}/rl/history_{{algo}}_s{{seed}}.csv")),
+               parity=NS(output=NS(csv=f"{r}/parity/parity.csv", diffs=f"{r}/parity/differences.csv")))
+    ns = {"R": results_dir, "POLICY": POLICY, "expand": expand, "rules": rules}
     exec(compile(head, str(RULES), "exec"), ns)
     return ns["NOTEBOOK_INPUTS"]
 
