@@ -1,5 +1,9 @@
 """Command line: ``lede generate`` and ``lede bench``.
 
+Every mistake in the input (a bad value, a missing or malformed file, an unknown model) ends with one line on
+stderr, ``lede: error: <what is wrong and the fix>``, and exit status 2 (argparse's own), and the values and
+files are checked before the model loads.
+
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --exit-layer 8 --draft-len 4
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --autoregressive
     lede bench --model smollm2-135m --data-dir ../shared/data --per-category 2 --configs 8:4,20:2,hf
@@ -10,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +23,94 @@ from pathlib import Path
 import torch
 
 from lede.core.kernels import KERNEL_OPTIONS
+
+
+EXIT_USAGE = 2  # every input error: argparse's code
+
+
+class CLIError(ValueError):
+    """A bad command-line value; the message names it and the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every other input error gets (no usage block)."""
+
+    def error(self, message: str):
+        print(f"lede: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and not isinstance(err, (json.JSONDecodeError,)):
+        text = f"{err.strerror or err.__class__.__name__}: {err.filename}"
+    else:
+        text = str(err) or err.__class__.__name__
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return " ".join(lines)[:600] if lines else err.__class__.__name__
+
+
+def _existing_file(value: str | None, option: str, fix: str) -> None:
+    if value and not Path(value).is_file():
+        raise CLIError(f"{option} {value}: no such file: {fix}")
+
+
+def _check_args(args) -> None:
+    """Every check that needs no model: values, files, the model spec, the device. Runs before the model loads."""
+    from lede.core.model import resolve_device, resolve_dtype
+
+    for name, low in (("threads", 1), ("max_new_tokens", 1), ("max_draft_len", 1)):
+        if getattr(args, name) < low:
+            raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+    dev = str(args.device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {dev}: CUDA is not available on this machine: use --device cpu or auto")
+    try:
+        resolve_dtype(args.dtype, resolve_device(args.device))
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {dev} / --dtype {args.dtype}: {_one_line(err)}") from None
+    _existing_file(args.early_exit_weights, "--early-exit-weights", "train it with `snakemake early_exit` or fix the path")
+    if args.early_exit_weights:
+        from lede.drafters.early_exit import read_early_exit
+
+        read_early_exit(args.early_exit_weights)
+    from lede.core.model import check_model_spec
+
+    check_model_spec(args.model[: -len("-ee")] if args.model.endswith("-ee") and not Path(args.model).exists()
+                     else args.model, args.model_cache or None)
+    if args.command == "generate":
+        if not args.prompt or not args.prompt.strip():
+            raise CLIError("empty prompt: pass --prompt 'some text'")
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise CLIError(f"--temperature={args.temperature} must be a finite number >= 0 (0 = greedy)")
+        if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
+            raise CLIError(f"--top-p={args.top_p} must be in (0, 1]")
+        if not args.autoregressive and (args.exit_layer is None or args.draft_len is None):
+            raise CLIError("pass --exit-layer and --draft-len, or --autoregressive for plain decoding")
+        if args.exit_layer is not None and args.exit_layer < 1:
+            raise CLIError(f"--exit-layer={args.exit_layer} must be >= 1 (a decoder layer)")
+        if args.draft_len is not None and not 1 <= args.draft_len <= args.max_draft_len:
+            raise CLIError(f"--draft-len={args.draft_len} must be in 1..--max-draft-len ({args.max_draft_len})")
+    else:
+        for name, low in (("per_category", 1), ("repeats", 1), ("warmup", 0)):
+            if getattr(args, name) < low:
+                raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+        _existing_file(args.prompt_file, "--prompt-file", "pass a JSONL file with 'prompt' or 'turns' per line")
+        if args.data_dir and not Path(args.data_dir).is_dir():
+            raise CLIError(f"--data-dir {args.data_dir}: no such folder: pass the folder with spec_bench/, gsm8k/, "
+                           "nq_open/ or leave it out (the repository's data/)")
+        if args.exit_heads:
+            from lede.core.exits import read_selection
+
+            read_selection(args.exit_heads, check_adapters=True)
+        args.parsed_configs = _parse_configs(args.configs)
+        for name, policy in args.parsed_configs.items():
+            if isinstance(policy, Path):
+                from lede.rl.offline import RLPolicy
+
+                RLPolicy.load(policy)  # a file that is not a policy fails here, before the model loads
+                if not args.exit_heads:
+                    raise CLIError(f"--configs {name}={policy} is a learned policy: pass --exit-heads with the "
+                                   "selection file its exit heads came from (results/exits/selected.json)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -51,15 +145,17 @@ def _parse_configs(spec: str):
         if "=" in item:  # NAME=POLICY_FILE
             name, path = (x.strip() for x in item.split("=", 1))
             if not name or not Path(path).is_file():
-                raise SystemExit(f"error: bad --configs item {item!r}: use NAME=PATH with an existing policy file "
-                                 "(train one with the workflow's train_policy rule)")
+                raise CLIError(f"bad --configs item {item!r}: use NAME=PATH with an existing policy file "
+                               "(train one with the workflow's train_policy rule)")
             out[name] = Path(path)
             continue
         try:
             layer, k = (int(x) for x in item.split(":"))
         except ValueError:
-            raise SystemExit(f"error: bad --configs item {item!r}: use EXIT_LAYER:DRAFT_LEN (e.g. 8:4), 'hf', 'pld' "
-                             "or NAME=POLICY_FILE")
+            raise CLIError(f"bad --configs item {item!r}: use EXIT_LAYER:DRAFT_LEN (e.g. 8:4), 'hf', 'pld' "
+                           "or NAME=POLICY_FILE") from None
+        if layer < 0 or k < 1:
+            raise CLIError(f"bad --configs item {item!r}: EXIT_LAYER must be >= 0 (0: prompt lookup) and DRAFT_LEN >= 1")
         policy = Static(layer, k)
         out[policy.name] = policy
     return out
@@ -70,10 +166,6 @@ def cmd_generate(args) -> int:
     from lede.drafters.loading import load_model
     from lede.core.policy import Autoregressive, Static
 
-    if not args.prompt or not args.prompt.strip():
-        raise SystemExit("error: empty prompt: pass --prompt 'some text'")
-    if not args.autoregressive and (args.exit_layer is None or args.draft_len is None):
-        raise SystemExit("error: pass --exit-layer and --draft-len, or --autoregressive for plain decoding")
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
                     cache_dir=args.model_cache or None, kernels=args.kernels)
     policy = Autoregressive() if args.autoregressive else Static(args.exit_layer, args.draft_len)
@@ -96,7 +188,7 @@ def cmd_bench(args) -> int:
     from lede.core.engine import Decoder
     from lede.drafters.loading import load_model
 
-    configs = _parse_configs(args.configs)
+    configs = getattr(args, "parsed_configs", None) or _parse_configs(args.configs)
     if args.prompt_file:
         prompts = load_prompt_file(args.prompt_file)
     else:
@@ -116,8 +208,8 @@ def cmd_bench(args) -> int:
             from lede.rl.offline import RLPolicy
 
             if not heads:
-                raise SystemExit(f"error: --configs {name}={policy} is a learned policy: pass --exit-heads with the "
-                                 "selection file its exit heads came from (results/exits/selected.json)")
+                raise CLIError(f"--configs {name}={policy} is a learned policy: pass --exit-heads with the "
+                               "selection file its exit heads came from (results/exits/selected.json)")
             from lede.core.policy import LOOKUP
 
             blob_layers = RLPolicy.load(policy, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
@@ -147,7 +239,7 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lede", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="lede", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text with plain or self-speculative decoding")
@@ -179,16 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads={args.threads} must be >= 1")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    torch.set_num_threads(args.threads)
+    from lede.eval.sandbox import SandboxError
+
     try:
+        _check_args(args)
+        torch.set_num_threads(args.threads)
         return args.func(args)
-    except ValueError as err:  # our input errors (ModelError, DataError, ...) carry the fix in the message
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, SandboxError) as err:
+        # the project's errors (ModelError, DataError, PolicyError, AdapterError, ArtefactError, ... are
+        # ValueErrors), our value checks, missing or unreadable files: one line, one exit status
+        print(f"lede: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def safe_torch_load(path: str | os.PathLike, error: type[Exception] = ArtefactEr
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError,
             ValueError, TypeError, KeyError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{path} is not a readable {what} (truncated, corrupt, or holding more than tensors and "
                     f"plain data: {first[:160]}): regenerate it") from None
 
