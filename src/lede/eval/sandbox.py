@@ -31,8 +31,11 @@ temporary directory and runs it as ``python -I -S <launcher> <program>`` with a 
   ``pidfd_open``/``pidfd_send_signal``/``pidfd_getfd``, ``ptrace``, ``process_vm_readv``/``writev``,
   ``io_uring_setup`` (it would bypass the filter), ``unshare``/``setns``/``mount``/``chroot``,
   ``bpf``, ``perf_event_open``, ``userfaultfd``, keyrings, and raising resource limits. seccomp cannot look
-  at paths: with this layer alone, writes to ``/proc`` and to world-writable directories are stopped only
-  by the uid drop (see below), not by the filter; the result's ``containment`` says so.
+  at paths, so when it is the only layer it refuses every file write (opening for writing, creating,
+  removing, renaming: ``seccomp(no file writes)``; the program still reads and prints), and it runs only
+  for a root evaluator whose child becomes uid 65534: the other uid is what keeps the evaluator's
+  processes (``/proc/<pid>/environ``, ``mem``) out of reach. A non-root evaluator without bwrap or landlock
+  gets :class:`SandboxError` rather than a sandbox that is not one.
 
 In every path the child is no longer root: a root evaluator starts it as uid/gid 65534 with no
 supplementary groups (a non-root evaluator's child keeps the evaluator's uid; the namespaces and landlock
@@ -243,10 +246,24 @@ _LAUNCHER = textwrap.dedent(
         f.add_rule(eperm, "kill", sc.Arg(0, sc.NE, me))
         f.add_rule(eperm, "tgkill", sc.Arg(0, sc.NE, me))
         f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0))  # setting a limit (reading one passes NULL)
+        if not want_landlock:  # seccomp alone cannot tell the box from the rest: no file is written anywhere
+            for bit in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND):
+                f.add_rule(eperm, "openat", sc.Arg(2, sc.MASKED_EQ, bit, bit))
+                try:
+                    f.add_rule(eperm, "open", sc.Arg(1, sc.MASKED_EQ, bit, bit))
+                except Exception:
+                    pass  # no open(2) on aarch64
+            for name in ("openat2", "creat", "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir",
+                         "mkdirat", "rmdir", "link", "linkat", "symlink", "symlinkat", "truncate", "chmod",
+                         "fchmodat", "chown", "lchown", "fchownat", "mknod", "mknodat", "utimensat", "utimes"):
+                try:
+                    f.add_rule(enosys if name == "openat2" else eperm, name)
+                except Exception:
+                    pass
         f.load()
     except Exception as exc:
         fail("cannot install the seccomp filter: %%r" %% (exc,))
-    layers.append("seccomp")
+    layers.append("seccomp" if want_landlock else "seccomp(no file writes)")
     sys.stderr.write(LAYERS + ": " + "+".join(layers) + "\n")
     sys.stderr.flush()
 
@@ -265,6 +282,7 @@ _LAUNCHER = textwrap.dedent(
     del libc, sc, f
 
     sys.argv = [program]
+    sys.dont_write_bytecode = True
     with open(program, encoding="utf-8") as fh:
         source = fh.read()
     glb = {"__name__": "__main__", "__file__": program, "__builtins__": builtins}
@@ -478,9 +496,13 @@ def run_program(
                 x for k, v in env.items() for x in ("--setenv", k, v)] + ["--", _box_interpreter(), "-I", "-S"] + args + [
                 BOX_SECCOMP, drop, ":".join([BOX_PYTHON] + list(SYSTEM_READABLE)), _libs()]
         else:
-            if drop == "caps" and mode == "seccomp":
-                raise SandboxError("as root, with the interpreter under a root-only directory and neither bubblewrap nor "
-                                   "landlock, the child would keep root's file access: install bubblewrap")
+            if drop != "nobody" and mode == "seccomp":
+                # seccomp cannot look at paths: alone, only another uid keeps the child from the evaluator's
+                # processes (/proc/<pid>/mem, environ, signals by pidfd aside) and files
+                raise SandboxError("seccomp alone is no boundary for a child with the evaluator's uid "
+                                   f"({'root without capabilities' if drop == 'caps' else os.geteuid()}): install "
+                                   "bubblewrap, run on Linux >= 5.13 (landlock), or evaluate as root with the "
+                                   "interpreter readable by uid 65534")
             cmd = [sys.executable, "-I", "-S"] + args + [seccomp_dir, drop, ":".join(
                 [str(_interpreter()[0])] + list(SYSTEM_READABLE)), _libs()]
         quota = disk_mb * 2**20 if mode != "bwrap" else None  # bwrap: the tmpfs is the quota
@@ -519,7 +541,7 @@ def run_program(
     if status is None and mode == "bwrap" and rc == 1 and stderr.startswith("bwrap:"):
         raise SandboxError(f"bubblewrap failed: {stderr.strip().splitlines()[0]}")
     layers = ""
-    m = re.search(rf"^{LAYERS_TAG}: (\S+)\n", stderr, flags=re.M)
+    m = re.search(rf"^{LAYERS_TAG}: ([^\n]+)\n", stderr, flags=re.M)
     if m:
         layers = m.group(1)
         stderr = stderr[: m.start()] + stderr[m.end():]
