@@ -151,7 +151,7 @@ def test_test_config_runs_the_whole_dag():
     touched = dry_run_after_editing(REPO / "notebooks/quality_parity.ipynb")
     assert job_counts(touched) == {"notebook": 1}, touched
     # a change to the CPU kernels reruns every job that loads the model, from the distillation data on
-    touched = dry_run_after_editing(REPO / "src/lede/kernels.py")
+    touched = dry_run_after_editing(REPO / "src/lede/core/kernels.py")
     assert {"early_exit_data", "distill_data", "train_adapter", "evaluate"} <= set(job_counts(touched)), touched
     # an ablation value reruns what reads it: more gradient steps retrain and re-evaluate, never recollect
     more_steps = REPO / "results-test" / "more_steps.yaml"
