@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
+from lede.core.io import atomic_path, atomic_write_text  # noqa: E402  (every output: whole or not at all)
 
 NAME = "__NAME__"  # this notebook's outputs: figures/NAME.{png,pdf}, tables/NAME.{md,tex}
 R = Path(results_dir)
@@ -117,9 +118,11 @@ def fmt(x, decimals=3, sign=False):
 def save_figure(fig, name=None):
     """figures/NAME.png and .pdf (no timestamps in the files, so reruns give the same bytes)."""
     name = name or NAME
-    fig.savefig(FIGURES / f"{name}.png", bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(FIGURES / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None, "Creator": None,
-                                                                          "Producer": None})
+    with atomic_path(FIGURES / f"{name}.png") as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
+    with atomic_path(FIGURES / f"{name}.pdf") as tmp:
+        fig.savefig(tmp, format="pdf", bbox_inches="tight", metadata={"CreationDate": None, "Creator": None,
+                                                                        "Producer": None})
     print("wrote", FIGURES / f"{name}.png", "and .pdf")
 
 
@@ -169,8 +172,8 @@ def write_table(sections, caption, note=None, name=None):
         md += [f"Note: {note}", ""]
         tex += [r"\par\smallskip\footnotesize " + tex_escape(note)]
     tex.append(r"\end{table}")
-    (TABLES / f"{name}.md").write_text("\n".join(md))
-    (TABLES / f"{name}.tex").write_text("\n".join(tex) + "\n")
+    atomic_write_text(TABLES / f"{name}.md", "\n".join(md))
+    atomic_write_text(TABLES / f"{name}.tex", "\n".join(tex) + "\n")
     print("wrote", TABLES / f"{name}.md", "and .tex")
     display(Markdown("\n".join(md)))
 

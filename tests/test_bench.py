@@ -114,3 +114,36 @@ def test_a_workflow_journal_is_keyed_by_params_inputs_and_scripts(tmp_path) -> N
     assert j.key != key({"per_category": 10}).key
     data.write_text('{"plain": 1}')
     assert j.key != key({"per_category": 3}).key
+
+
+def test_a_resumed_journal_reapplies_the_kernels_auto_chose(tmp_path) -> None:
+    """`auto` times the kernels at each load and may choose differently after a restart: the journal records the
+    first choice and a resumed job runs on it (issue 39)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lede.core.kernels import CpuLinear, KernelChoice
+
+    def loaded(one, many):
+        model = nn.Sequential(CpuLinear(nn.Linear(4, 4)), CpuLinear(nn.Linear(4, 4)))
+        return SimpleNamespace(model=model, kernels=KernelChoice(one, many, {"lede/1": 0.1}))
+
+    path = tmp_path / "j.jsonl"
+    first = loaded("lede", "torch")
+    journal = BenchJournal(path, key="k")
+    journal.begin(**journal.kernels(first))
+    journal.append(0, "p0", [])
+    assert BenchJournal(path, key="k").meta["kernels"] == {"one_token": "lede", "many_tokens": "torch",
+                                                           "ms": {"lede/1": 0.1}}
+    second = loaded("torch", "lede")  # the restarted job's `auto` chose the other way round
+    resumed = BenchJournal(path, key="k")
+    resumed.begin(**resumed.kernels(second))
+    assert (second.kernels.one_token, second.kernels.many_tokens) == ("lede", "torch")
+    assert all(m.one_row and not m.many_rows for m in second.model)  # re-applied to every CpuLinear
+    assert resumed.done  # same meta: the records were kept
+    fresh = BenchJournal(tmp_path / "other.jsonl", key="k")  # nothing to resume: the load's own choice
+    third = loaded("torch", "lede")
+    fresh.begin(**fresh.kernels(third))
+    assert third.kernels.one_token == "torch" and fresh.meta["kernels"]["one_token"] == "torch"
+    assert BenchJournal(tmp_path / "x.jsonl", key="k").kernels(SimpleNamespace(kernels=None)) == {"kernels": None}

@@ -62,10 +62,82 @@ def test_bench_runs_static_cells_and_a_learned_policy(files, policy_file, capsys
     ("static:8", [], "takes 2"),
     ("confidence:4:1.5", [], "strictly between 0 and 1"),
 ])
-def test_bench_input_errors_name_the_fix(files, policy_file, configs, extra, message):
+def test_bench_input_errors_name_the_fix(files, policy_file, configs, extra, message, capsys):
     tmp, prompts, _ = files
-    with pytest.raises(SystemExit, match=message):
-        main(["bench", "--prompt-file", str(prompts), "--configs", configs.format(policy=policy_file), *extra])
+    rc = main(["bench", "--prompt-file", str(prompts), "--configs", configs.format(policy=policy_file), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and err.startswith("lede: error: ")
+
+
+def _no_model(*a, **k):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, monkeypatch):
+    """Files a careless user passes: truncated JSON, a garbage .pt, a LLaMA config folder without weights."""
+    monkeypatch.setattr("lede.drafters.loading.load_model", _no_model)
+    (tmp_path / "trunc.json").write_text('{"vocab": null, "layers": {"1": ')
+    (tmp_path / "garbage.pt").write_bytes(b"PK\x03\x04 garbage, not a torch file")
+    (tmp_path / "adapter_sel.json").write_text(json.dumps({"vocab": None, "layers": {"1": "garbage.pt"}}))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    return tmp_path
+
+
+CASES = [
+    (["bench", "--exit-heads", "/nonexistent.json"], "selection file /nonexistent.json does not exist"),
+    (["bench", "--exit-heads", "{t}/trunc.json"], "trunc.json is not valid JSON"),
+    (["bench", "--exit-heads", "{t}/adapter_sel.json"], "garbage.pt is not a readable exit adapter"),
+    (["bench", "--exit-heads", "{t}/adapter_sel.json", "--configs", "x={t}/garbage.pt"], "garbage.pt"),
+    (["bench", "--configs", "x={t}/garbage.pt"], "garbage.pt is not a readable lede policy file"),
+    (["bench", "--prompt-file", "{t}/missing.jsonl"], "--prompt-file {t}/missing.jsonl: no such file"),
+    (["bench", "--per-category", "0"], "--per-category=0 must be >= 1"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--temperature", "nan"], "--temperature=nan must be a finite"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--temperature", "inf"], "--temperature=inf must be a finite"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--temperature", "-1"], "--temperature=-1.0 must be"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--top-p", "1.5"], "--top-p=1.5 must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--max-draft-len", "-5"], "--max-draft-len=-5 must be >= 1"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+    (["generate", "--prompt", "hi", "--exit-layer", "2", "--draft-len", "40"], "draft length 40 exceeds --max-draft-len=16"),
+    (["generate", "--prompt", "hi", "--policy", "static:0"], "'static' takes 2"),
+    (["generate", "--prompt", "hi", "--policy", "confidence:2:nan"], "strictly between 0 and 1"),
+    (["generate", "--prompt", "hi"], "pass --policy SPEC"),
+    (["generate", "--prompt", " ", "--autoregressive"], "empty prompt"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--temperature", "warm"], "invalid float value: 'warm'"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--model", "{t}/llama"], "has a config.json but no weights"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--model", "smollm3-999m"], "did you mean the alias"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--early-exit-weights", "{t}/garbage.pt"],
+     "{t}/garbage.pt is not a readable early-exit weights"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--device", "cuda:0"], "CUDA is not available"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["generate", "--prompt", "hi", "--autoregressive", "--kernels", "fast"], "invalid choice: 'fast'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
+def test_every_input_error_is_one_line_exit_2_and_loads_no_model(bad_inputs, argv, message, capsys, monkeypatch):
+    import torch
+
+    if "cuda:0" in argv:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "smollm3-999m" in argv:
+        monkeypatch.setattr("lede.core.model.hub_reachable", lambda *a, **k: False)  # as on this machine
+    t = str(bad_inputs)
+    argv = [a.replace("{t}", t) for a in argv]
+    if argv[0] == "bench" and "--prompt-file" not in argv:
+        argv += ["--prompt-file", f"{t}/prompts.jsonl"]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("lede: error: ") and err.count("\n") == 1, err
+    assert message.replace("{t}", t) in err, err
+    assert "Traceback" not in err
 
 
 def test_a_policy_for_other_exit_layers_is_refused(files, policy_file, capsys):

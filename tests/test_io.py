@@ -49,3 +49,73 @@ def test_artefacts_are_checked_before_use(tmp_path):
     with pytest.raises(AdapterError, match=f"is not a lede artefact of format {ADAPTER_FORMAT} \\(exit adapter\\)"):
         load_adapter(other, "m", 1, 8)
     assert load_artefact(other, "lede-early-exit/1", ValueError, "x", "y")["deltas"] == {}
+
+
+def test_concurrent_writers_use_their_own_temporary_files(tmp_path):
+    import threading
+
+    path = tmp_path / "out.txt"
+    seen, errors = [], []
+    barrier = threading.Barrier(8)
+
+    def writer(i):
+        try:
+            with atomic_path(path) as tmp:
+                seen.append(tmp)
+                barrier.wait(timeout=10)  # all eight hold their temporary file at once
+                tmp.write_text(str(i) * 10000)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(seen)) == 8
+    text = path.read_text()
+    assert len(text) == 10000 and len(set(text)) == 1  # one writer's whole file, never a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert (path.stat().st_mode & 0o777) != 0o600  # the umask's mode, not mkstemp's
+
+
+def test_fsync_of_file_and_directory(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert synced[-1] == str(tmp_path) and synced[0].startswith(str(tmp_path / ".a.txt."))
+
+
+def test_a_crafted_pickle_is_refused_with_the_projects_error(tmp_path):
+    import pickle
+
+    from lede.core.io import ArtefactError, safe_torch_load
+    from lede.rl.offline import PolicyError, RLPolicy
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "policy.pt"
+    torch.save({"format": "x", "payload": Evil()}, evil)  # torch.save pickles the object
+    assert not marker.exists() or marker.unlink() is None
+    with pytest.raises(PolicyError, match=str(evil)):
+        RLPolicy.load(evil)
+    with pytest.raises(ArtefactError, match="policy.pt"):
+        safe_torch_load(evil)
+    assert not marker.exists()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a torch file")
+    truncated = tmp_path / "trunc.pt"
+    torch.save({"x": torch.ones(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    for bad in (garbage, truncated):
+        with pytest.raises(PolicyError, match=bad.name):
+            RLPolicy.load(bad)
+    with pytest.raises(PolicyError, match="not found"):
+        RLPolicy.load(tmp_path / "missing.pt")

@@ -45,6 +45,12 @@ def dry_run_after_editing(path: Path) -> str:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_lint_and_dry_runs():
     lint = smk("--lint")
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -52,8 +58,11 @@ def test_lint_and_dry_runs():
     # embedded model, so everything else in it (keys, ranges, layers within the depth, the DAG) is checked
     for extra in ([], ["--configfile", ".test/config.yaml"], ["--configfile", "config/cpu_full.yaml"],
                   ["--configfile", "config/early_exit.yaml"],
-                  ["--configfile", "config/early_exit.yaml", "config/early_exit_gpu.yaml"],
-                  ["--configfile", "config/paper.yaml", "--config", "model=smollm2-135m"]):
+                  # device: cuda stops a machine without CUDA before any job (issue 39): there, plan it on the CPU
+                  ["--configfile", "config/early_exit.yaml", "config/early_exit_gpu.yaml"]
+                  + ([] if _has_cuda() else ["--config", "device=cpu"]),
+                  ["--configfile", "config/paper.yaml", "--config", "model=smollm2-135m"]
+                  + ([] if _has_cuda() else ["device=cpu"])):
         dry = smk("-n", "--quiet", *extra)
         assert dry.returncode == 0, " ".join(extra) + "\n" + dry.stdout + dry.stderr
 
@@ -70,8 +79,16 @@ def test_lint_and_dry_runs():
     ("parity={'tasks': ['gsm8k']}", "parity"),
     ("policy={'collect': {'per_category': 2}}", "policy.collect.per_category=2 exceeds policy.dev_per_category=1"),
     ("policy={'target_update_interval': 500}", "policy.target_update_interval=500 exceeds policy.n_steps=200"),
+    ("costs={'long_contexts': [100000]}", "costs.long_contexts/context_len has [100000]"),
+    ("costs={'context_len': 9000}", "costs.long_contexts/context_len has [9000]"),
+    ("device=cuda:0", "config key device='cuda:0': CUDA is not available"),
 ])
 def test_config_errors_stop_before_any_job(tmp_path, override, needle):
+    if override.startswith("device=cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
     cfg = tmp_path / "c.yaml"
     shutil.copy(REPO / ".test/config.yaml", cfg)
     key, value = override.split("=", 1)
@@ -87,6 +104,14 @@ def test_config_errors_stop_before_any_job(tmp_path, override, needle):
     res = smk("-n", "--configfile", str(cfg))
     assert res.returncode != 0
     assert needle in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("override", ["policy={n_steps: 100}", "policy={n_steps: 100, gamma: 0.9}",
+                                      "costs={long_contexts: [64, 96]}"])
+def test_nested_config_overrides_keep_their_types(override):
+    """snakemake hands values inside a nested --config mapping over as strings: they are typed before the schema."""
+    res = smk("-n", "--quiet", "--configfile", ".test/config.yaml", "--config", override)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_test_config_runs_the_whole_dag():

@@ -1,15 +1,24 @@
 """Command line: ``lede generate`` and ``lede bench``.
 
-    lede generate --model smollm2-135m --prompt "Why is the sky blue?" --exit-layer 8 --draft-len 4
+Every mistake in the input (a bad value, a missing or malformed file, an unknown model) ends with one line on
+stderr, ``lede: error: <what is wrong and the fix>``, and exit status 2 (argparse's own), and the values and
+files are checked before the model loads.
+
+Policies are named in the project's one grammar (``lede.rl.spec``): plain, static:L:K (or L:K), lookup:K,
+adaptive:L[:K0], confidence:L:T, dynamic, file:PATH.
+
+    lede generate --model smollm2-135m --prompt "Why is the sky blue?" --policy static:8:4
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --autoregressive
-    lede bench --model smollm2-135m --data-dir ../shared/data --per-category 2 --configs 8:4,20:2,hf
+    lede bench --model smollm2-135m --per-category 2 --configs static:8:4,lookup:3,hf
     lede bench --prompt-file my_prompts.jsonl --configs 12:3 --out results/bench.json
-    lede bench --exit-heads results/exits/selected.json --configs 2:1,lede=results/rl/policy_DiscreteCQL_s0.pt
+    lede bench --exit-heads results/exits/selected.json --configs 2:1,lede=file:results/rl/policy_DiscreteCQL_s0.pt
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +26,110 @@ from pathlib import Path
 import torch
 
 from lede.core.kernels import KERNEL_OPTIONS
+
+
+EXIT_USAGE = 2  # every input error: argparse's code
+
+
+class CLIError(ValueError):
+    """A bad command-line value; the message names it and the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every other input error gets (no usage block)."""
+
+    def error(self, message: str):
+        print(f"lede: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and not isinstance(err, (json.JSONDecodeError,)):
+        text = f"{err.strerror or err.__class__.__name__}: {err.filename}"
+    else:
+        text = str(err) or err.__class__.__name__
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return " ".join(lines)[:600] if lines else err.__class__.__name__
+
+
+def _existing_file(value: str | None, option: str, fix: str) -> None:
+    if value and not Path(value).is_file():
+        raise CLIError(f"{option} {value}: no such file: {fix}")
+
+
+def _check_args(args) -> None:
+    """Every check that needs no model: values, files, the model spec, the device. Runs before the model loads."""
+    from lede.core.model import resolve_device, resolve_dtype
+
+    for name, low in (("threads", 1), ("max_new_tokens", 1), ("max_draft_len", 1)):
+        if getattr(args, name) < low:
+            raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+    dev = str(args.device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {dev}: CUDA is not available on this machine: use --device cpu or auto")
+    try:
+        resolve_dtype(args.dtype, resolve_device(args.device))
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {dev} / --dtype {args.dtype}: {_one_line(err)}") from None
+    _existing_file(args.early_exit_weights, "--early-exit-weights", "train it with `snakemake early_exit` or fix the path")
+    if args.early_exit_weights:
+        from lede.drafters.early_exit import read_early_exit
+
+        read_early_exit(args.early_exit_weights)
+    from lede.core.model import check_model_spec
+
+    check_model_spec(args.model[: -len("-ee")] if args.model.endswith("-ee") and not Path(args.model).exists()
+                     else args.model, args.model_cache or None)
+    if args.command == "generate":
+        if not args.prompt or not args.prompt.strip():
+            raise CLIError("empty prompt: pass --prompt 'some text'")
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise CLIError(f"--temperature={args.temperature} must be a finite number >= 0 (0 = greedy)")
+        if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
+            raise CLIError(f"--top-p={args.top_p} must be in (0, 1]")
+        args.policy_spec = _generate_spec(args)
+        if args.policy_spec.draft_len is not None and args.policy_spec.draft_len > args.max_draft_len:
+            raise CLIError(f"policy {args.policy_spec.text!r}: draft length {args.policy_spec.draft_len} exceeds "
+                           f"--max-draft-len={args.max_draft_len}: lower it or raise --max-draft-len")
+    else:
+        for name, low in (("per_category", 1), ("repeats", 1), ("warmup", 0)):
+            if getattr(args, name) < low:
+                raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+        _existing_file(args.prompt_file, "--prompt-file", "pass a JSONL file with 'prompt' or 'turns' per line")
+        if args.data_dir and not Path(args.data_dir).is_dir():
+            raise CLIError(f"--data-dir {args.data_dir}: no such folder: pass the folder with spec_bench/, gsm8k/, "
+                           "nq_open/ or leave it out (the repository's data/)")
+        if args.exit_heads:
+            from lede.core.exits import read_selection
+
+            read_selection(args.exit_heads, check_adapters=True)
+        args.parsed_configs = _parse_configs(args.configs)
+        for name, spec in args.parsed_configs:
+            if not isinstance(spec, str) and spec.kind == "file":
+                from lede.rl.offline import RLPolicy
+
+                _existing_file(str(spec.path), f"--configs {spec.text}", "train one with the workflow's train_policy rule")
+                RLPolicy.load(spec.path)  # a file that is not a policy fails here, before the model loads
+                if not args.exit_heads:
+                    raise CLIError(f"--configs {name or spec.text} is a learned policy: pass --exit-heads with the "
+                                   "selection file its exit heads came from (results/exits/selected.json)")
+
+
+def _generate_spec(args):
+    """The policy of ``lede generate``: --policy SPEC, else --autoregressive (plain), else --exit-layer/--draft-len
+    (static:L:K), parsed by the one grammar before the model loads."""
+    from lede.rl.spec import PolicySpec
+
+    if args.policy:
+        text = args.policy
+    elif args.autoregressive:
+        text = "plain"
+    elif args.exit_layer is not None and args.draft_len is not None:
+        text = f"static:{args.exit_layer}:{args.draft_len}"
+    else:
+        raise CLIError("pass --policy SPEC (e.g. static:8:4, lookup:3), --exit-layer and --draft-len, "
+                       "or --autoregressive for plain decoding")
+    return PolicySpec.parse(text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,11 +147,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft-len", type=int, default=16, help="the loop's hard cap on drafted tokens per round")
 
 
-def _parse_configs(spec: str):
-    """'8:4,lookup:3,hf,cql=file:results/rl/policy_DiscreteCQL_s0.pt' -> {None-or-name: ...}: [(None, PolicySpec
-    static:8:4), ..., ('hf_generate', 'hf_generate'), ('cql', PolicySpec file:...)]: policies in the one grammar
-    (``lede.rl.spec``), each optionally named NAME=SPEC (NAME=PATH of an existing file is file:PATH; unnamed ones
-    are called by the policy's own name), and transformers' two baselines."""
+def _parse_configs(spec: str) -> list:
+    """'8:4,lookup:3,hf,cql=file:results/rl/policy_DiscreteCQL_s0.pt' -> [(None, PolicySpec static:8:4), ...,
+    ('hf_generate', 'hf_generate'), ('cql', PolicySpec file:...)]: policies in the one grammar (``lede.rl.spec``),
+    each optionally named NAME=SPEC (NAME=PATH of a policy file is file:PATH; an unnamed policy is called by its own
+    name), and transformers' two baselines ('hf': generate, 'pld': its prompt lookup)."""
     from lede.eval.bench import HF_GENERATE, HF_PROMPT_LOOKUP
     from lede.rl.spec import PolicySpec, PolicySpecError
 
@@ -52,37 +165,22 @@ def _parse_configs(spec: str):
             continue
         name, _, text = item.rpartition("=")
         if name and ":" not in text and (Path(text).suffix == ".pt" or Path(text).is_file()):
-            if not Path(text).is_file():
-                raise SystemExit(f"error: bad --configs item {item!r}: {text} is not an existing policy file (NAME=PATH; "
-                                 "train one with the workflow's train_policy rule)")
+            _existing_file(text, f"--configs {item}", "NAME=PATH needs an existing policy file (train one with the "
+                           "workflow's train_policy rule)")
             text = f"file:{text}"
         try:
             out.append((name.strip() or None, PolicySpec.parse(text)))
         except PolicySpecError as err:
-            raise SystemExit(f"error: bad --configs item {item!r}: {err} (or 'hf', 'pld')")
+            raise CLIError(f"bad --configs item {item!r}: {err} (or 'hf', 'pld')") from None
     return out
 
 
 def cmd_generate(args) -> int:
     from lede.core.engine import Decoder, Sampling
     from lede.drafters.loading import load_model
+    from lede.rl.spec import PolicyContext
 
-    if not args.prompt or not args.prompt.strip():
-        raise SystemExit("error: empty prompt: pass --prompt 'some text'")
-    from lede.rl.spec import PolicyContext, PolicySpec, PolicySpecError
-
-    if args.policy:
-        text = args.policy
-    elif args.autoregressive:
-        text = "plain"
-    elif args.exit_layer is not None and args.draft_len is not None:
-        text = f"static:{args.exit_layer}:{args.draft_len}"
-    else:
-        raise SystemExit("error: pass --policy SPEC, --exit-layer and --draft-len, or --autoregressive for plain decoding")
-    try:
-        spec = PolicySpec.parse(text)  # before the model loads
-    except PolicySpecError as err:
-        raise SystemExit(f"error: {err}")
+    spec = getattr(args, "policy_spec", None) or _generate_spec(args)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
                     cache_dir=args.model_cache or None, kernels=args.kernels)
     policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name))
@@ -105,7 +203,7 @@ def cmd_bench(args) -> int:
     from lede.core.engine import Decoder
     from lede.drafters.loading import load_model
 
-    configs = _parse_configs(args.configs)
+    configs = getattr(args, "parsed_configs", None) or _parse_configs(args.configs)
     if args.prompt_file:
         prompts = load_prompt_file(args.prompt_file)
     else:
@@ -133,8 +231,8 @@ def cmd_bench(args) -> int:
             from lede.rl.offline import RLPolicy
 
             if not heads:
-                raise SystemExit(f"error: --configs {name}={spec.text} is a learned policy: pass --exit-heads with "
-                                 "the selection file its exit heads came from (results/exits/selected.json)")
+                raise CLIError(f"--configs {name or spec.text} is a learned policy: pass --exit-heads with the "
+                               "selection file its exit heads came from (results/exits/selected.json)")
             blob_layers = RLPolicy.load(spec.path, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
             layers = [LOOKUP] * (LOOKUP in blob_layers) + sorted(heads)
         policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name, layers))
@@ -162,15 +260,15 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lede", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="lede", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text with plain or self-speculative decoding")
     _common(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--policy", help="a policy in the one grammar: plain, static:L:K, lookup:K, adaptive:L[:K0], "
-                                    "confidence:L:T (see lede.rl.spec); --exit-layer/--draft-len/--autoregressive "
-                                    "are the same as static:L:K / plain")
+                                    "confidence:L:T (lede.rl.spec); --exit-layer/--draft-len and --autoregressive "
+                                    "are static:L:K and plain")
     g.add_argument("--exit-layer", type=int)
     g.add_argument("--draft-len", type=int)
     g.add_argument("--autoregressive", action="store_true", help="plain decoding (no drafts)")
@@ -182,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="interleaved speed benchmark of plain decoding vs static configurations")
     _common(b)
-    b.add_argument("--configs", default="8:4", help="comma-separated EXIT_LAYER:DRAFT_LEN (0:K: the engine's "
-                   "prompt lookup, K tokens at most), 'hf' (transformers' generate), 'pld' (transformers' prompt "
-                   "lookup), NAME=POLICY_FILE (a learned LEDE policy; needs --exit-heads)")
+    b.add_argument("--configs", default="static:8:4", help="comma-separated policies in the one grammar "
+                   "(static:L:K or L:K, lookup:K, adaptive:L[:K0], confidence:L:T, file:PATH), each optionally "
+                   "NAME=SPEC; 'hf' (transformers' generate), 'pld' (transformers' prompt lookup); a learned policy "
+                   "(file:PATH or NAME=PATH) needs --exit-heads")
     b.add_argument("--exit-heads", help="selection file (results/exits/selected.json): exit adapters + draft vocabulary")
     b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
     b.add_argument("--data-dir", default=None, help="folder with spec_bench/, gsm8k/, nq_open/ (default: the repository's data/)")
@@ -197,16 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads={args.threads} must be >= 1")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    torch.set_num_threads(args.threads)
+    from lede.eval.sandbox import SandboxError
+
     try:
+        _check_args(args)
+        torch.set_num_threads(args.threads)
         return args.func(args)
-    except ValueError as err:  # our input errors (ModelError, DataError, ...) carry the fix in the message
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, SandboxError) as err:
+        # the project's errors (ModelError, DataError, PolicyError, AdapterError, ArtefactError, ... are
+        # ValueErrors), our value checks, missing or unreadable files: one line, one exit status
+        print(f"lede: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

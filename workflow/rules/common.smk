@@ -3,13 +3,34 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+
+def _typed_leaves(node, depth=0):
+    """snakemake's --config parses top-level values as YAML but leaves values inside a nested mapping as
+    strings (`--config 'policy={n_steps: 100}'` gives '100'): parse those string leaves as YAML scalars too,
+    so the schema sees 100. Top-level strings (a model id, a path) are left as they are."""
+    import yaml
+
+    if isinstance(node, dict):
+        return {k: _typed_leaves(v, depth + 1) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_typed_leaves(v, depth + 1) for v in node]
+    if isinstance(node, str) and depth > 1:
+        try:
+            value = yaml.safe_load(node)
+        except yaml.YAMLError:
+            return node
+        return value if isinstance(value, (int, float, bool, list, dict)) or value is None and node in ("null", "~") else node
+    return node
+
+
+config.update(_typed_leaves(config))
 validate(config, "../../config/schema.yaml")
 # a relative data_dir names a folder of the repository (default: data/, shipped), whatever the working directory
 config["data_dir"] = str(Path(workflow.basedir, config["data_dir"]))
 
 # the installed package (make setup: pip install -e .; the conda env and the container install it too)
 from lede.data import DataError, check_data_dir  # noqa: E402
-from lede.core.model import ModelError, model_depth  # noqa: E402
+from lede.core.model import ModelError, load_config  # noqa: E402
 
 R = config.get("results_dir", "results")
 EXITS = config["exits"]
@@ -34,10 +55,31 @@ def _check_config():
         check_data_dir(config["data_dir"])
     except DataError as err:
         raise WorkflowError(f"config key data_dir={config['data_dir']!r}: {err}")
+    dev = str(config["device"])
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise WorkflowError(f"config key device={dev!r}: CUDA is not available on this machine (torch "
+                                f"{torch.__version__}): use device: cpu or auto")
+        if ":" in dev and int(dev.split(":")[1]) >= torch.cuda.device_count():
+            raise WorkflowError(f"config key device={dev!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                "device(s): use cuda:0 .. or auto")
     try:
-        depth = model_depth(config["model"], cache_dir=config.get("model_cache"))  # fast once converted
+        model_config = load_config(config["model"], cache_dir=config.get("model_cache"))  # fast once converted
     except ModelError as err:
         raise WorkflowError(f"config key model={config['model']!r}: {err}")
+    depth = int(model_config.num_hidden_layers)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    costs = config.get("costs", {})
+    k_max = max(max(config["sweep"]["draft_lens"]), config["policy"]["max_draft_len"])
+    if positions is not None:
+        too_long = [c for c in [costs.get("context_len", 256)] + list(costs.get("long_contexts", []))
+                    if c + k_max + 1 > positions]
+        if too_long:
+            raise WorkflowError(f"config key costs.long_contexts/context_len has {too_long}: with a round of "
+                                f"{k_max} drafted + 1 token it exceeds model {config['model']!r}'s "
+                                f"{positions} positions: use contexts <= {positions - k_max - 1}")
     ee_bad = [l for l in config["early_exit"]["exit_layers"] if not 1 <= l <= depth - 1]
     if config["early_exit"]["enabled"] and ee_bad:
         raise WorkflowError(f"config key early_exit.exit_layers has {ee_bad} outside 1..{depth - 1} for model "

@@ -45,5 +45,9 @@ rule notebook:
     conda:
         "../envs/lede.yaml"
     shell:
-        "MPLBACKEND=Agg papermill {input.nb:q} {output.nb:q} -r results_dir {params.results:q}"
-        " -r out_dir {params.results:q} -k python3 --no-progress-bar > {log:q} 2>&1"
+        # figures and tables are written atomically by the notebook (lede.core.io.atomic_path); the executed
+        # notebook goes to a unique temporary name beside its output and is renamed onto it when papermill succeeds
+        "tmp=$(mktemp --suffix=.tmp.ipynb {output.nb:q}.XXXXXX) && trap 'rm -f \"$tmp\"' EXIT &&"
+        " MPLBACKEND=Agg papermill {input.nb:q} \"$tmp\" -r results_dir {params.results:q}"
+        " -r out_dir {params.results:q} -k python3 --no-progress-bar > {log:q} 2>&1 &&"
+        " sync \"$tmp\" && mv -f \"$tmp\" {output.nb:q}"

@@ -22,7 +22,7 @@ for c in cells:
     policy = Static(c["exit_layer"], c["draft_len"])
     configs[policy.name] = policy
 journal = bench_journal(snakemake, snakemake.output.json)  # noqa: F821  (an interrupted run resumes)
-journal.begin()
+journal.begin(**journal.kernels(lm))  # a resumed run re-applies the kernels `auto` chose first
 records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens, journal=journal)
 write_bench(p, lm, records, len(prompts), out, "Speed on held-out prompts", {"cells": cells})
 journal.finish()

@@ -18,7 +18,7 @@ for layer in p.exit_layers:
         policy = Static(layer, k)
         configs[policy.name] = policy
 journal = bench_journal(snakemake, snakemake.output.json)  # noqa: F821  (an interrupted run resumes)
-journal.begin()
+journal.begin(**journal.kernels(lm))  # a resumed run re-applies the kernels `auto` chose first
 records = run_bench(dec, prompts, configs, max_new_tokens=p.max_new_tokens, journal=journal)
 write_bench(p, lm, records, len(prompts), snakemake.output,  # noqa: F821
             f"Static grid on the early-exit variant {lm.name}", {"grid": {"exit_layers": p.exit_layers,

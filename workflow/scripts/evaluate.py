@@ -40,8 +40,9 @@ def tokens_per_s(threshold):
 
 # an interrupted evaluation resumes from its journal, with the threshold it tuned (tuning times runs: a rerun may differ)
 journal = bench_journal(snakemake, out.json)  # noqa: F821
+kernels = journal.kernels(lm)  # a resumed run re-applies the kernels `auto` chose first (before any timing)
 threshold = journal.meta.get("threshold") or tune_threshold([0.3, 0.5, 0.7, 0.9], tokens_per_s)
-journal.begin(threshold=threshold)
+journal.begin(threshold=threshold, **kernels)
 if journal.done:
     logging.info("resuming from %s: %d prompts done", journal.path, len(journal.done))
 logging.info("best static %s; best exit cell L=%d K=%d; tuned confidence threshold %.2f", best_cell, best_l, best_k,

@@ -222,10 +222,28 @@ def load_exit_heads(lm, selection_file: str | Path) -> dict[int, ExitHead]:
     """Exit heads from a selection file (the workflow's ``exits/selected.json``). Its adapter paths are relative
     to the file itself, so a results folder can be moved or copied whole."""
     path = Path(selection_file)
+    return heads_from_selection(lm, read_selection(path), base_dir=path.parent)
+
+
+def read_selection(selection_file: str | Path, check_adapters: bool = False) -> dict:
+    """A selection file's content, checked: valid JSON with a "layers" mapping (and, with ``check_adapters``,
+    every adapter file it names a readable lede adapter), or :class:`AdapterError` naming the file and the fix."""
+    path = Path(selection_file)
+    fix = "run the workflow's exit_report rule (snakemake <results>/exits/selected.json) or pass the right path"
     if not path.is_file():
-        raise FileNotFoundError(f"exit-head selection file {path} does not exist: run the workflow's exit_report "
-                                "rule (snakemake <results>/exits/selected.json) or pass the right path")
-    return heads_from_selection(lm, json.loads(path.read_text()), base_dir=path.parent)
+        raise AdapterError(f"exit-head selection file {path} does not exist: {fix}")
+    try:
+        sel = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"exit-head selection file {path} is not valid JSON ({err}): {fix}") from None
+    if not isinstance(sel, dict) or not isinstance(sel.get("layers"), dict):
+        raise AdapterError(f"exit-head selection file {path} has no \"layers\" mapping: {fix}")
+    if check_adapters:
+        for layer, rel in sel["layers"].items():
+            if rel:
+                load_artefact(path.parent / rel, ADAPTER_FORMAT, AdapterError, f"exit adapter of layer {layer}",
+                              "train it (snakemake exits) or fix the selection file")
+    return sel
 
 
 def selected_costs(costs_path: str | Path, selection_file: str | Path):

@@ -11,25 +11,76 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_csv", "atomic_write_text", "load_artefact"]
+__all__ = ["ArtefactError", "atomic_path", "atomic_write_csv", "atomic_write_text", "load_artefact", "safe_torch_load"]
+
+
+class ArtefactError(ValueError):
+    """A file the project reads back is missing, truncated, or not what it claims to be."""
+
+
+def safe_torch_load(path: str | os.PathLike, error: type[Exception] = ArtefactError, what: str = "file",
+                    map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors and plain data only, never code. A file that is not such a
+    ``torch.save`` file (truncated, garbage, a pickle with code) raises ``error`` naming the path."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError,
+            ValueError, TypeError, KeyError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path} is not a readable {what} (truncated, corrupt, or holding more than tensors and "
+                    f"plain data: {first[:160]}): regenerate it") from None
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same directory, so the rename is atomic on POSIX), renamed onto
-    ``path`` when the block ends without an exception and removed when it raises."""
+    """A fresh temporary path beside ``path`` (same directory, so the rename is atomic on POSIX; a unique name,
+    so concurrent writers of one output never share a temporary file), renamed onto ``path`` when the block
+    ends without an exception and removed when it raises. The file is fsynced before the rename and the
+    directory after it: once the block returns, the new file survives a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename
     try:
         yield tmp
+        if tmp.exists():
+            _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:  # e.g. a directory that cannot be opened on this platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -56,7 +107,7 @@ def load_artefact(path: str | os.PathLike, fmt: str, error: type[Exception], wha
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} not found at {path}: {fix}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = safe_torch_load(path, error, what)
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         raise error(f"{path} is not a lede artefact of format {fmt} ({what})")
     return blob

@@ -168,12 +168,68 @@ def _resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> tuple[str
             return str(done), {}
         gguf = smollm2_gguf_path()
         return str(gguf.parent), {"gguf_file": gguf.name}
-    if Path(spec).exists() or _HUB_ID.match(spec):
+    if Path(spec).exists():
+        _check_local_folder(Path(spec))
+        return spec, {}
+    if _HUB_ID.match(spec):
+        _check_hub_id(spec)
         return spec, {}
     raise ModelError(
         f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, not an existing local path, "
         "and not a Hugging Face id (owner/name). Pass one of these."
     )
+
+
+#: files one of which a local model folder needs besides config.json
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_local_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model path {path} is a file: pass the folder with config.json and weights, or the alias "
+                         f"{SMOLLM2_ALIAS!r}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model folder {path} has no config.json: pass a transformers model folder "
+                         "(save_pretrained) or the alias " + repr(SMOLLM2_ALIAS))
+    if not any((path / w).is_file() for w in WEIGHT_FILES) and not any(path.glob("*.gguf")):
+        raise ModelError(f"model folder {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
+                         "copy the weights there or pass another model")
+
+
+def hub_reachable(timeout_s: float = 3.0, host: str = "huggingface.co", port: int = 443) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (no request is sent)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_id(spec: str) -> None:
+    """A hub id must be in the local Hugging Face cache or the hub must be reachable: otherwise fail now, not
+    after transformers' retries (~26 s). The cache is tried first (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json")
+    if isinstance(cached, str):
+        return
+    if hub_reachable():
+        return
+    import difflib
+
+    near = difflib.get_close_matches(spec, [SMOLLM2_ALIAS], n=1, cutoff=0.6)
+    hint = f"did you mean the alias {near[0]!r}? " if near else ""
+    raise ModelError(f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, not a local path, not in the local "
+                     f"Hugging Face cache, and the hub is unreachable from this machine: {hint}pass the alias, a "
+                     "local folder, or a hub id cached here")
+
+
+def check_model_spec(spec: str, cache_dir: str | os.PathLike | None = None) -> None:
+    """Fail now (:class:`ModelError`) for a spec that cannot load: an unknown name, a folder without weights, a
+    hub id neither cached here nor reachable. Loads nothing."""
+    _resolve(spec, cache_dir)
 
 
 def converted_dir(spec: str, cache_dir: str | os.PathLike) -> Path:
@@ -272,8 +328,14 @@ def load_base_model(
         convert_gguf(spec, cache_dir)  # first, so that the check below reads the folder, not the GGUF
     load_config(spec, cache_dir)  # clear errors for unknown or unsupported models before loading weights
     source, kwargs = _resolve(spec, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ModelError(f"could not load model {spec!r} from {source}: {err.__class__.__name__}: {first[:200]}. "
+                         "Pass a folder with config.json, weights and tokenizer files, or the alias "
+                         f"{SMOLLM2_ALIAS!r}") from err
     model.to(dev).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)

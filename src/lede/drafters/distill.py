@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lede.core.io import atomic_path
+from lede.core.io import atomic_path, safe_torch_load
 from lede.core.model import LoadedModel
 from lede.core.policy import DecodeState, Static
 from lede.core.rounds import Draft, Verdict, emit, run_round
@@ -231,7 +231,7 @@ def save_distill(path, sequences: list[Sequence], data: DistillSet, meta: dict) 
 
 
 def load_distill(path) -> tuple[list[Sequence], DistillSet, dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = safe_torch_load(path, what="distillation data")
     seqs = [Sequence(**s) for s in blob["sequences"]]
     data = DistillSet(blob["layers"], {int(k): v for k, v in blob["hidden"].items()}, blob["final"],
                       blob["target"], blob["seq"], blob["categories"])
@@ -253,5 +253,5 @@ def save_teacher(path, sequences: list[Sequence], meta: dict) -> None:
 
 
 def load_teacher(path: str | Path) -> tuple[list[Sequence], dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = safe_torch_load(path, what="teacher continuations")
     return [Sequence(**s) for s in blob["sequences"]], blob["meta"]

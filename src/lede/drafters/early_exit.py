@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lede.drafters.distill import Sequence, atomic_torch_save, top_vocab
-from lede.core.io import load_artefact
+from lede.core.io import load_artefact, safe_torch_load
 
 FORMAT = "lede-early-exit/1"
 FIT_EVERY = 5  # a budgeted run refits its schedule's horizon every this many steps, from its last FIT_WINDOW
@@ -273,7 +273,7 @@ def train_early_exit(
     step, curve, earlier_s = 0, [], 0.0  # earlier_s: training time of the runs this one resumes
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
-        blob = torch.load(ckpt, map_location=dev, weights_only=False)
+        blob = safe_torch_load(ckpt, EarlyExitError, "early-exit training checkpoint", map_location=dev)
         if blob.get("key") == key:
             for p, v in zip(params, blob["params"]):
                 p.data.copy_(v)

@@ -153,6 +153,26 @@ class BenchJournal:
     def _line(repeat: int, prompt: str, records: Sequence[BenchRecord]) -> str:
         return json.dumps({"repeat": repeat, "prompt": prompt, "records": [asdict(r) for r in records]})
 
+    def kernels(self, lm) -> dict:
+        """The ``meta`` entry for ``lm``'s CPU linear kernels, for :meth:`begin`: a journal being resumed re-applies
+        the kernels it recorded to ``lm`` (``lede.core.kernels.set_linear_kernels``; ``auto`` times them at each
+        load and may choose differently), so that the resumed records run on the same kernels as the first ones;
+        a fresh journal records ``lm``'s choice.
+
+            journal.begin(**journal.kernels(lm))
+        """
+        from lede.core.kernels import KernelChoice, set_linear_kernels
+
+        choice = getattr(lm, "kernels", None)
+        if not isinstance(choice, KernelChoice):
+            return {"kernels": None}  # transformers' layers untouched (GPU, bf16, kernels=torch): nothing to choose
+        saved = self.meta.get("kernels") if self._ours else None
+        if isinstance(saved, dict) and self.done:
+            set_linear_kernels(lm.model, saved["one_token"], saved["many_tokens"])
+            lm.kernels = KernelChoice(saved["one_token"], saved["many_tokens"], dict(saved.get("ms") or {}))
+            return {"kernels": saved}
+        return {"kernels": {"one_token": choice.one_token, "many_tokens": choice.many_tokens, "ms": dict(choice.ms)}}
+
     def append(self, repeat: int, prompt: str, records: Sequence[BenchRecord]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(self._line(repeat, prompt, records) + "\n")

@@ -16,6 +16,7 @@ forward over all actions, and takes the argmax over the actions valid in that ph
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lede.core.costs import CostModel
-from lede.core.io import atomic_path, atomic_write_text
+from lede.core.io import atomic_path, atomic_write_text, safe_torch_load
 from lede.rl.features import CREDITS, ActionSpace, FeatureTracker, decision_rewards, feature_names
 from lede.core.policy import DecodeState, Policy
 
@@ -357,9 +358,11 @@ class PolicyFile:
         nets = {"q_net": self.q_net.state_dict(), "arch": _arch(self.q_net)}
         if self.imitator is not None:
             nets.update(imitator=self.imitator.state_dict(), imitator_arch=_arch(self.imitator))
+        # plain data only (numpy scalars and tuples made Python's), so RLPolicy.load can use weights_only
+        plain = json.loads(json.dumps({k: v for k, v in self.__dict__.items() if k not in ("q_net", "imitator")},
+                                      default=lambda o: o.item() if hasattr(o, "item") else list(o)))
         with atomic_path(path) as tmp:
-            torch.save({"format": POLICY_FORMAT, **{k: v for k, v in self.__dict__.items()
-                                                    if k not in ("q_net", "imitator")}, **nets}, tmp)
+            torch.save({"format": POLICY_FORMAT, **plain, **nets}, tmp)
 
 
 def _arch(net: nn.Sequential) -> list[int]:
@@ -435,7 +438,7 @@ class RLPolicy:
 
     @classmethod
     def load(cls, path: str | Path, lm_name: str | None = None, exit_layers: Sequence[int] | None = None) -> "RLPolicy":
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = safe_torch_load(path, PolicyError, "lede policy file")
         if not isinstance(blob, dict) or blob.get("format") != POLICY_FORMAT:
             raise PolicyError(f"{path} is not a lede policy file ({POLICY_FORMAT})")
         if lm_name is not None and blob["model"] != lm_name:

@@ -265,5 +265,13 @@ def process_humaneval(doc: dict, results) -> dict:
 
     res = check_humaneval(doc["prompt"], _response(results), doc["test"], doc["entry_point"],
                           timeout_s=HUMANEVAL_TIMEOUT_S, memory_mb=HUMANEVAL_MEMORY_MB)
+    if res.containment not in _CONTAINMENT_LOGGED:  # which boundary the generated code ran behind, once per path
+        _CONTAINMENT_LOGGED.add(res.containment)
+        import logging
+
+        logging.getLogger(__name__).info("HumanEval sandbox containment: %s", res.containment)
     return {"pass@1": float(res.passed)}
+
+
+_CONTAINMENT_LOGGED: set[str] = set()
 
