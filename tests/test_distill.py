@@ -93,7 +93,7 @@ def test_adapter_training_raises_agreement_and_engine_stays_exact(setup, tmp_pat
     from_file = load_exit_heads(lm, moved / "exits" / "selected.json")
     hd = data.hidden[1][:5].to(lm.dtype)
     assert sorted(from_file) == [1, 3, 5] and torch.equal(from_file[1](hd), heads[1](hd))
-    with pytest.raises(FileNotFoundError, match="exit_report"):
+    with pytest.raises(AdapterError, match="exit_report"):
         load_exit_heads(lm, tmp_path / "run" / "exits" / "selected.json")
     dec = Decoder(lm, exit_heads=heads)
     for s in seqs:
