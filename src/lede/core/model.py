@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -27,6 +28,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -191,6 +193,12 @@ def _check_local_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelError(f"model folder {path} has no config.json: pass a transformers model folder "
                          "(save_pretrained) or the alias " + repr(SMOLLM2_ALIAS))
+    try:  # an unsupported architecture is the first thing to say, with or without weights
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None  # transformers' own loading names what is wrong with the file
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        check_supported(SimpleNamespace(model_type=model_type))
     if not any((path / w).is_file() for w in WEIGHT_FILES) and not any(path.glob("*.gguf")):
         raise ModelError(f"model folder {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
                          "copy the weights there or pass another model")
