@@ -72,6 +72,11 @@ class RoundSource(Protocol):
         """Verify the pending token + ``drafts`` (``layer`` None when nothing was drafted)."""
 
 
+def no_clock() -> float:
+    """The clock of a replay: replayed rounds take no wall time (the cost model prices them)."""
+    return 0.0
+
+
 def accepted_prefix(target: torch.Tensor, drafts: Sequence[int]) -> int:
     """Greedy acceptance: how many leading drafts equal the full model's argmax ``target`` [K+1] at their position."""
     k = len(drafts)
@@ -84,7 +89,7 @@ def accepted_prefix(target: torch.Tensor, drafts: Sequence[int]) -> int:
 def run_round(state: DecodeState, policy: Policy, source: RoundSource, max_draft_len: int,
               clock: Callable[[], float] = time.perf_counter) -> RoundOutcome:
     """One draft → verify round on ``state`` (appends its ``RoundRecord``; does not append the emitted tokens:
-    :func:`emit` does). ``clock`` times the policy, drafting and verification (a replay passes ``lambda: 0.0``)."""
+    :func:`emit` does). ``clock`` times the policy, drafting and verification (a replay passes :func:`no_clock`)."""
     budget = state.max_new_tokens - len(state.tokens)  # tokens we may still emit
     t = clock()
     layer = policy.choose_exit(state)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lede.core.io import atomic_path, safe_torch_load
 from lede.core.model import LoadedModel
 from lede.core.policy import DecodeState, Static
-from lede.core.rounds import Draft, Verdict, emit, run_round
+from lede.core.rounds import Draft, Verdict, emit, no_clock, run_round
 
 
 @dataclass
@@ -186,17 +186,13 @@ def replay_static(runs: torch.Tensor, seq: torch.Tensor, draft_len: int) -> Repl
         state = DecodeState(2, 0, j - i, tokens=[0])
         source = _RunSource(r, i)
         while len(state.tokens) < state.max_new_tokens:
-            emit(state, run_round(state, policy, source, draft_len, clock=_no_clock).emitted, ())
+            emit(state, run_round(state, policy, source, draft_len, clock=no_clock).emitted, ())
         out.rounds += len(state.rounds)
         out.drafted += sum(x.drafted for x in state.rounds)
         out.accepted += sum(x.accepted for x in state.rounds)
         out.tokens += len(state.tokens) - 1
         i = j
     return out
-
-
-def _no_clock() -> float:
-    return 0.0
 
 
 class _RunSource:

@@ -54,7 +54,7 @@ from lede.drafters.distill import DistillSet, Sequence, accepted_runs
 from lede.rl.oracle import Oracle
 from lede.core.lookup import lookup_runs
 from lede.core.policy import LOOKUP, DecodeState, Policy, RoundRecord, top_prob_margin_entropy
-from lede.core.rounds import Draft, Verdict, emit, run_round
+from lede.core.rounds import Draft, Verdict, emit, no_clock, run_round
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,12 @@ class ReplayDecoder:
         approx: list[bool] = []
         finish = "eos" if c[0] in self._eos else "length"
         while finish == "length" and len(state.tokens) < budget:
-            outcome = run_round(state, policy, source, self.max_draft_len, clock=_no_clock)
+            outcome = run_round(state, policy, source, self.max_draft_len, clock=no_clock)
             approx += [not e for e in outcome.exact]
             finish = emit(state, outcome.emitted, self._eos) or "length"
         self.decisions += len(approx)
         self.approx_decisions += sum(approx)
         return ReplayGeneration(state.tokens, state.rounds, finish, approx)
-
-
-def _no_clock() -> float:
-    return 0.0  # replayed rounds take no wall time: the cost model prices them
 
 
 class _TableSource:
