@@ -63,7 +63,7 @@ def _end_to_end(data_dir: str, per_category: int = 1, max_new_tokens: int = 128,
     print(format_summary(summarize(records)))
 
 
-if __name__ == "__main__":  # python -m lede.eval.kernel_bench [--end-to-end --data-dir ../shared/data]
+if __name__ == "__main__":  # python -m lede.eval.kernel_bench [--end-to-end]
     import argparse
 
     ap = argparse.ArgumentParser(description="lede's CPU kernels against torch's, on this machine")

@@ -7,7 +7,7 @@ Importing this module registers the model name ``lede`` with ``lm_eval.api.regis
     import lm_eval
     out = lm_eval.simple_evaluate(
         model="lede", model_args="model=smollm2-135m,policy=static:8:4",
-        tasks=["lede_gsm8k"], task_manager=task_manager("../shared/data"),
+        tasks=["lede_gsm8k"], task_manager=task_manager("data"),
         apply_chat_template=True, limit=5, log_samples=True)
 
 Command line. lm-eval 0.4.13 has no plugin discovery for models, so a bare ``lm-eval run --model lede``
@@ -16,7 +16,7 @@ does not know the name; ``python -m lede.eval.lm_eval_model`` is lm-eval's own C
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lede.eval.lm_eval_model run --model lede \\
         --model_args model=smollm2-135m,policy=static:8:4,speed_log=out/speed.jsonl \\
-        --include_path src/lede/eval/tasks --metadata data_dir=../shared/data \\
+        --include_path src/lede/eval/tasks --metadata data_dir=data \\
         --tasks lede_gsm8k --apply_chat_template --limit 5 --log_samples --output_path out
 
 Model arguments (``--model_args key=value,...``):

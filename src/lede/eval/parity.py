@@ -3,7 +3,7 @@
     from lede.eval.parity import run_parity
     report = run_parity("results/parity", methods=["static:8:4", "static:12:2"],
                         tasks=["lede_gsm8k", "lede_spec_bench_summarization"], limit=20,
-                        data_dir="../shared/data")
+                        data_dir="data")
     print(report.to_markdown())
 
 :func:`run_parity` loads the model once, runs ``lm_eval.simple_evaluate`` with the ``lede`` model for

