@@ -114,6 +114,10 @@ CASES = [
     (["generate", "--prompt", "hi", "--autoregressive", "--device", "cuda:0"], "CUDA is not available"),
     (["generate", "--prompt", "hi", "--autoregressive", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["generate", "--prompt", "hi", "--autoregressive", "--kernels", "fast"], "invalid choice: 'fast'"),
+    (["costs", "--contexts", "256,x"], "--contexts '256,x': expected comma-separated integers"),
+    (["costs", "--tokens", "0,1"], "--tokens '0,1': expected distinct integers >= 1"),
+    (["costs", "--repeats", "0"], "--repeats=0 must be >= 1"),
+    (["costs", "--bandwidth-mb", "1"], "--bandwidth-mb=1 must be >= 64"),
 ]
 
 
@@ -146,3 +150,45 @@ def test_a_policy_for_other_exit_layers_is_refused(files, policy_file, capsys):
     other.write_text(json.dumps({"vocab": None, "layers": {"1": None, "3": None}}))
     rc = main(["bench", "--prompt-file", str(prompts), "--exit-heads", str(other), "--configs", f"mine={policy_file}"])
     assert rc == 2 and "candidate layers" in capsys.readouterr().err
+
+
+def test_costs_probes_the_floor_and_writes_the_issue_shape(files, capsys, monkeypatch):
+    """`lede costs` on the tiny model: bandwidth, weight bytes, floor, T-token passes per kernel, plain decoding per
+    kernel beside transformers' generate, the JSON in the shape the issue asks for; a context past the model's positions
+    is one line before any timing."""
+    import torch
+
+    import lede.eval.cost_probe as probe
+    from lede.core.kernels import KernelChoice, use_cpu_kernels
+    from lede.testing import tiny_model
+
+    def float32_on_our_kernels(*a, **k):
+        lm = tiny_model("llama", num_layers=4, dtype=torch.float32, seed=3)
+        use_cpu_kernels(lm.model)
+        lm.kernels = KernelChoice("lede", "lede")
+        return lm
+
+    monkeypatch.setattr("lede.drafters.loading.load_model", float32_on_our_kernels)
+    tmp, _, _ = files
+    monkeypatch.setattr(probe, "read_bandwidth", lambda mb, repeats: [10.0, 12.0])  # no 2 GiB buffer in a unit test
+    out = tmp / "floor.json"
+    argv = ["costs", "--contexts", "16,40", "--tokens", "1,2,3", "--repeats", "2", "--decode-prompts", "2",
+            "--max-new-tokens", "6", "--flip-positions", "20", "--threads", "1", "--json", str(out)]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    assert got["bandwidth_gb_s"] == 11.0 and got["weight_bytes"] > 0
+    assert got["floor_ms"] == pytest.approx(got["weight_bytes"] / 11e9 * 1e3, rel=1e-3)
+    assert set(got["contexts"]) == {"16", "40"}
+    for ctx in got["contexts"].values():
+        assert set(ctx["ms"]) == {"1", "2", "3"} and set(ctx["ratio_to_one_token"]) == {"2", "3"}
+        assert ctx["ratio_to_one_token"]["3"] == pytest.approx(ctx["ms"]["3"] / ctx["ms"]["1"], rel=1e-2)
+    assert got["one_token_over_floor"] == pytest.approx(got["contexts"]["16"]["ms"]["1"] / got["floor_ms"], rel=1e-2)
+    assert "torch" in got["by_kernel"] and len(got["targets"]) == 3
+    assert set(got["decode"]["tokens_per_s"]) >= {"hf_generate", "torch"}
+    assert got["decode"]["identity_rate"]["torch"] == 1.0  # a random tiny model has no near-ties: the same tokens
+    flips = got["width_agreement"]
+    assert {"chosen/5", "chosen/9", "torch/9"} <= set(flips) and flips["chosen/5"]["positions"] == 20
+    assert all(f["argmax_differs"] == len(f["top2_margin_at_differences"]) for f in flips.values())
+    assert "floor" in capsys.readouterr().out
+    assert main(["costs", "--contexts", "505"]) == 2  # + 9 tokens > the tiny model's 512 positions
+    assert "exceed the model's 512 positions" in capsys.readouterr().err

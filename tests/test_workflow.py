@@ -119,7 +119,7 @@ def test_test_config_runs_the_whole_dag():
     # ~30 jobs, each loading the model (~20 s on a fast 2-core host, ~60 s on a slow one): 15-35 minutes
     res = smk("--cores", "2", "--configfile", ".test/config.yaml", timeout=3000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for rel in ("exits/report.md", "exits/selected.json", "costs.json", "sweep/best_static.json", "bench/eval.md",
+    for rel in ("exits/report.md", "exits/selected.json", "costs.json", "floor.json", "sweep/best_static.json", "bench/eval.md",
                 "rl/experience.parquet", "rl/experience.h5", "rl/policy_DiscreteCQL_s0.pt", "eval/summary.md",
                 "rl/replay_eval.md",
                 "early_exit/weights.pt", "early_exit/report.md", "early_exit/bench.md",
@@ -127,6 +127,9 @@ def test_test_config_runs_the_whole_dag():
                 "notebooks/quality_parity.ipynb", "figures/quality_parity.png", "tables/quality_parity.md"):
         assert (out / rel).stat().st_size > 0, rel
     assert not list(out.rglob("*.journal.jsonl"))  # the benchmarks' resume journals go once their outputs are written
+    floor = json.loads((out / "floor.json").read_text())  # the cost model's job also probes the memory floor
+    assert floor["floor_ms"] > 0 and set(floor["contexts"]) == {"32", "128"}
+    assert set(floor["contexts"]["32"]["ms"]) == {"1", "2", "3"}  # T <= max draft length + 1 = 4
     # the .test config enables the early-exit variant: every later stage ran on it
     assert "smollm2-135m-ee" in (out / "early_exit/bench.md").read_text()
     assert "## Fit: agreement with the base model's greedy tokens" in (out / "early_exit/report.md").read_text()

@@ -1,4 +1,4 @@
-"""Command line: ``lede generate`` and ``lede bench``.
+"""Command line: ``lede generate``, ``lede bench`` and ``lede costs``.
 
 Every mistake in the input (a bad value, a missing or malformed file, an unknown model) ends with one line on
 stderr, ``lede: error: <what is wrong and the fix>``, and exit status 2 (argparse's own), and the values and
@@ -12,6 +12,7 @@ adaptive:L[:K0], confidence:L:T, dynamic, file:PATH.
     lede bench --model smollm2-135m --per-category 2 --configs static:8:4,lookup:3,hf
     lede bench --prompt-file my_prompts.jsonl --configs 12:3 --out results/bench.json
     lede bench --exit-heads results/exits/selected.json --configs 2:1,lede=file:results/rl/policy_DiscreteCQL_s0.pt
+    lede costs --json results/floor.json     # read bandwidth, the floor of a pass, T = 1..9 tokens per kernel
 """
 
 from __future__ import annotations
@@ -91,6 +92,14 @@ def _check_args(args) -> None:
         if args.policy_spec.draft_len is not None and args.policy_spec.draft_len > args.max_draft_len:
             raise CLIError(f"policy {args.policy_spec.text!r}: draft length {args.policy_spec.draft_len} exceeds "
                            f"--max-draft-len={args.max_draft_len}: lower it or raise --max-draft-len")
+    elif args.command == "costs":
+        args.context_list = _int_list(args.contexts, "--contexts", 1)
+        args.token_list = _int_list(args.tokens, "--tokens", 1)
+        for name, low in (("repeats", 1), ("bandwidth_mb", 64), ("decode_prompts", 0), ("flip_positions", 0)):
+            if getattr(args, name) < low:
+                raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+        if (args.decode_prompts or args.flip_positions) and args.data_dir and not Path(args.data_dir).is_dir():
+            raise CLIError(f"--data-dir {args.data_dir}: no such folder: pass the folder with spec_bench/ or leave it out")
     else:
         for name, low in (("per_category", 1), ("repeats", 1), ("warmup", 0)):
             if getattr(args, name) < low:
@@ -113,6 +122,16 @@ def _check_args(args) -> None:
                 if not args.exit_heads:
                     raise CLIError(f"--configs {name or spec.text} is a learned policy: pass --exit-heads with the "
                                    "selection file its exit heads came from (results/exits/selected.json)")
+
+
+def _int_list(text: str, option: str, low: int) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{option} {text!r}: expected comma-separated integers, e.g. 256,2048") from None
+    if not values or min(values) < low or len(set(values)) != len(values):
+        raise CLIError(f"{option} {text!r}: expected distinct integers >= {low}")
+    return values
 
 
 def _generate_spec(args):
@@ -142,7 +161,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed, and recorded, for benchmarks)")
     p.add_argument("--kernels", choices=KERNEL_OPTIONS, default="auto",
-                   help="CPU float32 linear kernels: auto (default) times lede's and torch's at load and keeps the faster per pass width; lede or torch fix them (src/lede/kernels.py)")
+                   help="CPU float32 linear kernels: auto (default) times each at load and keeps oneDNN's unless another is "
+                        "faster by over 10%% per pass width; onednn, lede or torch fix them (src/lede/core/kernels.py)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-draft-len", type=int, default=16, help="the loop's hard cap on drafted tokens per round")
 
@@ -259,6 +279,39 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_costs(args) -> int:
+    from lede.data import DEFAULT_DATA_DIR, prompt_pool
+    from lede.drafters.loading import load_model
+    from lede.eval.bench import BenchPrompt, write_json
+    from lede.eval.cost_probe import plain_decoding_by_kernel, probe_floor, width_agreement
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
+                    cache_dir=args.model_cache or None, kernels=args.kernels)
+    limit = lm.model.config.max_position_embeddings
+    if max(args.context_list) + max(args.token_list) > limit:
+        raise CLIError(f"--contexts {args.contexts}: {max(args.context_list)} + {max(args.token_list)} tokens exceed "
+                       f"the model's {limit} positions: lower --contexts")
+    decode_prompts = []
+    if args.decode_prompts:  # chosen, and checked against the model's positions, before any timing
+        pool = prompt_pool(args.data_dir or DEFAULT_DATA_DIR, "eval", per_category=1, include_extra=False)
+        encoded = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.text))) for p in pool]
+        decode_prompts = [p for p in encoded if len(p.ids) + args.max_new_tokens <= limit][: args.decode_prompts]
+        if not decode_prompts:
+            raise CLIError(f"no evaluation prompt fits the model's {limit} positions with --max-new-tokens="
+                           f"{args.max_new_tokens}: lower it or pass --decode-prompts 0")
+    probe = probe_floor(lm, args.context_list, args.token_list, repeats=args.repeats, bandwidth_mb=args.bandwidth_mb)
+    if decode_prompts:
+        probe.decode = plain_decoding_by_kernel(lm, decode_prompts, max_new_tokens=args.max_new_tokens)
+    if args.flip_positions:  # the evaluation prompts' tokens, one after another, teacher-forced
+        pool = prompt_pool(args.data_dir or DEFAULT_DATA_DIR, "eval", per_category=2, include_extra=False)
+        stream = [t for p in pool for t in lm.encode_chat(p.text)][: min(limit - 16, 32 + args.flip_positions)]
+        probe.widths = width_agreement(lm, stream, prefix=32, widths=(5, 9))
+    print(probe.format())
+    if args.json:
+        write_json(args.json, probe.to_json())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="lede", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--out", help="write records and summary as JSON here")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("costs", help="the memory floor of a decoding pass, and passes of T tokens per linear kernel")
+    _common(c)
+    c.add_argument("--contexts", default="256,2048", help="cached tokens before the timed pass, comma-separated")
+    c.add_argument("--tokens", default="1,2,3,5,9", help="tokens per timed pass, comma-separated")
+    c.add_argument("--repeats", type=int, default=7, help="timed passes per item (interleaved; median)")
+    c.add_argument("--bandwidth-mb", type=int, default=2048, help="buffer of the read-bandwidth probe (> the caches)")
+    c.add_argument("--decode-prompts", type=int, default=3,
+                   help="also plain decoding per kernel and transformers' generate on this many prompts (0: skip)")
+    c.add_argument("--flip-positions", type=int, default=256,
+                   help="teacher-forced positions at which 1-token and 5-/9-token passes are compared (0: skip)")
+    c.add_argument("--data-dir", default=None, help="folder with spec_bench/ (default: the repository's data/)")
+    c.add_argument("--json", metavar="FILE", help="write the probe as JSON here")
+    c.set_defaults(func=cmd_costs, max_new_tokens=64)
 
     args = parser.parse_args(argv)
     from lede.eval.sandbox import SandboxError

@@ -75,7 +75,8 @@ ADAPTERS = expand(rules.train_adapter.output.adapter, layer=LAYERS, design=DESIG
 rule cost_model:
     """Time of a draft step per exit layer (with its adapter and draft vocabulary; draft_ms: the first design,
     draft_design_ms: every design) and of verifying K+1 tokens, on the machine that runs this rule, at the
-    base context and at each long context."""
+    base context and at each long context; and the memory floor of a pass against what passes of 1-9 tokens cost
+    with each CPU kernel (floor.json, the same probe as `lede costs`)."""
     input:
         model_files=MODEL_FILES,
         data=DISTILL["train"],
@@ -83,6 +84,7 @@ rule cost_model:
         code=src("eval.cost_probe", "core.costs", "core.engine", "core.exits", "core.model", "core.lookup"),
     output:
         costs=f"{R}/costs.json",
+        floor=f"{R}/floor.json",
     params:
         **common_params(),
         layers=DRAFTERS,
@@ -91,6 +93,7 @@ rule cost_model:
         context_len=config["costs"]["context_len"],
         long_contexts=config["costs"]["long_contexts"],
         repeats=config["costs"]["repeats"],
+        bandwidth_mb=config["costs"]["bandwidth_mb"],
         vocab_size=EXITS["vocab_size"],
     threads: config["threads"]
     log:

@@ -1,12 +1,15 @@
 """Rule cost_model: time draft steps (per exit layer, with adapter and draft vocabulary) and
-verification passes (per K) on this machine."""
+verification passes (per K) on this machine; then the memory floor of a pass and passes of 1..9 tokens per CPU
+kernel (``lede.eval.cost_probe.probe_floor``, what `lede costs` runs)."""
 
+import json
 import logging
 
 from lede.study import adapter_files, exit_layers, load_lm, setup
 
 p = setup(snakemake)  # noqa: F821
-from lede.eval.cost_probe import measure_costs  # noqa: E402
+from lede.eval.cost_probe import FLOOR_TOKENS, measure_costs, probe_floor  # noqa: E402
+from lede.core.io import atomic_write_text  # noqa: E402
 from lede.core.engine import Decoder  # noqa: E402
 from lede.core.exits import build_exit_heads, load_adapter  # noqa: E402
 
@@ -22,4 +25,8 @@ costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len,
 for c in [costs, *costs.by_context.values()]:
     logging.info("context %d: plain step %.2f ms; draft %s; by design %s; verify %s; spread %s", c.context_len,
                  c.plain_ms, c.draft_ms, c.draft_design_ms, c.verify_ms, c.spread)
-costs.save(snakemake.output[0])  # noqa: F821
+floor = probe_floor(lm, [p.context_len, *p.long_contexts], [t for t in FLOOR_TOKENS if t <= p.max_draft_len + 1],
+                    bandwidth_mb=p.bandwidth_mb)
+logging.info("memory floor:\n%s", floor.format())
+atomic_write_text(snakemake.output.floor, json.dumps(floor.to_json(), indent=1))  # noqa: F821
+costs.save(snakemake.output.costs)  # noqa: F821

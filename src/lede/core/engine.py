@@ -243,22 +243,33 @@ class Decoder:
     def head(self, layer: int) -> ExitHead:
         return self.exit_heads.get(layer, self.plain_head)
 
-    def _run(self, blocks, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
-        """Run decoder layers ``blocks`` on h [1, T, D] at positions pos0 .. pos0+T-1 of ``cache``."""
-        t = h.shape[1]
+    def _pass_inputs(self, t: int, pos0: int, device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The mask and rotary tables of T tokens at positions pos0 .. pos0+T-1: (mask [1, 1, T, pos0+T] or None for
+        T = 1, cos [1, T, hd], sin [1, T, hd])."""
         cos, sin = self._rope
-        pe = (cos[:, pos0 : pos0 + t], sin[:, pos0 : pos0 + t])
         mask = None
         if t > 1:  # explicit bottom-right-aligned causal mask: sdpa's is_causal is top-left aligned
-            q_pos = torch.arange(pos0, pos0 + t, device=h.device)[:, None]
-            mask = (torch.arange(pos0 + t, device=h.device)[None, :] <= q_pos)[None, None]  # [1,1,T,pos0+T]
+            q_pos = torch.arange(pos0, pos0 + t, device=device)[:, None]
+            mask = (torch.arange(pos0 + t, device=device)[None, :] <= q_pos)[None, None]  # [1,1,T,pos0+T]
+        return mask, cos[:, pos0 : pos0 + t], sin[:, pos0 : pos0 + t]
+
+    def _run(self, blocks, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
+        """Run decoder layers ``blocks`` (modules) on h [1, T, D] at positions pos0 .. pos0+T-1 of ``cache``."""
+        mask, cos, sin = self._pass_inputs(h.shape[1], pos0, h.device)
         for layer in blocks:
-            h = layer(h, attention_mask=mask, position_embeddings=pe, cache=cache, use_cache=True)
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), cache=cache, use_cache=True)
         return h
 
     def _layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache) -> torch.Tensor:
-        """Run layers [start, end) on h [1, T, D], at positions cache.lengths[start] .. +T-1."""
-        return self._run(self.layers[start:end], h, cache, cache.lengths[start])
+        """Run layers [start, end) on h [1, T, D], at positions cache.lengths[start] .. +T-1 (through the model's
+        ``fast_layers``, ``lede.core.fastpath``, where it has them)."""
+        fast = self.lm.fast_layers
+        if fast is None:
+            return self._run(self.layers[start:end], h, cache, cache.lengths[start])
+        mask, cos, sin = self._pass_inputs(h.shape[1], cache.lengths[start], h.device)
+        for i in range(start, end):
+            h = fast.run(i, h, cache, mask, cos, sin)
+        return h
 
     def _context(self, context: nn.Module, ctx: ContextCache, h: torch.Tensor) -> torch.Tensor:
         """A context adapter on h [1, T, D] (the next positions), consuming its backlog in the same pass (one

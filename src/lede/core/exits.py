@@ -179,8 +179,11 @@ class ExitHead(nn.Module):
         self.context = adapter if isinstance(adapter, ContextLayer) else None
         self.adapter = None if self.context is not None else adapter
         self.vocab = vocab
+        self._sub = None  # the head's rows of ``vocab`` as a CpuLinear on the model's kernels, where it has them
         if vocab is not None:
             self.register_buffer("sub_weight", lm_head.weight[vocab].detach().clone(), persistent=False)
+            if hasattr(lm_head, "rows"):  # lede.core.kernels.CpuLinear (duck-typed: exits sit beside kernels)
+                self.__dict__["_sub"] = lm_head.rows(vocab)  # not a submodule: its weight is sub_weight's copy
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
         if self.adapter is not None:
@@ -188,7 +191,7 @@ class ExitHead(nn.Module):
         h = self.norm(h)
         if self.vocab is None:
             return self.lm_head(h)
-        sub = h @ self.sub_weight.T  # [..., |vocab|]
+        sub = self._sub(h) if self._sub is not None else h @ self.sub_weight.T  # [..., |vocab|]
         full = sub.new_full((*sub.shape[:-1], self.lm_head.weight.shape[0]), float("-inf"))
         return full.index_copy_(-1, self.vocab, sub)
 

@@ -1,78 +1,148 @@
-"""Faster fp32 kernels for small-batch decoding on CPU: linear layers and masked attention.
+"""CPU float32 kernels for small-batch decoding: the linear layers and masked attention.
 
-On the 2-core CPU of our machines, transformers' layers pick slow kernels for the shapes of decoding.
-Linear: with one row, ``x @ W^T`` from a transposed weight copy (this module's earlier path) cost 45 ms
-per SmolLM2 step, and ``F.linear``'s GEMV 28-54 ms depending on what ran before it (alone: 54 ms);
-``W @ X^T`` with the token count as the narrow side (a GEMM) takes 28 ms steadily, so a one-token step
-is computed as a two-row product of the token with itself (the arithmetic doubles, but the step is bound
-by reading the weights). Outputs are made contiguous: a transposed output sent later ops, and attention,
-to their slow strided paths. Attention with several query tokens and an explicit mask (a verification
-pass; prefill) made transformers' "sdpa" repeat the key/value heads (grouped-query attention) and fall
-back to the math kernel; ``lede_sdpa`` calls SDPA with ``enable_gqa`` and the mask instead, which stays
-on the fused CPU kernel.
+A decoding pass of a small model on a CPU is bound by reading the weights (SmolLM2-135M: 538 MB per full pass),
+so a pass of T = 1..9 tokens should cost about what one token costs. ``CpuLinear`` replaces every ``nn.Linear`` of
+the decoder and the LM head and routes one-token and several-token calls to one of three kernels:
 
-Measured on a SmolLM2-135M forward (30 layers + LM head, fp32, 2 threads; ms, median of 10 after
-warm-up; T tokens in one pass over a cache of ``ctx`` tokens; ``python -m lede.eval.kernel_bench`` measures both
-interleaved on the machine at hand):
+* ``onednn``: the weight is reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
+  a copy made at the first call) and multiplied by ``torch.ops.mkldnn._linear_pointwise``. It is near the best at
+  T = 1 and nearly flat up to T = 9, and it is **batch-invariant**: every row of an M-row product is bit-identical
+  to the same row computed alone, for M = 2..17. For M = 1 oneDNN reduces a long inner dimension in another order,
+  so a one-row product is computed as the first row of the row duplicated (the extra row costs nothing in a
+  memory-bound GEMM). ``tests/test_kernels.py`` checks the invariance on the model's weight shapes.
+* ``lede``: ``W @ X^T`` with the token count as the narrow side (one token as a two-row product of the token with
+  itself): flat in T, but about twice the floor at T = 1 on some CPUs.
+* ``torch``: ``F.linear`` (MKL): good at T = 1..2, it repacks the weight per call for M >= 3 and grows with T.
 
-    ctx   T:  1     2     3     5        kernels
-    256      46    46    52    56        F.linear-style GEMV (T=1) / transposed GEMM output (T>1), "sdpa"
-    256      31    28    36    44        this module
-    2048     52    81    93    96        before
-    2048     37    41    52    64        this module
+Which is fastest depends on the CPU, so ``load_model(kernels="auto")`` times them at load
+(``lede.core.tuning``); ``lede costs`` (``lede.eval.cost_probe.probe_floor``) measures them against the memory
+floor. The measurements are in ``docs/measurement_log.md``.
 
-Which linear kernel is faster depends on the CPU. On a later host (Xeon, 2026-12-02) it went the other way: one-token
-passes took 72-84 ms on the two-row GEMM and 38-46 ms on ``F.linear``'s GEMV, and plain decoding ran 1.69-1.81x
-faster on torch's kernels than on ours, level with transformers' own ``generate`` (interleaved, 6 prompts, with and
-without exit heads loaded). ``lede.core.tuning.tune_cpu_kernels`` times a one-token step and a several-token pass with both
-(interleaved, after warm-up) and keeps the faster for each (ours unless torch's wins by over 10%, so that close
-calls do not flip from job to job); ``load_model(kernels="auto")`` does it at load (~3 s) and records the choice in
-``LoadedModel.kernels``. The study's config and the CLI default to ``auto``; ``load_model``'s default stays
-``"lede"`` so that library calls and tests compute the same on every run. (An earlier end-to-end reading on that host,
-``python -m lede.eval.kernel_bench --end-to-end``, had found the kernels level; the one-process runs above did not reproduce it.)
+Attention with several query tokens and an explicit mask (a verification pass; prefill) made transformers' "sdpa"
+repeat the key/value heads (grouped-query attention) and fall back to the math kernel; ``lede_sdpa`` calls SDPA with
+``enable_gqa`` and the mask instead, which stays on the fused CPU kernel. SDPA is not batch-invariant: a query row
+attended alone and inside a T-row masked call differ in the last bits, so a speculative pass can still differ from
+a one-token pass at a near-tie (the identity rate is measured, ``lede.eval.parity``).
 
-``CpuLinear`` is the same maths with a different summation order, so results can differ from
-``F.linear`` in the last bits (a near-tie can flip a greedy choice, as with any change of kernel);
-``lede_sdpa`` is SDPA's own fused kernel. ``load_model`` applies both on CPU in float32 by default
-(``use_cpu_kernels``); ``kernels="torch"`` keeps transformers' layers untouched, and
-``reference_kernels`` times transformers' own path on the same model.
+Every kernel is the same maths with its own summation order, so results differ from ``F.linear`` in the last bits;
+``kernels="torch"`` keeps transformers' layers untouched, and ``reference_kernels`` times transformers' own path on
+the same model.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from contextlib import contextmanager, nullcontext
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+KERNELS = ("onednn", "lede", "torch")  # the linear kernels; onednn first: the default where oneDNN is available
+#: ``load_model(kernels=...)``, ``--kernels`` and config ``kernels`` (schema enum; a test keeps them equal).
+KERNEL_OPTIONS = ("auto", *KERNELS)
+
+
+def onednn_available() -> bool:
+    """Whether this torch build can run the ``onednn`` kernel (oneDNN compiled in and its linear ops present)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def available_kernels() -> tuple[str, ...]:
+    """The linear kernels this machine can run, in ``KERNELS`` order."""
+    return tuple(k for k in KERNELS if k != "onednn" or onednn_available())
+
 
 class CpuLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """An ``nn.Linear`` whose one-row and several-row calls go to the kernel named by ``one_token`` /
+    ``many_tokens`` (``KERNELS``; set by ``set_linear_kernels``). Autograd (a trainable weight with grad enabled)
+    always takes ``F.linear``."""
+
+    def __init__(self, linear: nn.Linear, one_token: str = "lede", many_tokens: str = "lede"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # [out, in], shared (the LM head may be tied to the embedding)
         self.bias = linear.bias
-        self.one_row, self.many_rows = True, True  # this module's GEMM for 1 / for several rows; else F.linear
+        self.one_token, self.many_tokens = one_token, many_tokens
+        self._packed: tuple[int, torch.Tensor] | None = None  # (weight version, oneDNN-reordered copy)
 
     @property
     def enabled(self) -> bool:
         """False: F.linear for every call (``reference_kernels``, or ``set_linear_kernels(model, "torch", "torch")``)."""
-        return self.one_row or self.many_rows
+        return self.one_token != "torch" or self.many_tokens != "torch"
+
+    def packed(self) -> torch.Tensor:
+        """The weight in oneDNN's layout, made at the first ``onednn`` call and again if the weight changed."""
+        version = (_version(self.weight), self.weight.data_ptr())  # changed in place, or replaced
+        if self._packed is None or self._packed[0] != version:
+            with torch.no_grad():
+                self._packed = (version, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), None))
+        return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows = x.shape[:-1].numel()
-        if not (self.one_row if rows == 1 else self.many_rows) or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return nn.functional.linear(x, self.weight, self.bias)  # reference path; training
+        kernel = self.one_token if rows == 1 else self.many_tokens
+        if kernel == "torch" or (torch.is_grad_enabled() and self.weight.requires_grad) or x.dtype != torch.float32:
+            return nn.functional.linear(x, self.weight, self.bias)  # reference path; training; other dtypes
         x2 = x.reshape(rows, -1)  # [rows, in]
-        if rows == 1:  # two copies of the row: a GEMM, faster here than the GEMV for one
+        if kernel == "onednn":
+            # one row as row 0 of the row twice: oneDNN's M = 1 path sums in another order than M >= 2 (batch invariance)
+            y = torch.ops.mkldnn._linear_pointwise(x2.expand(2, -1) if rows == 1 else x2, self.packed(), self.bias,
+                                                  "none", [], "")[:rows]  # [rows, out]
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if rows == 1:  # two copies of the row: a GEMM, faster on some CPUs than the GEMV for one
             y = (self.weight @ torch.cat([x2, x2]).T)[:, 0].contiguous()  # [out]
         else:
             y = (self.weight @ x2.T).T.contiguous()  # [out, rows] -> [rows, out]
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def rows(self, index: torch.Tensor) -> "CpuLinear":
+        """A CpuLinear over the output rows ``index`` of this one (a reduced-vocabulary draft head) that follows this
+        one's kernel routing (``set_linear_kernels`` on the model reaches it through its parent)."""
+        return _Follower([self], lambda ws: ws[0][index])
+
+    @staticmethod
+    def fused(parts: list["CpuLinear"]) -> "CpuLinear":
+        """One CpuLinear computing ``parts`` side by side (their output rows stacked: q/k/v, gate/up), in one GEMM that
+        reads each weight once; it follows ``parts[0]``'s kernel routing and re-stacks if a part's weight changes."""
+        return _Follower(parts, torch.cat)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change in place)
+        return 0
+
+
+class _Follower(CpuLinear):
+    """A CpuLinear whose weight is made from other CpuLinears' (``make([weights]) -> weight``, biases likewise) and
+    whose kernels are the first one's at every call. The sources are not submodules: they belong to the model."""
+
+    def __init__(self, sources: list[CpuLinear], make):
+        nn.Module.__init__(self)
+        self.__dict__["_sources"], self.__dict__["_make"] = list(sources), make
+        self.one_token, self.many_tokens = sources[0].one_token, sources[0].many_tokens
+        self._packed, self._made = None, None
+        self._remake()
+
+    def _remake(self) -> None:
+        src = self._sources
+        with torch.no_grad():
+            self.weight = self._make([m.weight.detach() for m in src]).contiguous()
+            self.bias = self._make([m.bias.detach() for m in src]).contiguous() if src[0].bias is not None else None
+        self.out_features, self.in_features = self.weight.shape
+        self._made = [_version(m.weight) for m in src]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self._sources
+        if self._made != [_version(m.weight) for m in src]:
+            self._remake()
+        self.one_token, self.many_tokens = src[0].one_token, src[0].many_tokens
+        return super().forward(x)
 
 
 ATTENTION = "lede_sdpa"
@@ -107,17 +177,12 @@ def use_cpu_kernels(model: nn.Module) -> int:
     return count
 
 
-KERNELS = ("lede", "torch")  # lede: CpuLinear's GEMM; torch: F.linear
-#: ``load_model(kernels=...)``, ``--kernels`` and config ``kernels`` (schema enum; a test keeps them equal).
-KERNEL_OPTIONS = ("auto", *KERNELS)
-
-
 @dataclass
 class KernelChoice:
     """The linear kernels kept for one-token passes (plain decoding, drafting) and for passes of several tokens
     (verification, prefill), with the timings they were chosen by."""
 
-    one_token: str  # "lede" | "torch"
+    one_token: str  # one of KERNELS
     many_tokens: str
     ms: dict[str, float] = field(default_factory=dict)  # "<kernels>/<tokens>": median forward, ms
 
@@ -126,13 +191,17 @@ class KernelChoice:
 
 
 def set_linear_kernels(model: nn.Module, one_token: str, many_tokens: str) -> int:
-    """Route every CpuLinear's one-row and several-row calls to ``"lede"`` or ``"torch"``; returns their number."""
+    """Route every CpuLinear's one-row and several-row calls to the named kernels (``KERNELS``); returns their number.
+    ``onednn`` where this torch has no oneDNN is a ValueError naming the others."""
     for k in (one_token, many_tokens):
         if k not in KERNELS:
             raise ValueError(f"kernels {k!r}: expected one of {KERNELS}")
+        if k not in available_kernels():
+            raise ValueError(f"kernels {k!r}: this torch build has no oneDNN (torch.backends.mkldnn): use one of "
+                             f"{available_kernels()}")
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
     for m in layers:
-        m.one_row, m.many_rows = one_token == "lede", many_tokens == "lede"
+        m.one_token, m.many_tokens = one_token, many_tokens
     return len(layers)
 
 
@@ -154,16 +223,16 @@ def reference_kernels(model: nn.Module):
     """Temporarily compute every CpuLinear with F.linear and attention with transformers' "sdpa" (e.g. to
     time transformers' own generate, or as the reference in tests)."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
-    saved = [(m.one_row, m.many_rows) for m in layers]  # restored as they were (tuned or not)
+    saved = [(m.one_token, m.many_tokens) for m in layers]  # restored as they were (tuned or not)
     attention = model.config._attn_implementation
     for m in layers:
-        m.one_row = m.many_rows = False
+        m.one_token = m.many_tokens = "torch"
     if attention == ATTENTION:
         model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
         for m, (one, many) in zip(layers, saved):
-            m.one_row, m.many_rows = one, many
+            m.one_token, m.many_tokens = one, many
         if attention == ATTENTION:
             model.set_attn_implementation(ATTENTION)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lede.core.kernels import KERNEL_OPTIONS, KernelChoice, use_cpu_kernels
+from lede.core.fastpath import FastLayers, supports
+from lede.core.kernels import KERNEL_OPTIONS, KernelChoice, available_kernels, set_linear_kernels, use_cpu_kernels
 from lede.core.model import EARLY_EXIT_SUFFIX, SMOLLM2_ALIAS, LoadedModel, ModelError, load_base_model
 from lede.core.tuning import tune_cpu_kernels
 from lede.drafters.early_exit import merge_early_exit, read_early_exit
@@ -31,21 +32,29 @@ def load_model(
     kernels: str = "lede",
     early_exit_weights: str | Path | None = None,
     cache_dir: str | os.PathLike | None = None,
+    fast_layers: bool = True,
 ) -> LoadedModel:
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
     ``dtype``/``device`` default to float32 on CPU, bfloat16 on CUDA (CUDA when available).
-    ``kernels``: on CPU in float32, the linear kernels of ``lede.core.kernels``: ``"lede"`` ours (this function's
-    default, so library calls and tests compute alike on every run), ``"torch"`` transformers' layers untouched
-    (training), ``"auto"`` (the study's and the CLI's default) times ours and torch's ``F.linear`` for one-token and
-    several-token passes at load and keeps the faster for each (~3 s; ``LoadedModel.kernels`` says which).
+    ``kernels``: on CPU in float32, the linear kernels of ``lede.core.kernels``: ``"onednn"`` (oneDNN-prepacked,
+    batch-invariant), ``"lede"`` (its two-row GEMM; this function's default, so library calls and tests compute alike
+    on every run), ``"torch"`` transformers' layers untouched (training), ``"auto"`` (the study's and the CLI's
+    default) times every available kernel for one-token and several-token passes at load and keeps oneDNN's unless
+    another is faster by over 10% (~5 s; ``LoadedModel.kernels`` says which). Without oneDNN in the torch build
+    ``auto`` says so in one warning and chooses among the others; ``"onednn"`` is a ModelError.
     ``early_exit_weights``: an artefact of ``lede.drafters.early_exit`` for this base model; its deltas are merged
     into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
     (``smollm2-135m-ee``): then the weights are required.
     ``cache_dir``: convert a GGUF alias there once and load the converted folder (``lede.core.model.convert_gguf``).
+    ``fast_layers``: with lede's kernels, the engine runs the decoder layers through ``lede.core.fastpath`` (fused
+    q/k/v and gate/up GEMMs, fewer ops; ``LoadedModel.fast_layers``) where the architecture allows.
     """
     if kernels not in KERNEL_OPTIONS:
         raise ModelError(f"kernels={kernels!r}: expected one of {KERNEL_OPTIONS}")
+    if kernels == "onednn" and "onednn" not in available_kernels():
+        raise ModelError("kernels='onednn': this torch build has no oneDNN (torch.backends.mkldnn is unavailable): "
+                         f"use one of {tuple(k for k in KERNEL_OPTIONS if k != 'onednn')}")
     base = spec[: -len(EARLY_EXIT_SUFFIX)] if spec.endswith(EARLY_EXIT_SUFFIX) and not Path(spec).exists() else spec
     if base != spec and early_exit_weights is None:
         raise ModelError(
@@ -60,7 +69,14 @@ def load_model(
         lm.name, lm.draft_vocab = base + EARLY_EXIT_SUFFIX, blob.get("vocab")
     if kernels != "torch" and lm.device.type == "cpu" and lm.dtype == torch.float32:
         use_cpu_kernels(lm.model)
-        lm.kernels = tune_cpu_kernels(lm) if kernels == "auto" else KernelChoice("lede", "lede")
+        why = supports(lm.model) if fast_layers else "fast_layers=False"
+        lm.fast_layers = FastLayers(lm.model) if why is None else None
+        if why is not None:
+            log.info("the engine runs the model's own layers: %s", why)
+        if kernels == "auto" and "onednn" not in available_kernels():
+            log.warning("oneDNN is not in this torch build: the CPU kernels are chosen among %s", available_kernels())
+        lm.kernels = tune_cpu_kernels(lm) if kernels == "auto" else KernelChoice(kernels, kernels)
+        set_linear_kernels(lm.model, lm.kernels.one_token, lm.kernels.many_tokens)
         log.info("CPU linear kernels: %s (%s)", lm.kernels,
                  ", ".join(f"{k} {v:.1f} ms" for k, v in lm.kernels.ms.items()) or "not timed")
     return lm

@@ -1,11 +1,18 @@
-"""Measuring the cost model on the machine at hand: ``measure_costs`` times every draft step and verification
-pass of a ``Decoder`` and returns a ``lede.core.costs.CostModel`` (the data and its pricing live there).
+"""Measuring costs on the machine at hand.
+
+* ``measure_costs`` times every draft step and verification pass of a ``Decoder`` and returns a
+  ``lede.core.costs.CostModel`` (the data and its pricing live there): the workflow's ``cost_model`` rule.
+* ``probe_floor`` (``lede costs``) sets those passes against the memory floor: the read bandwidth, the bytes of
+  weights a pass reads, hence the least a pass can cost, and passes of T = 1, 2, 3, 5, 9 tokens at several contexts
+  with each linear kernel (``lede.core.kernels``), interleaved; optionally plain decoding's tokens/s per kernel
+  beside transformers' ``generate``.
+
+Both time through ``round_robin`` (every item once per repetition, in turn, so that a drifting host affects all
+alike) and ``drift_corrected``.
 
     from lede.eval.cost_probe import measure_costs
     costs = measure_costs(decoder, exit_layers=[4, 8, 12], max_draft_len=8, long_contexts=[1024, 2048])
     costs.save("results/costs.json")
-
-See ``lede.core.costs`` for what is measured, the drift correction and the monotone fit.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import numpy as np
@@ -87,18 +96,7 @@ def measure_costs(
         items += [((ctx, f"draftplain_{l}"), partial(draft, decoder, cache, ctx, l, decoder.plain_head))
                   for l in exit_layers if l != LOOKUP]
         items += [((ctx, f"verify_{t}"), partial(verify, cache, ctx, t)) for t in range(1, max_draft_len + 2)]
-    times: dict[tuple[int, str], list[float]] = {key: [] for key, _ in items}
-    sync = torch.cuda.synchronize if decoder.lm.device.type == "cuda" else (lambda: None)
-    for rep in range(warmup + repeats):
-        for key, fn in items:
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            if rep >= warmup:
-                times[key].append((time.perf_counter() - t) * 1000)
-
-    times = drift_corrected(times)
+    times = drift_corrected(round_robin(items, repeats, warmup, decoder.lm.device))
     med = {key: statistics.median(xs) for key, xs in times.items()}
 
     def spread(xs) -> float:
@@ -136,6 +134,28 @@ def measure_costs(
     return base
 
 
+def round_robin(items: Sequence[tuple], repeats: int, warmup: int, device: torch.device | str = "cpu",
+                warm_each: int = 0) -> dict:
+    """{key: [ms per repetition]} of ``items`` ([(key, fn)] or [(key, fn, prepare)]): ``warmup`` untimed passes over
+    all items, then ``repeats`` passes in which each item runs ``prepare()`` (untimed), ``warm_each`` untimed calls
+    of ``fn`` and one timed call, in turn."""
+    times: dict = {item[0]: [] for item in items}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for rep in range(warmup + repeats):
+        for key, fn, *prepare in items:
+            for p in prepare:
+                p()
+            for _ in range(warm_each):
+                fn()
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if rep >= warmup:
+                times[key].append((time.perf_counter() - t) * 1000)
+    return times
+
+
 def drift_corrected(times: dict) -> dict:
     """Each repetition's times divided by that repetition's speed factor, the median over items of time ÷ the
     item's median (``times``: {item: [ms per repetition]}, all lists of one length, repetition i of every item
@@ -146,3 +166,266 @@ def drift_corrected(times: dict) -> dict:
         return dict(times)
     factor = np.median(t / np.median(t, axis=1, keepdims=True), axis=0)  # [repeats]
     return {k: row.tolist() for k, row in zip(keys, t / factor)}
+
+
+# ---- the floor probe (lede costs) ---------------------------------------------------------------------------------
+FLOOR_TOKENS = (1, 2, 3, 5, 9)
+FLOOR_CONTEXTS = (256, 2048)
+#: the issue's targets: a one-token pass <= 1.25x the floor; T <= 5 tokens <= 1.15x a one-token pass, T = 9 <= 1.3x
+TARGET_ONE_TOKEN_OVER_FLOOR, TARGET_T5_OVER_ONE, TARGET_T9_OVER_ONE = 1.25, 1.15, 1.3
+
+
+def read_bandwidth(mb: int = 2048, repeats: int = 9) -> list[float]:
+    """STREAM-style read bandwidth, GB/s, of each of ``repeats`` sums over a float32 buffer of ``mb`` MiB (larger than
+    the caches: a pass reads its weights from memory) with torch's current threads."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    x.sum()  # first touch
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        out.append(x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return out
+
+
+def weight_bytes(lm) -> int:
+    """Bytes of weights one full decoding pass reads: every decoder layer, the final norm and the LM head (the
+    embedding contributes one row; a head tied to it is read whole)."""
+    inner = lm.model.model
+    seen, total = set(), 0
+    for t in [*inner.layers.parameters(), *inner.norm.parameters(), lm.model.lm_head.weight]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class FloorProbe:
+    """``probe_floor``'s result. ``ms[kernel][ctx][T]``: median ms of a pass of T tokens over ``ctx`` cached tokens
+    (drift-corrected); kernel ``"chosen"`` is the model's own routing (``lm.kernels``), the others every CpuLinear on
+    that one kernel (``"torch"``: F.linear, transformers' own linears)."""
+
+    model: str
+    threads: int
+    chosen: str  # str(lm.kernels)
+    bandwidth_gb_s: float  # median of every bandwidth reading (before and after the passes)
+    bandwidth_runs_gb_s: list[float]
+    weight_bytes: int
+    ms: dict[str, dict[int, dict[int, float]]]
+    spread: dict[str, dict[int, dict[int, float]]]  # IQR / median of the same
+    decode: dict = field(default_factory=dict)  # {"tokens_per_s": {config: median}, "ratio": {config: ...}, ...}
+    widths: dict = field(default_factory=dict)  # width_agreement: "<kernel>/<T>" -> flips of T-token vs 1-token passes
+
+    @property
+    def floor_ms(self) -> float:
+        """The least a full pass can cost: its weight bytes at the measured read bandwidth."""
+        return self.weight_bytes / (self.bandwidth_gb_s * 1e9) * 1e3
+
+    def contexts(self, kernel: str = "chosen") -> dict:
+        """{"<ctx>": {"ms", "ratio_to_one_token", "ratio_to_floor", "spread"}} of one kernel (the JSON's shape)."""
+        out = {}
+        for ctx, by_t in self.ms[kernel].items():
+            one = by_t[1]
+            out[str(ctx)] = {
+                "ms": {str(t): _sig(v) for t, v in by_t.items()},
+                "ratio_to_one_token": {str(t): round(v / one, 3) for t, v in by_t.items() if t != 1},
+                "ratio_to_floor": {str(t): round(v / self.floor_ms, 3) for t, v in by_t.items()},
+                "spread": {str(t): round(v, 3) for t, v in self.spread[kernel][ctx].items()},
+            }
+        return out
+
+    def targets(self, kernel: str = "chosen") -> dict[str, bool]:
+        """Whether ``kernel`` meets the issue's targets at every context."""
+        by_ctx = self.ms[kernel]
+        return {
+            f"one_token_over_floor<={TARGET_ONE_TOKEN_OVER_FLOOR}": all(
+                v[1] <= TARGET_ONE_TOKEN_OVER_FLOOR * self.floor_ms for v in by_ctx.values()),
+            f"T<=5_over_one_token<={TARGET_T5_OVER_ONE}": all(
+                v[t] <= TARGET_T5_OVER_ONE * v[1] for v in by_ctx.values() for t in v if 1 < t <= 5),
+            f"T=9_over_one_token<={TARGET_T9_OVER_ONE}": all(
+                v[9] <= TARGET_T9_OVER_ONE * v[1] for v in by_ctx.values() if 9 in v),
+        }
+
+    def to_json(self) -> dict:
+        first = min(self.ms["chosen"])
+        return {
+            "bandwidth_gb_s": round(self.bandwidth_gb_s, 2), "weight_bytes": self.weight_bytes,
+            "floor_ms": _sig(self.floor_ms),
+            "one_token_over_floor": round(self.ms["chosen"][first][1] / self.floor_ms, 3),
+            "contexts": self.contexts("chosen"),
+            "model": self.model, "threads": self.threads, "kernels": self.chosen,
+            "bandwidth_runs_gb_s": [round(x, 2) for x in self.bandwidth_runs_gb_s],
+            "targets": self.targets("chosen"),
+            "by_kernel": {k: {"contexts": self.contexts(k), "targets": self.targets(k)} for k in self.ms if k != "chosen"},
+            "decode": self.decode,
+            "width_agreement": self.widths,
+        }
+
+    def format(self) -> str:
+        lines = [f"model={self.model} threads={self.threads} chosen kernels: {self.chosen}",
+                 f"read bandwidth {self.bandwidth_gb_s:.1f} GB/s (runs {min(self.bandwidth_runs_gb_s):.1f}-"
+                 f"{max(self.bandwidth_runs_gb_s):.1f}), weights {self.weight_bytes / 1e6:.0f} MB per pass, "
+                 f"floor {self.floor_ms:.1f} ms",
+                 f"{'kernel':<8} {'ctx':>5} " + " ".join(f"{'T=' + str(t):>15}" for t in next(iter(
+                     self.ms["chosen"].values()))) + "   (ms  x one-token  x floor)"]
+        for kernel, by_ctx in self.ms.items():
+            for ctx, by_t in by_ctx.items():
+                cells = [f"{v:6.1f} {v / by_t[1]:4.2f} {v / self.floor_ms:4.2f}" for v in by_t.values()]
+                lines.append(f"{kernel:<8} {ctx:>5} " + " ".join(f"{c:>15}" for c in cells))
+        for kernel in self.ms:
+            met = self.targets(kernel)
+            lines.append(f"targets {kernel}: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+        for name, v in (self.decode.get("tokens_per_s") or {}).items():
+            lines.append(f"plain decoding {name:<16} {v:7.2f} tok/s  x{self.decode['ratio'][name]:.3f} of "
+                         f"{self.decode['reference']}")
+        for key, w in self.widths.items():
+            lines.append(f"{key:<12} T-token vs 1-token passes: greedy token differs at {w['argmax_differs']}/"
+                         f"{w['positions']} positions (top-2 margins there {w['top2_margin_at_differences']}), "
+                         f"max |dlogit| {w['max_abs_logit_diff']:.1e}, bit-identical {w['bit_identical']}")
+        return "\n".join(lines)
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+@torch.inference_mode()
+def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[int] = FLOOR_TOKENS,
+                kernels: Sequence[str] | None = None, repeats: int = 7, warmup: int = 1, bandwidth_mb: int = 2048,
+                bandwidth_repeats: int = 9) -> FloorProbe:
+    """Read bandwidth (before and after), weight bytes, and passes of ``tokens`` tokens over each of ``contexts``
+    cached tokens: with the model's own kernel routing (``"chosen"``) and with every CpuLinear on each of ``kernels``
+    (default: every available kernel), all interleaved (``round_robin``; each timed pass follows one untimed pass of
+    the same item, as in decoding, where a pass follows a pass on the same kernels)."""
+    from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
+
+    tokens = sorted(set(int(t) for t in tokens) | {1})
+    limit = lm.model.config.max_position_embeddings
+    if any(c < 1 for c in contexts) or max(contexts) + max(tokens) > limit:
+        raise ValueError(f"contexts {list(contexts)} (+ {max(tokens)} tokens) must lie in 1..{limit} (the model's "
+                         "positions): lower them")
+    ours = any(isinstance(m, CpuLinear) for m in lm.model.modules())
+    kernels = [k for k in (kernels or available_kernels()) if ours] if ours else []
+    choice = getattr(lm, "kernels", None)
+    chosen = (choice.one_token, choice.many_tokens) if ours and choice else None
+    dec = Decoder(lm)
+    vocab = lm.model.config.vocab_size
+    ids = torch.randint(0, vocab, (max(contexts) + max(tokens),), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def route(kernel: str) -> None:
+        if kernel == "chosen":
+            if chosen:
+                set_linear_kernels(lm.model, *chosen)
+        else:
+            set_linear_kernels(lm.model, kernel, kernel)
+
+    items = []
+    for ctx in contexts:
+        cache = dec.new_cache(ctx + max(tokens) + 1)
+        dec.prefill(ids[:ctx], cache)
+        for kernel in ["chosen", *kernels]:
+            for t in tokens:
+                def one_pass(cache=cache, ctx=ctx, t=t):
+                    dec.verify(ids[ctx : ctx + t], None, cache)
+                    cache.crop(ctx)
+                items.append(((kernel, ctx, t), one_pass, partial(route, kernel)))
+    bandwidth = read_bandwidth(bandwidth_mb, bandwidth_repeats)
+    times = drift_corrected(round_robin(items, repeats, warmup, lm.device, warm_each=1))
+    bandwidth += read_bandwidth(bandwidth_mb, bandwidth_repeats)
+    route("chosen")  # the model as it was loaded
+
+    def spread(xs) -> float:
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        return float((q[2] - q[0]) / statistics.median(xs))
+
+    ms: dict = {}
+    sp: dict = {}
+    for (kernel, ctx, t), xs in times.items():
+        ms.setdefault(kernel, {}).setdefault(ctx, {})[t] = statistics.median(xs)
+        sp.setdefault(kernel, {}).setdefault(ctx, {})[t] = spread(xs)
+    return FloorProbe(model=lm.name, threads=torch.get_num_threads(), chosen=str(choice) if ours else "transformers",
+                      bandwidth_gb_s=statistics.median(bandwidth), bandwidth_runs_gb_s=bandwidth,
+                      weight_bytes=weight_bytes(lm), ms=ms, spread=sp)
+
+
+def plain_decoding_by_kernel(lm, prompts: Sequence, kernels: Sequence[str] | None = None, max_new_tokens: int = 64,
+                             repeats: int = 1) -> dict:
+    """Plain decoding's tokens/s with every CpuLinear on each kernel, and transformers' ``generate`` on its own
+    layers, interleaved over ``prompts`` (``BenchPrompt``s) in one run; ratios over the first kernel's plain decoding
+    (medians of per-prompt ratios). Leaves the model on its chosen kernels. A model on transformers' own layers
+    (``kernels="torch"``, GPU, other dtypes) has one kernel, ``"transformers"``."""
+    from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
+    from lede.core.policy import Autoregressive
+    from lede.eval.bench import HF_GENERATE, PLAIN, run_bench, summarize
+
+    choice = getattr(lm, "kernels", None)
+    if choice is None or not any(isinstance(m, CpuLinear) for m in lm.model.modules()):
+        kernels, choice = ["transformers"], None
+    else:
+        kernels = list(kernels or available_kernels())
+
+    def under(kernel: str) -> Callable:
+        def make(_prompt):
+            if choice is not None:
+                set_linear_kernels(lm.model, kernel, kernel)  # before this config's run: each config sets its own
+            return Autoregressive()
+        return make
+
+    configs: dict = {PLAIN: under(kernels[0])}  # the reference the ratios divide by
+    configs |= {f"plain_{k}": under(k) for k in kernels[1:]}
+    configs[HF_GENERATE] = HF_GENERATE
+    try:
+        records = run_bench(Decoder(lm), list(prompts), configs, max_new_tokens=max_new_tokens, repeats=repeats)
+    finally:
+        if choice is not None:
+            set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
+    rows = summarize(records)["all"]
+    name = lambda c: kernels[0] if c == PLAIN else c.removeprefix("plain_")
+    return {"reference": f"plain decoding on {kernels[0]}", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "tokens_per_s": {name(r.config): round(r.median_tokens_per_s, 3) for r in rows},
+            "ratio": {name(r.config): round(r.median_ratio, 4) for r in rows},
+            "identity_rate": {name(r.config): r.identity_rate for r in rows}}
+
+
+@torch.inference_mode()
+def width_agreement(lm, ids: Sequence[int], prefix: int, widths: Sequence[int] = (5, 9),
+                    kernels: Sequence[str] | None = None) -> dict:
+    """How a T-token pass's logits differ from one-token passes', teacher-forced over ``ids`` after a prefill of
+    ``prefix`` tokens: per kernel and width, the positions whose greedy token differs (a speculative round could then
+    differ from plain decoding), the largest |logit difference|, whether the two are bit-identical (batch invariance),
+    and the one-token pass's top-2 margin at each difference (a near-tie or not). Kernel ``"chosen"``: the model's
+    routing. Leaves the model on its chosen kernels."""
+    from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
+
+    choice = getattr(lm, "kernels", None)
+    ours = choice is not None and any(isinstance(m, CpuLinear) for m in lm.model.modules())
+    kernels = list(kernels or available_kernels()) if ours else []
+    dec = Decoder(lm)
+    ids = list(ids)
+
+    def logits(width: int) -> torch.Tensor:  # [len(ids) - prefix, V]
+        cache = dec.new_cache(len(ids) + width)
+        dec.prefill(ids[:prefix], cache)
+        return torch.cat([dec.verify(ids[p : p + width], None, cache) for p in range(prefix, len(ids), width)])
+
+    out = {}
+    try:
+        for kernel in ["chosen", *kernels]:
+            if ours:
+                set_linear_kernels(lm.model, *((choice.one_token, choice.many_tokens) if kernel == "chosen"
+                                               else (kernel, kernel)))
+            one = logits(1)
+            top2 = one.topk(2, dim=-1).values
+            for w in widths:
+                many = logits(w)
+                differ = (one.argmax(-1) != many.argmax(-1)).nonzero().flatten().tolist()
+                out[f"{kernel}/{w}"] = {
+                    "positions": len(one), "argmax_differs": len(differ), "bit_identical": bool(torch.equal(one, many)),
+                    "max_abs_logit_diff": float((one - many).abs().max()),
+                    "top2_margin_at_differences": [round(float(top2[i, 0] - top2[i, 1]), 6) for i in differ],
+                    "median_top2_margin": round(float((top2[:, 0] - top2[:, 1]).median()), 4)}
+    finally:
+        if ours:
+            set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
+    return out
