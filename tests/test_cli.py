@@ -159,6 +159,7 @@ def test_costs_probes_the_floor_and_writes_the_issue_shape(files, capsys, monkey
     import torch
 
     import lede.eval.cost_probe as probe
+    from lede.core.fastpath import FastLayers
     from lede.core.kernels import KernelChoice, use_cpu_kernels
     from lede.testing import tiny_model
 
@@ -166,11 +167,12 @@ def test_costs_probes_the_floor_and_writes_the_issue_shape(files, capsys, monkey
         lm = tiny_model("llama", num_layers=4, dtype=torch.float32, seed=3)
         use_cpu_kernels(lm.model)
         lm.kernels = KernelChoice("lede", "lede")
+        lm.fast_layers = FastLayers(lm.model)
         return lm
 
     monkeypatch.setattr("lede.drafters.loading.load_model", float32_on_our_kernels)
     tmp, _, _ = files
-    monkeypatch.setattr(probe, "read_bandwidth", lambda mb, repeats: [10.0, 12.0])  # no 2 GiB buffer in a unit test
+    monkeypatch.setattr(probe, "read_bandwidth", lambda mb, repeats, device: [10.0, 12.0])  # no 2 GiB buffer in a unit test
     out = tmp / "floor.json"
     argv = ["costs", "--contexts", "16,40", "--tokens", "1,2,3", "--repeats", "2", "--decode-prompts", "2",
             "--max-new-tokens", "6", "--flip-positions", "20", "--threads", "1", "--json", str(out)]
@@ -183,8 +185,8 @@ def test_costs_probes_the_floor_and_writes_the_issue_shape(files, capsys, monkey
         assert set(ctx["ms"]) == {"1", "2", "3"} and set(ctx["ratio_to_one_token"]) == {"2", "3"}
         assert ctx["ratio_to_one_token"]["3"] == pytest.approx(ctx["ms"]["3"] / ctx["ms"]["1"], rel=1e-2)
     assert got["one_token_over_floor"] == pytest.approx(got["contexts"]["16"]["ms"]["1"] / got["floor_ms"], rel=1e-2)
-    assert "torch" in got["by_kernel"] and len(got["targets"]) == 3
-    assert set(got["decode"]["tokens_per_s"]) >= {"hf_generate", "torch"}
+    assert {"torch", "torch_own_layers"} <= set(got["by_kernel"]) and len(got["targets"]) == 3
+    assert set(got["decode"]["tokens_per_s"]) >= {"hf_generate", "torch", "torch_own_layers", "lede_own_layers"}
     assert got["decode"]["identity_rate"]["torch"] == 1.0  # a random tiny model has no near-ties: the same tokens
     flips = got["width_agreement"]
     assert {"chosen/5", "chosen/9", "torch/9"} <= set(flips) and flips["chosen/5"]["positions"] == 20

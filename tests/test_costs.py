@@ -158,3 +158,16 @@ def test_cost_model_records_its_kernels_and_a_job_on_others_is_told() -> None:
     assert "timed on kernels (one token torch, several lede) but this job runs (one token lede, several lede)" in \
         kernels_mismatch(cm, other)
     assert kernels_mismatch(CostModel.from_dict({**asdict(cm), "kernels": ""}), other) is None  # older files: no claim
+
+
+def test_read_bandwidth_and_weight_bytes_are_measured() -> None:
+    """The floor's two factors: a positive read bandwidth per probe, and the bytes of every decoder layer, the final
+    norm and the LM head (the embedding is not read whole by a pass of an untied model)."""
+    from lede.eval.cost_probe import read_bandwidth, weight_bytes
+
+    runs = read_bandwidth(64, repeats=2)
+    assert len(runs) == 2 and all(x > 0.1 for x in runs)
+    lm = tiny("llama")
+    inner = lm.model.model
+    expected = sum(p.numel() * p.element_size() for p in [*inner.layers.parameters(), *inner.norm.parameters()])
+    assert weight_bytes(lm) == expected + lm.model.lm_head.weight.numel() * lm.model.lm_head.weight.element_size()

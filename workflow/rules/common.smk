@@ -42,10 +42,10 @@ CATEGORIES = config.get("categories", ["mt_bench", "translation", "summarization
 def src(*modules):
     """The library files a job runs, by module under ``lede`` (a change to one of them reruns the job), found where
     the package is installed. Every job runs ``lede.study`` (the scripts' shared layer); a job that loads the model
-    ("core.model") also runs ``lede.drafters.loading`` and the CPU kernels it installs: a fix there (5fe56fb, the
-    attention mask of batched generation) changes the outputs of every such job."""
+    ("core.model") also runs ``lede.drafters.loading``, the CPU kernels and the lean layer forward it installs: a fix
+    there (5fe56fb, the attention mask of batched generation) changes the outputs of every such job."""
     if "core.model" in modules:
-        modules += ("drafters.loading", "core.kernels", "core.tuning")
+        modules += ("drafters.loading", "core.kernels", "core.fastpath", "core.tuning")
     return [importlib.util.find_spec(f"lede.{m}").origin for m in ("study", *dict.fromkeys(modules))]
 
 

@@ -175,16 +175,20 @@ FLOOR_CONTEXTS = (256, 2048)
 TARGET_ONE_TOKEN_OVER_FLOOR, TARGET_T5_OVER_ONE, TARGET_T9_OVER_ONE = 1.25, 1.15, 1.3
 
 
-def read_bandwidth(mb: int = 2048, repeats: int = 9) -> list[float]:
-    """STREAM-style read bandwidth, GB/s, of each of ``repeats`` sums over a float32 buffer of ``mb`` MiB (larger than
-    the caches: a pass reads its weights from memory) with torch's current threads."""
-    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+def read_bandwidth(mb: int = 2048, repeats: int = 9, device: torch.device | str = "cpu") -> list[float]:
+    """STREAM-style read bandwidth, GB/s, of each of ``repeats`` sums over a float32 buffer of ``mb`` MiB on ``device``
+    (larger than the caches: a pass reads its weights from memory) with torch's current threads."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     x.sum()  # first touch
     out = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         x.sum()
+        sync()
         out.append(x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    del x
     return out
 
 
@@ -202,9 +206,10 @@ def weight_bytes(lm) -> int:
 
 @dataclass
 class FloorProbe:
-    """``probe_floor``'s result. ``ms[kernel][ctx][T]``: median ms of a pass of T tokens over ``ctx`` cached tokens
-    (drift-corrected); kernel ``"chosen"`` is the model's own routing (``lm.kernels``), the others every CpuLinear on
-    that one kernel (``"torch"``: F.linear, transformers' own linears)."""
+    """``probe_floor``'s result. ``ms[variant][ctx][T]``: median ms of a pass of T tokens over ``ctx`` cached tokens
+    (drift-corrected); ``"chosen"`` is the model as it runs (``lm.kernels``, ``lm.fast_layers``), ``"onednn"``,
+    ``"lede"``, ``"torch"`` every CpuLinear on that kernel, ``"torch_own_layers"`` F.linear in transformers' own layer
+    modules (the engine before ``lede.core.fastpath``)."""
 
     model: str
     threads: int
@@ -295,8 +300,8 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
                 kernels: Sequence[str] | None = None, repeats: int = 7, warmup: int = 1, bandwidth_mb: int = 2048,
                 bandwidth_repeats: int = 9) -> FloorProbe:
     """Read bandwidth (before and after), weight bytes, and passes of ``tokens`` tokens over each of ``contexts``
-    cached tokens: with the model's own kernel routing (``"chosen"``) and with every CpuLinear on each of ``kernels``
-    (default: every available kernel), all interleaved (``round_robin``; each timed pass follows one untimed pass of
+    cached tokens: as the model runs (``"chosen"``), with every CpuLinear on each of ``kernels`` (default: every
+    available kernel), and with F.linear in transformers' own layers (``"torch_own_layers"``), all interleaved (``round_robin``; each timed pass follows one untimed pass of
     the same item, as in decoding, where a pass follows a pass on the same kernels)."""
     from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
 
@@ -306,33 +311,36 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
         raise ValueError(f"contexts {list(contexts)} (+ {max(tokens)} tokens) must lie in 1..{limit} (the model's "
                          "positions): lower them")
     ours = any(isinstance(m, CpuLinear) for m in lm.model.modules())
-    kernels = [k for k in (kernels or available_kernels()) if ours] if ours else []
-    choice = getattr(lm, "kernels", None)
-    chosen = (choice.one_token, choice.many_tokens) if ours and choice else None
+    choice, fast = getattr(lm, "kernels", None), getattr(lm, "fast_layers", None)
+    # variant -> (one-token kernel, several-token kernel, lean layer forward): what lede runs ("chosen"), every
+    # kernel alone, and F.linear in transformers' own layer modules (the engine's path before lede.core.fastpath)
+    variants: dict = {"chosen": (choice.one_token, choice.many_tokens, fast) if ours and choice else None}
+    if ours:
+        variants |= {k: (k, k, fast) for k in (kernels or available_kernels())}
+        if fast is not None:
+            variants["torch_own_layers"] = ("torch", "torch", None)
     dec = Decoder(lm)
     vocab = lm.model.config.vocab_size
     ids = torch.randint(0, vocab, (max(contexts) + max(tokens),), generator=torch.Generator().manual_seed(0)).tolist()
 
-    def route(kernel: str) -> None:
-        if kernel == "chosen":
-            if chosen:
-                set_linear_kernels(lm.model, *chosen)
-        else:
-            set_linear_kernels(lm.model, kernel, kernel)
+    def route(variant: str) -> None:
+        if variants[variant] is not None:
+            one, many, lm.fast_layers = variants[variant]
+            set_linear_kernels(lm.model, one, many)
 
     items = []
     for ctx in contexts:
         cache = dec.new_cache(ctx + max(tokens) + 1)
         dec.prefill(ids[:ctx], cache)
-        for kernel in ["chosen", *kernels]:
+        for kernel in variants:
             for t in tokens:
                 def one_pass(cache=cache, ctx=ctx, t=t):
                     dec.verify(ids[ctx : ctx + t], None, cache)
                     cache.crop(ctx)
                 items.append(((kernel, ctx, t), one_pass, partial(route, kernel)))
-    bandwidth = read_bandwidth(bandwidth_mb, bandwidth_repeats)
+    bandwidth = read_bandwidth(bandwidth_mb, bandwidth_repeats, lm.device)
     times = drift_corrected(round_robin(items, repeats, warmup, lm.device, warm_each=1))
-    bandwidth += read_bandwidth(bandwidth_mb, bandwidth_repeats)
+    bandwidth += read_bandwidth(bandwidth_mb, bandwidth_repeats, lm.device)
     route("chosen")  # the model as it was loaded
 
     def spread(xs) -> float:
@@ -351,38 +359,45 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
 
 def plain_decoding_by_kernel(lm, prompts: Sequence, kernels: Sequence[str] | None = None, max_new_tokens: int = 64,
                              repeats: int = 1) -> dict:
-    """Plain decoding's tokens/s with every CpuLinear on each kernel, and transformers' ``generate`` on its own
-    layers, interleaved over ``prompts`` (``BenchPrompt``s) in one run; ratios over the first kernel's plain decoding
-    (medians of per-prompt ratios). Leaves the model on its chosen kernels. A model on transformers' own layers
-    (``kernels="torch"``, GPU, other dtypes) has one kernel, ``"transformers"``."""
+    """Plain decoding's tokens/s with every CpuLinear on each kernel (through the model's lean layer forward, as
+    loaded), with lede's and torch's kernels in transformers' own layer modules (``<kernel>_own_layers``: the engine
+    before ``lede.core.fastpath``), and transformers' ``generate`` on its own layers, interleaved over ``prompts``
+    (``BenchPrompt``s) in one run; ratios over the first kernel's plain decoding (medians of per-prompt ratios).
+    Leaves the model as it was. A model on transformers' own layers (``kernels="torch"``, GPU, other dtypes) has one
+    variant, ``"transformers"``."""
     from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
     from lede.core.policy import Autoregressive
     from lede.eval.bench import HF_GENERATE, PLAIN, run_bench, summarize
 
-    choice = getattr(lm, "kernels", None)
+    choice, fast = getattr(lm, "kernels", None), getattr(lm, "fast_layers", None)
     if choice is None or not any(isinstance(m, CpuLinear) for m in lm.model.modules()):
-        kernels, choice = ["transformers"], None
+        variants: dict = {"transformers": None}
     else:
-        kernels = list(kernels or available_kernels())
+        variants = {k: (k, fast) for k in (kernels or available_kernels())}
+        if fast is not None:
+            variants |= {f"{k}_own_layers": (k, None) for k in ("lede", "torch")}
 
-    def under(kernel: str) -> Callable:
+    def under(variant: str) -> Callable:
         def make(_prompt):
-            if choice is not None:
-                set_linear_kernels(lm.model, kernel, kernel)  # before this config's run: each config sets its own
+            if variants[variant] is not None:  # before this config's run: each config sets its own
+                kernel, lm.fast_layers = variants[variant]
+                set_linear_kernels(lm.model, kernel, kernel)
             return Autoregressive()
         return make
 
-    configs: dict = {PLAIN: under(kernels[0])}  # the reference the ratios divide by
-    configs |= {f"plain_{k}": under(k) for k in kernels[1:]}
+    names = list(variants)
+    configs: dict = {PLAIN: under(names[0])}  # the reference the ratios divide by
+    configs |= {f"plain_{v}": under(v) for v in names[1:]}
     configs[HF_GENERATE] = HF_GENERATE
     try:
         records = run_bench(Decoder(lm), list(prompts), configs, max_new_tokens=max_new_tokens, repeats=repeats)
     finally:
+        lm.fast_layers = fast
         if choice is not None:
             set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
     rows = summarize(records)["all"]
-    name = lambda c: kernels[0] if c == PLAIN else c.removeprefix("plain_")
-    return {"reference": f"plain decoding on {kernels[0]}", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+    name = lambda c: names[0] if c == PLAIN else c.removeprefix("plain_")
+    return {"reference": f"plain decoding on {names[0]}", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "tokens_per_s": {name(r.config): round(r.median_tokens_per_s, 3) for r in rows},
             "ratio": {name(r.config): round(r.median_ratio, 4) for r in rows},
             "identity_rate": {name(r.config): r.identity_rate for r in rows}}
