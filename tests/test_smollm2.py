@@ -7,6 +7,7 @@ import torch
 
 from conftest import REPO, Scripted
 from lede import Autoregressive, Decoder, RandomSchedule, Static
+from lede.core.kernels import onednn_available
 from lede.core.model import ModelError
 from lede.drafters.loading import load_model
 
@@ -80,6 +81,39 @@ def test_speculative_identity_rate_and_near_ties(smollm2):
             assert gap < 0.05, f"{policy.name} differs at token {i} where the model is not near a tie (gap {gap:.3f})"
     print(f"\nSmolLM2 fp32 identity: {identical}/{total}; differences (prompt, policy, position, logit gap): {report}")
     assert identical / total >= 0.8
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+def test_onednn_fast_path_keeps_greedy_output_and_its_linears_batch_invariant(smollm2):
+    """On oneDNN's kernels through the lean layer forward (issue 40's fast path): speculative greedy output equals
+    plain greedy output except after a near-tie, and the linears alone give a token's row the same bits whether it
+    is computed alone or inside a 9-token pass (what is left to differ is attention)."""
+    from lede.core.kernels import CpuLinear, set_linear_kernels
+
+    assert smollm2.fast_layers is not None
+    set_linear_kernels(smollm2.model, "onednn", "onednn")
+    try:
+        dec = Decoder(smollm2, max_draft_len=8)
+        total = identical = 0
+        for text in PROMPTS:
+            ids = smollm2.encode_chat(text)
+            ref = dec.generate(ids, Autoregressive(), max_new_tokens=32).token_ids
+            for policy in (Static(4, 3), Static(16, 8), RandomSchedule([4, 8, 12, 16, 20, 24, 28], 8, seed=2)):
+                out = dec.generate(ids, policy, max_new_tokens=32).token_ids
+                total += 1
+                i = _first_diff(out, ref)
+                if i is None and len(out) == len(ref):
+                    identical += 1
+                    continue
+                assert _logit_gap(smollm2, ids + ref[:i]) < 0.05, f"{policy.name} differs at {i} without a near-tie"
+        assert identical / total >= 0.9
+        x = torch.randn(9, smollm2.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            for lin in [m for m in smollm2.model.modules() if isinstance(m, CpuLinear)][:7]:  # layer 0's seven
+                if lin.in_features == x.shape[1]:
+                    assert torch.equal(lin(x)[4:5], lin(x[4:5]))
+    finally:
+        set_linear_kernels(smollm2.model, *((smollm2.kernels.one_token, smollm2.kernels.many_tokens)))
 
 
 def test_unknown_and_unsupported_models(tmp_path):
