@@ -135,10 +135,10 @@ def measure_costs(
 
 
 def round_robin(items: Sequence[tuple], repeats: int, warmup: int, device: torch.device | str = "cpu",
-                warm_each: int = 0) -> dict:
+                warm_each: int = 0, timed_each: int = 1) -> dict:
     """{key: [ms per repetition]} of ``items`` ([(key, fn)] or [(key, fn, prepare)]): ``warmup`` untimed passes over
     all items, then ``repeats`` passes in which each item runs ``prepare()`` (untimed), ``warm_each`` untimed calls
-    of ``fn`` and one timed call, in turn."""
+    of ``fn`` and ``timed_each`` timed ones (their median is the repetition's time), in turn."""
     times: dict = {item[0]: [] for item in items}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for rep in range(warmup + repeats):
@@ -147,12 +147,15 @@ def round_robin(items: Sequence[tuple], repeats: int, warmup: int, device: torch
                 p()
             for _ in range(warm_each):
                 fn()
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
+            block = []
+            for _ in range(timed_each):
+                sync()
+                t = time.perf_counter()
+                fn()
+                sync()
+                block.append((time.perf_counter() - t) * 1000)
             if rep >= warmup:
-                times[key].append((time.perf_counter() - t) * 1000)
+                times[key].append(statistics.median(block))
     return times
 
 
@@ -301,8 +304,9 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
                 bandwidth_repeats: int = 9) -> FloorProbe:
     """Read bandwidth (before and after), weight bytes, and passes of ``tokens`` tokens over each of ``contexts``
     cached tokens: as the model runs (``"chosen"``), with every CpuLinear on each of ``kernels`` (default: every
-    available kernel), and with F.linear in transformers' own layers (``"torch_own_layers"``), all interleaved (``round_robin``; each timed pass follows one untimed pass of
-    the same item, as in decoding, where a pass follows a pass on the same kernels)."""
+    available kernel), and with F.linear in transformers' own layers (``"torch_own_layers"``), all interleaved
+    (``round_robin``: per repetition and item, one untimed pass and the median of three timed ones, as in decoding,
+    where a pass follows a pass on the same kernels)."""
     from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
 
     tokens = sorted(set(int(t) for t in tokens) | {1})
@@ -339,7 +343,7 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
                     cache.crop(ctx)
                 items.append(((kernel, ctx, t), one_pass, partial(route, kernel)))
     bandwidth = read_bandwidth(bandwidth_mb, bandwidth_repeats, lm.device)
-    times = drift_corrected(round_robin(items, repeats, warmup, lm.device, warm_each=1))
+    times = drift_corrected(round_robin(items, repeats, warmup, lm.device, warm_each=1, timed_each=3))
     bandwidth += read_bandwidth(bandwidth_mb, bandwidth_repeats, lm.device)
     route("chosen")  # the model as it was loaded
 
