@@ -181,9 +181,10 @@ class ExitHead(nn.Module):
         self.vocab = vocab
         self._sub = None  # the head's rows of ``vocab`` as a CpuLinear on the model's kernels, where it has them
         if vocab is not None:
-            self.register_buffer("sub_weight", lm_head.weight[vocab].detach().clone(), persistent=False)
             if hasattr(lm_head, "rows"):  # lede.core.kernels.CpuLinear (duck-typed: exits sit beside kernels)
-                self.__dict__["_sub"] = lm_head.rows(vocab)  # not a submodule: its weight is sub_weight's copy
+                self.__dict__["_sub"] = lm_head.rows(vocab)  # not a submodule: the LM head belongs to the model
+            else:  # transformers' own linear: the rows as a plain matrix
+                self.register_buffer("sub_weight", lm_head.weight[vocab].detach().clone(), persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
         if self.adapter is not None:

@@ -31,14 +31,12 @@ the same model.
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
 KERNELS = ("onednn", "lede", "torch")  # the linear kernels; onednn first: the default where oneDNN is available
 #: ``load_model(kernels=...)``, ``--kernels`` and config ``kernels`` (schema enum; a test keeps them equal).
 KERNEL_OPTIONS = ("auto", *KERNELS)
