@@ -136,9 +136,13 @@ def test_test_config_runs_the_whole_dag():
     assert json.loads((out / "exits/selected.json").read_text())["model"] == "smollm2-135m-ee"
     summary = (out / "eval/summary.md").read_text()
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
+    assert "## floor(lede_FullInfo_s0)" in summary and "## lede_DoubleDQN-FI_s0" in summary
     # policy.restarts: 2 -> two training runs, the one that replays fastest on the dev sequences kept
     from lede.rl.offline import RLPolicy
 
+    full = RLPolicy.load(out / "rl/policy_DoubleDQN-FI_s0.pt").pf  # d3rlpy on every action's replayed transition
+    assert full.algo == "DoubleDQN-FI" and full.decision == "round" and full.info["full_information"]
+    assert full.info["transitions"] == full.info["round_starts"] * (1 + len(full.exit_layers) * full.max_draft_len)
     info = RLPolicy.load(out / "rl/policy_DiscreteCQL_s0.pt").pf.info
     restarts = info["restarts"]
     assert isinstance(info["fqe_initial_state_value"], float)  # FQE on the kept restart only
@@ -166,13 +170,15 @@ def test_test_config_runs_the_whole_dag():
         set(ablation)
     records = json.loads((out / "eval/records.json").read_text())["records"]
     plain = {r["prompt"] for r in records if r["config"] == "plain"}
-    assert plain and all(r["identical"] for r in records if r["config"].startswith("lede"))
+    assert plain and all(r["identical"] for r in records if r["config"].startswith(("lede", "floor(")))
+    assert {"floor(lede_FullInfo_s0)", "lede_DoubleDQN-FI_s0"} <= {r["config"] for r in records}
     # quality parity: plain decoding and every configured method on each task of the suite
     import csv
 
     rows = list(csv.DictReader((out / "parity/parity.csv").open()))
     assert {r["task"] for r in rows} == {"lede_spec_bench_qa", "lede_humaneval"}
-    assert {r["method"] for r in rows} == {"plain", "best_static", "dynamic_exit", "lede_DiscreteCQL_s0", "lede_FullInfo_s0"}
+    assert {r["method"] for r in rows} == {"plain", "best_static", "dynamic_exit", "lede_DiscreteCQL_s0", "lede_FullInfo_s0",
+                                           "lede_DoubleDQN-FI_s0"}
     assert all(int(r["n_outputs"]) == 1 for r in rows)
 
 

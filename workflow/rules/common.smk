@@ -96,6 +96,10 @@ def _check_config():
     if tui > steps:
         raise WorkflowError(f"config key policy.target_update_interval={tui} exceeds policy.n_steps={steps}: the "
                             "Q-learning target network would never be updated; lower it (e.g. n_steps / 10)")
+    online = [a for a in config["policy"]["evaluate"].get("online", []) if a not in config["policy"]["algos"]]
+    if online:
+        raise WorkflowError(f"config key policy.evaluate.online has {online}, which policy.algos does not train: "
+                            f"add them to policy.algos or drop them from policy.evaluate.online")
     bad = [l for l in LAYERS if not 1 <= l <= depth - 1]
     if bad:
         raise WorkflowError(
@@ -139,8 +143,13 @@ def policy_params(*keys, **subsets):
 
 
 def replays_dev(wc):
-    """Does this train_policy job replay the dev split (restarts chosen by replay, or FullInfo's training)?"""
-    return POLICY["restarts"] > 1 or wc.algo == "FullInfo"
+    """Does this train_policy job replay the dev split (restarts chosen by replay, or full-information training)?"""
+    return POLICY["restarts"] > 1 or full_information(wc)
+
+
+def full_information(wc):
+    """Does this train_policy job learn from the dev replay's every-action outcomes (FullInfo, <algo>-FI)?"""
+    return wc.algo == "FullInfo" or wc.algo.endswith("-FI")
 
 
 # what a behaviour-policy run reads: the draft cap, the reward, the ε of the perturbed heuristics

@@ -70,8 +70,8 @@ rule train_policy:
         adapters=lambda wc: ADAPTERS
         if replays_dev(wc) else [],
         distill=lambda wc: DISTILL["dev"] if replays_dev(wc) else [],
-        sweep=lambda wc: rules.exit_report.output.sweep if wc.algo == "FullInfo" else [],
-        code=src("rl.offline", "rl.features", "rl.replay", "rl.fullinfo"),
+        sweep=lambda wc: rules.exit_report.output.sweep if full_information(wc) else [],
+        code=src("rl.offline", "rl.features", "rl.replay", "rl.fullinfo", "rl.counterfactual"),
     output:
         policy=f"{R}/rl/policy_{{algo}}_s{{seed}}.pt",
         history=f"{R}/rl/history_{{algo}}_s{{seed}}.csv",
@@ -96,7 +96,7 @@ rule train_policy:
         max_new_tokens=config["exits"]["eval"]["max_new_tokens"],
         logs=f"{R}/rl/logs",
     wildcard_constraints:
-        algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC|FullInfo",
+        algo="DiscreteCQL|DiscreteBCQ|DoubleDQN|DiscreteBC|FullInfo|DoubleDQN-FI|DiscreteCQL-FI|DiscreteBCQ-FI",
         seed=r"\d+",
     threads: config["threads"]
     log:
@@ -144,7 +144,7 @@ rule evaluate:
         heads=HEADS,
         adapters=ADAPTERS,
         policies=expand(rules.train_policy.output.policy, algo=POLICY["algos"], seed=POLICY["seeds"]),
-        code=src("rl.offline", "rl.features", "rl.heuristics", "rl.oracle", "eval.bench", "core.engine", "core.policy", "core.costs", "data", "core.lookup"),
+        code=src("rl.offline", "rl.features", "rl.heuristics", "rl.oracle", "rl.online", "eval.bench", "core.engine", "core.policy", "core.costs", "data", "core.lookup"),
     output:
         json=f"{R}/eval/records.json",
         md=report(f"{R}/eval/summary.md", caption="../report/eval.rst", category="Speed"),

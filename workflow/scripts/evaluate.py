@@ -18,6 +18,7 @@ from lede.rl.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.rl.oracle import Oracle, oracle_runs  # noqa: E402
 from lede.core.policy import Autoregressive, drafter_name  # noqa: E402
 from lede.rl.offline import RLPolicy  # noqa: E402
+from lede.rl.online import OnlineFloor  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, ev = p.policy, p.policy["evaluate"]
@@ -52,6 +53,9 @@ lede = {}
 for path in inp.policies:
     policy = RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers)
     lede[policy.name] = policy
+    if policy.pf.algo in ev.get("online", []):  # the online floor as an ablation (src/lede/rl/online.py)
+        floored = OnlineFloor(policy, costs)
+        lede[floored.name] = floored
 oracle_layers = list(p.layers)
 
 

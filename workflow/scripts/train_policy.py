@@ -1,4 +1,6 @@
-"""Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed). With
+"""Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed), or, for
+``<algo>-FI``, on full-information data (every per-round action's transition at the dev replay's round starts,
+src/lede/rl/counterfactual.py; one decision per round, γ per round). With
 ``policy.restarts`` > 1 it trains that many candidates (d3rlpy seeds seed, seed + 1000, ...) and keeps the one
 with the highest median replayed speedup on the dev split's sequences (training prompts; src/lede/rl/replay.py,
 select_by_replay). ``FullInfo`` (not d3rlpy) fits a per-round policy to every action's outcome along the dev split's
@@ -15,17 +17,25 @@ from lede.rl.offline import Experience, RLPolicy, off_policy_value, train_policy
 inp, w = snakemake.input, snakemake.wildcards  # noqa: F821
 
 
-def train_fullinfo():
-    from lede.rl.fullinfo import train_full_information
+def fullinfo_states(kmax: int, why: str):
+    """The dev split's replay, the cost model and the behaviour policies whose round starts the full-information
+    learners see: the replayed sweep's best static cells, random schedules and the oracle."""
     from lede.rl.replay import ReplayOracle
 
-    kmax, fi, rep = p.max_draft_len, p.fullinfo, p.policy["replay"]
-    dev = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax,
-                         "FullInfo learns on the dev split (training prompts) only")
+    rep = p.policy["replay"]
+    dev = replayed_split(p, inp.heads[0], inp.distill, "dev", kmax, why)
     costs = load_costs(inp.heads[1], inp.heads[0])
     space, behaviours = behaviour_policies(p, inp.sweep, costs, rep["static_cells"], rep["random"], random_seed=100,
                                            confidence=False)
     behaviours.append(ReplayOracle(dev.decoder.tables, costs, kmax, lookup=0 in p.layers))  # states where drafts pay
+    return dev, costs, space, behaviours
+
+
+def train_fullinfo():
+    from lede.rl.fullinfo import train_full_information
+
+    kmax, fi = p.max_draft_len, p.fullinfo
+    dev, costs, space, behaviours = fullinfo_states(kmax, "FullInfo learns on the dev split (training prompts) only")
     prompts = [s.prompt_ids for s in dev.replayable()]
     fits = [train_full_information(dev.decoder, prompts, behaviours, space, costs, p.model, seed=int(w.seed) + 1000 * i,
                                    rate=p.policy["reward_weight"], rate_iterations=fi["rate_iterations"],
@@ -46,20 +56,34 @@ def train_fullinfo():
 
 
 def train_d3rlpy():
-    parts = [Experience.load(inp.exp[0].removesuffix(".parquet"))]
-    if inp.replay:
-        parts.append(Experience.load(inp.replay[0].removesuffix(".parquet")))
-    exp = Experience.concat(parts) if len(parts) > 1 else parts[0]
-    logging.info("training on %s transitions (%d episodes)", " + ".join(str(len(e)) for e in parts), len(exp.behaviour))
+    algo, _, data = w.algo.partition("-")  # "DoubleDQN-FI": d3rlpy's DoubleDQN on full-information data
+    decision, discount = p.decision, p.discount
+    if data == "FI":  # every per-round action's transition at the dev replay's round starts (lede.rl.counterfactual)
+        from lede.rl.counterfactual import counterfactual_data
+
+        dev, costs, space, behaviours = fullinfo_states(p.max_draft_len, "full-information data: the dev split only")
+        exp = counterfactual_data(dev.decoder, [s.prompt_ids for s in dev.replayable()], behaviours, space, costs,
+                                  p.model, reward_weight=p.policy["reward_weight"], max_new_tokens=p.max_new_tokens)
+        decision, discount = "round", "round"
+        logging.info("training on full-information data: %d round starts x %d actions = %d transitions",
+                     len(exp), exp.space.size, exp.transitions)
+    else:
+        parts = [Experience.load(inp.exp[0].removesuffix(".parquet"))]
+        if inp.replay:
+            parts.append(Experience.load(inp.replay[0].removesuffix(".parquet")))
+        exp = Experience.concat(parts) if len(parts) > 1 else parts[0]
+        logging.info("training on %s transitions (%d episodes)", " + ".join(str(len(e)) for e in parts),
+                     len(exp.behaviour))
     seeds = [int(w.seed) + 1000 * i for i in range(p.restarts)]
     results = []
     for i, seed in enumerate(seeds):
-        res = train_policy(exp, algo=w.algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
+        res = train_policy(exp, algo=algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
                            log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
                            eval_episodes=p.eval_episodes, gamma=p.gamma, cql_alpha=p.cql_alpha, hidden_units=p.hidden_units,
                            target_update_interval=p.target_update_interval, fqe_steps=0,
-                           fqe_epoch_steps=p.fqe_epoch_steps, decision=p.decision,
-                           discount=p.discount, reward_scale=p.reward_scale)
+                           fqe_epoch_steps=p.fqe_epoch_steps, decision=decision,
+                           discount=discount, reward_scale=p.reward_scale)
+        res.policy.algo = w.algo  # names the policy (lede_<algo>_s<seed>): "-FI" marks full-information data
         logging.info("seed %d: history %s", seed, res.history)
         results.append(res)
     best = 0

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lede.core.costs import CostModel, round_costs
+from lede.core.lookup import NgramIndex
 from lede.core.policy import DecodeState, RoundRecord, drafter_name
 
 PLAIN = 0
@@ -217,13 +218,7 @@ class FeatureTracker:
             self.accept[i] = a * self.accept[i] + (1 - a) * (r.accepted / r.drafted)
 
     def _copy_signals(self, state: DecodeState) -> tuple[float, float, float, float]:
-        """Does the last bigram / trigram of the context occur earlier, how many tokens would a lookup draft
-        propose (as a fraction of the maximum draft length), and how long has the context been copying
-        (``NgramIndex.match_run``, log-scaled to 0..1)?"""
-        cands = state.lookup_candidates(self.space.max_draft_len)
-        n = state.lookup.match_size()
-        run = state.lookup.match_run(COPY_RUN_CAP)
-        return float(n >= 2), float(n >= 3), len(cands) / self.space.max_draft_len, math.log1p(run) / math.log1p(COPY_RUN_CAP)
+        return copy_signals(state.lookup.sync(state.prompt_ids, state.tokens), self.space.max_draft_len)
 
     def features(self, state: DecodeState, start_of_round: bool) -> np.ndarray:
         """The state vector [F] (float32, a fresh array), in ``feature_names`` order. Written into a
@@ -232,29 +227,62 @@ class FeatureTracker:
             self._state = state
             self.reset(state.prompt_ids)
         self._update(state)
+        return self._compose(start_of_round, state.position, state.prompt_len,
+                             state.rounds[-1] if state.rounds else None, state.last_verify,
+                             None if start_of_round else state, self._copy_signals(state))
+
+    def features_after(self, state: DecodeState, record: RoundRecord, verify, copy: tuple[float, float, float, float]
+                       ) -> np.ndarray:
+        """The round-start vector the generation of ``state`` (at a round start) would show after one more round
+        ``record``: the running statistics updated by it on the side (the tracker itself is unchanged), ``verify``
+        the full model's confidence at the new last token and ``copy`` the copy signals of the new context
+        (``copy_signals``). ``lede.rl.counterfactual`` asks it for every action at a replayed round start."""
+        if state is not self._state:
+            self._state = state
+            self.reset(state.prompt_ids)
+        self._update(state)
+        saved = self.accept.copy(), self.tokens_per_round, self.plain_share
+        self._observe(record)
+        try:
+            return self._compose(True, state.position + record.emitted, state.prompt_len, record, verify, None, copy)
+        finally:
+            self.accept, self.tokens_per_round, self.plain_share = saved
+
+    def _compose(self, start_of_round: bool, position: int, prompt_len: int, last: RoundRecord | None, verify,
+                 draft_state: DecodeState | None, copy: tuple[float, float, float, float]) -> np.ndarray:
         m, kmax, o = len(self.space.exit_layers), float(self.space.max_draft_len), self._slots
         x = self._buf
         x.fill(0.0)
-        x[0], x[1], x[2] = float(start_of_round), state.position / 4096.0, math.log1p(state.prompt_len) / 10.0
-        if state.rounds:
-            r = state.rounds[-1]
-            x[o["prev"] + (0 if r.exit_layer is None else 1 + self._idx.get(r.exit_layer, 0))] = 1.0
+        x[0], x[1], x[2] = float(start_of_round), position / 4096.0, math.log1p(prompt_len) / 10.0
+        if last is not None:
+            x[o["prev"] + (0 if last.exit_layer is None else 1 + self._idx.get(last.exit_layer, 0))] = 1.0
             i = o["prev_drafted"]
-            x[i], x[i + 1], x[i + 2] = r.drafted / kmax, r.accepted / kmax, float(r.drafted > 0 and r.accepted == r.drafted)
+            x[i], x[i + 1], x[i + 2] = (last.drafted / kmax, last.accepted / kmax,
+                                        float(last.drafted > 0 and last.accepted == last.drafted))
         x[o["ema"] : o["ema"] + m] = self.accept
         x[o["ema"] + m], x[o["ema"] + m + 1] = self.tokens_per_round / kmax, self.plain_share
-        if (v := state.last_verify) is not None:
+        if verify is not None:
             i = o["verify"]
-            x[i], x[i + 1], x[i + 2] = v.top_prob, v.entropy / 10.0, v.margin
-        if not start_of_round:
-            if state.exit_layer in self._idx:
-                x[o["cur"] + self._idx[state.exit_layer]] = 1.0
-            d, i = state.draft, o["drafted"]
-            x[i] = state.drafted / kmax
+            x[i], x[i + 1], x[i + 2] = verify.top_prob, verify.entropy / 10.0, verify.margin
+        if draft_state is not None:  # inside a draft
+            if draft_state.exit_layer in self._idx:
+                x[o["cur"] + self._idx[draft_state.exit_layer]] = 1.0
+            d, i = draft_state.draft, o["drafted"]
+            x[i] = draft_state.drafted / kmax
             if d is not None:  # None: a lookup draft (no logits)
                 x[i + 1], x[i + 2], x[i + 3] = d.top_prob, d.entropy / 10.0, d.margin
-        x[-4], x[-3], x[-2], x[-1] = self._copy_signals(state)
+        x[-4], x[-3], x[-2], x[-1] = copy
         return x.copy()
+
+
+def copy_signals(index: NgramIndex, max_draft_len: int) -> tuple[float, float, float, float]:
+    """Does the last bigram / trigram of the context (``index``, synced to it) occur earlier, how many tokens would a
+    lookup draft propose (as a fraction of the maximum draft length), and how long has the context been copying
+    (``NgramIndex.match_run``, log-scaled to 0..1)?"""
+    n = index.match_size()
+    run = index.match_run(COPY_RUN_CAP)
+    return (float(n >= 2), float(n >= 3), len(index.candidates(max_draft_len)) / max_draft_len,
+            math.log1p(run) / math.log1p(COPY_RUN_CAP))
 
 
 CREDITS = ("per_draft", "at_verify")

@@ -62,8 +62,9 @@ ALGO = "FullInfo"
 class RoundOutcomes:
     """Every per-round action's outcome at one round start: v(a) = tokens[a] − ρ · cost[a]."""
 
-    tokens: np.ndarray  # [A] tokens the round would emit
+    tokens: np.ndarray  # [A] tokens the round would emit (accepted + 1)
     cost: np.ndarray  # [A] its time in plain steps at this context
+    drafted: np.ndarray  # [A] drafts the round would make (K limited by the budget and a lookup proposal)
 
 
 def round_outcomes(dec: ReplayDecoder, state: DecodeState, space: ActionSpace, costs: CostModel) -> RoundOutcomes:
@@ -76,6 +77,7 @@ def round_outcomes(dec: ReplayDecoder, state: DecodeState, space: ActionSpace, c
     cm = costs.at(state.prompt_len + n)
     tokens = np.ones(space.size, dtype=np.float32)
     cost = np.empty(space.size, dtype=np.float32)
+    drafted = np.zeros(space.size, dtype=np.int64)
     cost[0] = cm.round_ms(None, 0) / cm.plain_ms
     for i, d in enumerate(space.exit_layers):
         drafts = state.lookup_candidates(room) if d == LOOKUP else table.draft_token[d][n : n + room]
@@ -86,7 +88,8 @@ def round_outcomes(dec: ReplayDecoder, state: DecodeState, space: ActionSpace, c
             kk = min(k, len(drafts))
             tokens[1 + i * kmax + k - 1] = min(a, kk) + 1
             cost[1 + i * kmax + k - 1] = cm.round_ms(d if kk else None, kk) / cm.plain_ms
-    return RoundOutcomes(tokens, cost)
+            drafted[1 + i * kmax + k - 1] = kk
+    return RoundOutcomes(tokens, cost, drafted)
 
 
 class _Probe:

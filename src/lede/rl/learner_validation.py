@@ -13,7 +13,9 @@ produced ``results/`` (experience, replayed experience, dev sequences, exit head
 A setting is the algorithm and key=value overrides: ``gamma``, ``alpha``, ``n_steps``, ``target_update_interval``,
 ``decision=round``, ``timeouts=0`` (budget ends fitted as terminals), ``valid=0`` (d3rlpy's targets and CQL penalty
 over every action, not the phase's valid ones), ``discount=round`` (γ per round, ``lede.rl.offline.RoundDiscount``),
-``scale=0.1`` (rewards multiplied before fitting, ``train_policy``'s ``reward_scale``). ``FullInfo[,epochs=E][,iters=N]``
+``scale=0.1`` (rewards multiplied before fitting, ``train_policy``'s ``reward_scale``), ``data=full`` (every per-round
+action's transition at the round starts the FullInfo behaviours visit along the training half's replay,
+``lede.rl.counterfactual``, instead of the logged experience; implies ``decision=round``). ``FullInfo[,epochs=E][,iters=N]``
 is the full-information learner (``lede.rl.fullinfo``), fitted on the training half's replayed sequences from the
 round starts of a fixed set of behaviours (static lookup K 1 / 3 / 6, K 1 at the shallowest exit, three random
 schedules, plain decoding, the oracle).
@@ -48,6 +50,7 @@ class Setting:
     valid: bool = True  # False: d3rlpy's targets and CQL penalty over every action (train_policy's valid_only)
     discount: str = "decision"  # or "round": γ per round (lede.rl.offline.RoundDiscount)
     scale: float = 1.0  # rewards multiplied by it before fitting (train_policy's reward_scale)
+    data: str = "experience"  # or "full": every action's transition at the replayed round starts (lede.rl.counterfactual)
     epochs: int = 30  # FullInfo only (lede.rl.fullinfo): passes per fit
     iters: int = 2  # FullInfo only: refits (rate_iterations)
 
@@ -62,21 +65,25 @@ class Setting:
         for pair in pairs:
             key, _, value = pair.partition("=")
             if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts", "valid",
-                           "discount", "scale", "epochs", "iters") or not value:
+                           "discount", "scale", "data", "epochs", "iters") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
-                                 "target_update_interval=, decision=, timeouts=, valid=, discount=, scale=, "
+                                 "target_update_interval=, decision=, timeouts=, valid=, discount=, scale=, data=, "
                                  "epochs=, iters=")
             if key in ("timeouts", "valid"):
                 if value not in ("0", "1"):
                     raise ValueError(f"setting {text!r}: {key}={value!r} must be 0 or 1")
                 kw[key] = value == "1"
-            elif key in ("decision", "discount"):
-                allowed = DECISIONS if key == "decision" else DISCOUNTS
+            elif key in ("decision", "discount", "data"):
+                allowed = {"decision": DECISIONS, "discount": DISCOUNTS, "data": ("experience", "full")}[key]
                 if value not in allowed:
                     raise ValueError(f"setting {text!r}: {key}={value!r} is not one of {', '.join(allowed)}")
                 kw[key] = value
             else:
                 kw[key] = int(value) if key in ("n_steps", "target_update_interval", "epochs", "iters") else float(value)
+        if kw.get("data") == "full" and kw.get("decision", "round") != "round":
+            raise ValueError(f"setting {text!r}: data=full has one decision per round (decision=round)")
+        if kw.get("data") == "full":
+            kw["decision"] = "round"
         return cls(algo, **kw)
 
     @property
@@ -90,7 +97,8 @@ class Setting:
         disc = " γ per round" if self.discount == "round" and self.decision == "token" else ""
         tui = f" target copy every {self.target_update_interval}" if self.target_update_interval != 1000 else ""
         scale = f" rewards ×{self.scale:g}" if self.scale != 1.0 else ""
-        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{tui}{cut}{every}{disc}{scale}"
+        full = " full-information data" if self.data == "full" else ""
+        return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{tui}{cut}{every}{disc}{scale}{full}"
 
 
 def dev_halves(sequences: list, train_per_category: int) -> tuple[set[str], list]:
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--train-per-category", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--floor", action="store_true",
+                    help="also replay every learned policy under the online floor (lede.rl.online)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "lede_learner_validation")
     a = ap.parse_args(argv)
@@ -172,38 +182,61 @@ def main(argv: list[str] | None = None) -> list[dict]:
                for c in cats}
         return {"all": ReplayedSpeed.combine(list(per.values())).median, **{c: r.median for c, r in per.items()}}
 
+    def report(row: dict, policy) -> None:
+        rows.append(row)
+        print(row, flush=True)
+        if a.floor:
+            from lede.rl.online import OnlineFloor
+
+            rows.append({**row, "policy": row["policy"] + " + online floor", "floor": True,
+                         **score(OnlineFloor(policy, costs))})
+            print(rows[-1], flush=True)
+
     rows = []
     print(f"train: {len(sub)} decisions, {len(sub.behaviour)} episodes on {len(train)} dev prompts; "
           f"validate on {len(val)} dev sequences", flush=True)
     kmax = exp.space.max_draft_len
     refs = [Static(LOOKUP, 3), Static(LOOKUP, 4), ReplayOracle(replay.tables, costs, kmax, lookup=LOOKUP in exp.space.exit_layers)]
-    for policy in refs:
-        rows.append({"policy": policy.name, **score(policy)})
-        print(rows[-1], flush=True)
+    for policy in refs[:-1]:
+        report({"policy": policy.name, **score(policy)}, policy)
+    rows.append({"policy": refs[-1].name, **score(refs[-1])})  # the oracle: no floor
+    print(rows[-1], flush=True)
     train_seqs = [s.prompt_ids for s in seqs if s.uid in train and s.continuation]
+    from lede.core.policy import Autoregressive, RandomSchedule
+
+    drafters = list(exp.space.exit_layers)
+    # the full-information learners' states: the round starts these visit along the training half's replay
+    behaviours = [Static(LOOKUP, 3), Static(LOOKUP, 1), Static(LOOKUP, 6), Static(layers[0], 1),
+                  *[RandomSchedule(drafters, kmax, seed=s, p_plain=0.2) for s in range(3)], Autoregressive(), refs[-1]]
+    full_data = None
     for st in settings:
         for seed in a.seeds:
             if st.algo == "FullInfo":  # every action's outcome along the training half's replay (lede.rl.fullinfo)
                 from lede.rl.fullinfo import train_full_information
-                from lede.core.policy import Autoregressive, RandomSchedule
 
-                drafters = list(exp.space.exit_layers)
-                behaviours = [Static(LOOKUP, 3), Static(LOOKUP, 1), Static(LOOKUP, 6), Static(layers[0], 1),
-                              *[RandomSchedule(drafters, kmax, seed=s, p_plain=0.2) for s in range(3)],
-                              Autoregressive(), refs[-1]]
                 fit = train_full_information(replay, train_seqs, behaviours, exp.space, costs, a.model, seed=seed,
                                              rate_iterations=st.iters, epochs=st.epochs,
                                              max_new_tokens=a.max_new_tokens)
-                rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(fit.policy))})
-                print(rows[-1], flush=True)
+                report({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(fit.policy))},
+                       RLPolicy(fit.policy))
                 continue
-            res = train_policy(sub if st.timeouts else replace(sub, truncated=None), algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
+            data = sub if st.timeouts else replace(sub, truncated=None)
+            if st.data == "full":  # every action's transition at the replayed round starts (lede.rl.counterfactual)
+                if full_data is None:
+                    from lede.rl.counterfactual import counterfactual_data
+
+                    full_data = counterfactual_data(replay, train_seqs, behaviours, exp.space, costs, a.model,
+                                                    max_new_tokens=a.max_new_tokens)
+                    print(f"full-information data: {len(full_data)} round starts, {full_data.transitions} "
+                          "transitions", flush=True)
+                data = full_data
+            res = train_policy(data, algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
                                target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
                                decision=st.decision, valid_only=st.valid, discount=st.discount,
                                reward_scale=st.scale)
-            rows.append({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))})
-            print(rows[-1], flush=True)
+            report({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))},
+                   RLPolicy(res.policy))
     if a.out:
         from lede.core.io import atomic_write_text
 

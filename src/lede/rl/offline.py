@@ -202,6 +202,20 @@ class Experience:
                           np.add.reduceat(self.rewards, start).astype(np.float32), self.terminals[end - 1],
                           self.episode[start], self.behaviour, self.prompt, self.category, self.meta, self.truncated)
 
+    @property
+    def transitions(self) -> int:
+        return len(self)
+
+    def for_decision(self, decision: str) -> "Experience":
+        """The data a learner of ``decision`` ("token" or "round", ``train_policy``) fits: this, or ``per_round()``."""
+        if decision not in DECISIONS:
+            raise ValueError(f"decision={decision!r}: use one of {', '.join(DECISIONS)} (policy.decision)")
+        return self.per_round() if decision == "round" else self
+
+    def standardised(self, mean: np.ndarray, std: np.ndarray) -> "Experience":
+        """The same experience with its features standardised (every other field as logged)."""
+        return replace(self, obs=(self.obs - mean) / std)
+
     def mdp_dataset(self, discount: str = "decision", phase_threshold: float = 0.5):
         """The d3rlpy dataset. ``discount="round"``: each transition carries d3rlpy's ``interval`` (the learner
         discounts by γ^interval): 1 for the decision that ends a round, 0 inside it, so γ is per round and
@@ -673,8 +687,7 @@ def train_policy(
     if decision not in DECISIONS:
         raise ValueError(f"decision={decision!r}: use one of {', '.join(DECISIONS)} (policy.decision)")
     exp.check()
-    if decision == "round":
-        exp = exp.per_round()
+    exp = exp.for_decision(decision)
     if eval_episodes < 1:
         raise ValueError(f"eval_episodes={eval_episodes} must be >= 1")
     if algo != "DiscreteBC" and not 1 <= target_update_interval <= n_steps:
@@ -686,7 +699,7 @@ def train_policy(
     d3rlpy.seed(seed)
     mean = exp.obs.mean(0)
     std = exp.obs.std(0) + 1e-6
-    scaled = replace(exp, obs=(exp.obs - mean) / std)  # every other field as logged (the truncation flags too)
+    scaled = exp.standardised(mean, std)
     if exp.names[0] != "phase_start":
         raise PolicyError(f"the experience's first feature is {exp.names[0]!r}, not phase_start")
     phase = (0.5 - float(mean[0])) / float(std[0])  # the standardised phase_start above which a row is a round start
@@ -711,7 +724,9 @@ def train_policy(
                                        show_progress=progress, evaluators=evaluators, save_interval=10**9):
         history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
     net, imitator = _export(model, algo)
-    info = {"transitions": len(exp), "episodes": len(exp.behaviour), "eval_episodes": len(sample), "n_steps": n_steps,
+    full_info = bool(exp.meta.get("full_information"))
+    info = {"transitions": exp.transitions, "round_starts" if full_info else "decisions": len(exp),
+            "full_information": full_info, "episodes": len(exp.behaviour), "eval_episodes": len(sample), "n_steps": n_steps,
             "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
             "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
             "reward_credit": exp.meta.get("reward_credit"), "decision": decision, "valid_only": valid_only,

@@ -8,6 +8,8 @@
     confidence:L:T         draft at L while the exit head's top-1 probability is at least T (0 < T < 1)
     dynamic                dynamic exit: the cheapest expected exit layer per round, priced by a cost model
     file:PATH              a learned LEDE policy (``lede.rl.offline.RLPolicy``; FullInfo files too)
+    floor:SPEC             SPEC with the online floor: a drafter whose rounds lose against plain decoding is suspended
+                           for the rest of a back-off (``lede.rl.online.OnlineFloor``; needs the cost model)
 
 Parsing is in two steps, so that a command fails on a malformed spec before any model loads:
 ``PolicySpec.parse(text)`` checks the syntax and the numbers that need no model; ``spec.build(context)`` checks
@@ -25,7 +27,7 @@ from lede.core.costs import CostModel
 from lede.core.policy import LOOKUP, Autoregressive, Policy, Static
 from lede.rl.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
 
-GRAMMAR = "plain | static:L:K | lookup:K | adaptive:L[:K0] | confidence:L:T | dynamic | file:PATH"
+GRAMMAR = "plain | static:L:K | lookup:K | adaptive:L[:K0] | confidence:L:T | dynamic | file:PATH | floor:SPEC"
 
 
 class PolicySpecError(ValueError):
@@ -53,6 +55,7 @@ class PolicySpec:
     draft_len: int | None = None
     threshold: float | None = None
     path: Path | None = None
+    inner: "PolicySpec | None" = None  # floor:SPEC
     text: str = field(default="", compare=False)
 
     @classmethod
@@ -76,6 +79,13 @@ class PolicySpec:
             if args:
                 raise fail("'plain' takes no arguments")
             return cls("plain", text=raw)
+        if kind == "floor":
+            if not rest:
+                raise fail("give the policy to put the floor under: floor:SPEC")
+            inner = cls.parse(rest)
+            if inner.kind in ("plain", "floor"):
+                raise fail(f"the floor needs a drafting policy, not {inner.kind!r}")
+            return cls("floor", inner=inner, text=raw)
         if kind == "file":
             if not rest:
                 raise fail("give the policy file: file:PATH")
@@ -121,6 +131,13 @@ class PolicySpec:
         if self.draft_len is not None and self.draft_len > ctx.max_draft_len:
             raise PolicySpecError(f"policy {self.text!r}: draft length {self.draft_len} exceeds the draft cap "
                                   f"{ctx.max_draft_len}: lower it or raise max_draft_len")
+        if self.kind == "floor":
+            from lede.rl.online import OnlineFloor
+
+            if ctx.costs is None:
+                raise PolicySpecError(f"policy {self.text!r}: the online floor prices rounds with the cost model "
+                                      "(the workflow's cost_model output); none was given")
+            return OnlineFloor(self.inner.build(ctx), ctx.costs)
         if self.kind == "plain":
             return Autoregressive()
         if self.kind in ("static", "lookup"):

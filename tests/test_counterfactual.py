@@ -1,0 +1,90 @@
+"""Full-information data for the d3rlpy learners: every per-round action's transition at replayed round starts (tiny
+models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lede import Autoregressive, Decoder
+from lede.core.costs import round_costs
+from lede.rl.counterfactual import _Branches, counterfactual_data
+from lede.rl.features import ActionSpace
+from lede.rl.offline import PolicyError, RLPolicy, train_policy
+from test_fullinfo import KMAX, RSPACE, RandomRound, setup  # noqa: F401  (the module-scoped fixture)
+from test_replay import COSTS, DRAFTERS
+
+
+@pytest.mark.parametrize("budget", [40, 9])
+def test_next_states_are_the_states_that_follow(setup, budget):  # noqa: F811
+    """For the action a behaviour takes, the recorded next state is the round start the replay then shows (the
+    tracker's own features there), its reward the round's tokens − time, and the generation's EOS a terminal."""
+    lm, dec, seqs, replay = setup
+    eos = set(lm.eos_token_ids)
+    followed = ends = 0
+    for seed in range(4):
+        for s in seqs:
+            pol = RandomRound(seed)
+            probe = _Branches(pol, replay, RSPACE, COSTS, weight=1.0)
+            gen = replay.generate(s.prompt_ids, probe, max_new_tokens=budget)
+            assert len(probe.obs) == len(gen.rounds) == len(pol.chosen)
+            priced = round_costs(COSTS, len(s.prompt_ids), gen.rounds)
+            for i, a in enumerate(pol.chosen):
+                r, cm = gen.rounds[i], priced[i]
+                cost = cm.round_ms(r.exit_layer, r.drafted) / cm.plain_ms
+                assert probe.rewards[i][a] == pytest.approx(r.emitted - cost, rel=1e-5)
+                assert probe.rewards[i][0] == pytest.approx(0.0, abs=1e-6)  # a plain step: 1 token, 1 plain step
+                if i + 1 < len(pol.chosen):
+                    np.testing.assert_array_equal(probe.next_obs[i][a], probe.obs[i + 1])
+                    assert not probe.terminal[i][a]
+                    followed += 1
+                elif gen.finish_reason == "eos":
+                    assert probe.terminal[i][a] and gen.token_ids[-1] in eos
+                    ends += 1
+    assert followed > 40
+
+
+def test_data_covers_every_action_and_trains_d3rlpy(setup, tmp_path):  # noqa: F811
+    """The d3rlpy dataset answers sampled round starts with every action; DoubleDQN fits on it (per round) and the
+    exported policy decodes exactly in the engine."""
+    import d3rlpy
+
+    lm, dec, seqs, replay = setup
+    prompts = [s.prompt_ids for s in seqs]
+    data = counterfactual_data(replay, prompts, [RandomRound(0), Autoregressive()], ActionSpace(DRAFTERS, KMAX),
+                               COSTS, model=lm.name, max_new_tokens=40)
+    assert data.space == RSPACE and data.transitions == len(data) * RSPACE.size
+    assert len(data.behaviour) == 2 * len(seqs)
+    d3rlpy.seed(0)
+    buf = data.mdp_dataset()
+    batch = buf.sample_transition_batch(4096)
+    assert set(batch.actions[:, 0].tolist()) == set(range(RSPACE.size))
+    rows = {tuple(o) for o in data.obs.tolist()}
+    assert {tuple(o) for o in batch.observations.tolist()} <= rows
+    with pytest.raises(PolicyError, match="decision='round'"):
+        train_policy(data, algo="DoubleDQN", n_steps=10, decision="token", log_dir=tmp_path)
+    res = train_policy(data, algo="DoubleDQN", seed=0, n_steps=200, n_steps_per_epoch=100, gamma=0.9,
+                       target_update_interval=50, fqe_steps=0, eval_episodes=8, decision="round", log_dir=tmp_path)
+    assert res.policy.decision == "round" and res.policy.info["full_information"]
+    assert res.policy.info["transitions"] == data.transitions
+    engine = Decoder(lm, exit_heads=dec.exit_heads, max_draft_len=KMAX)
+    for s in seqs[:3]:
+        want = engine.generate(s.prompt_ids, Autoregressive(), max_new_tokens=24).token_ids
+        assert engine.generate(s.prompt_ids, RLPolicy(res.policy), max_new_tokens=24).token_ids == want
+
+
+def test_fitted_values_follow_the_rewards(setup, tmp_path):  # noqa: F811
+    """With γ = 0 the Q-function fitted on every action's transition is the expected round reward, so the greedy
+    action is (mostly) the best round at each state: far better than any single fixed action."""
+    lm, dec, seqs, replay = setup
+    data = counterfactual_data(replay, [s.prompt_ids for s in seqs], [RandomRound(1), RandomRound(2)],
+                               ActionSpace(DRAFTERS, KMAX), COSTS, model=lm.name, max_new_tokens=40)
+    res = train_policy(data, algo="DoubleDQN", seed=0, n_steps=1000, n_steps_per_epoch=1000, gamma=0.0,
+                       target_update_interval=100, fqe_steps=0, eval_episodes=8, decision="round", log_dir=tmp_path,
+                       lr=1e-3)
+    chosen = RLPolicy(res.policy).choose(data.obs, np.ones(RSPACE.size, dtype=bool))
+    got = data.rewards[np.arange(len(data)), chosen].mean()
+    best_fixed = data.rewards.mean(0).max()
+    best = data.rewards.max(1).mean()
+    print(f"greedy {got:.3f}, best fixed action {best_fixed:.3f}, best per state {best:.3f}")
+    assert got > best_fixed + 0.3 * (best - best_fixed), (got, best_fixed, best)
