@@ -171,3 +171,31 @@ def test_read_bandwidth_and_weight_bytes_are_measured() -> None:
     inner = lm.model.model
     expected = sum(p.numel() * p.element_size() for p in [*inner.layers.parameters(), *inner.norm.parameters()])
     assert weight_bytes(lm) == expected + lm.model.lm_head.weight.numel() * lm.model.lm_head.weight.element_size()
+
+
+def test_probe_puts_the_model_back_after_an_error(monkeypatch):
+    """probe_floor re-routes every CpuLinear and the lean layer forward per variant: an error mid-probe leaves the
+    model on the kernels it chose at load, not on the last variant's."""
+    import torch
+
+    import lede.eval.cost_probe as probe
+    from lede.core.fastpath import FastLayers
+    from lede.core.kernels import CpuLinear, KernelChoice, use_cpu_kernels
+    from lede.testing import tiny_model
+
+    lm = tiny_model("llama", num_layers=2, dtype=torch.float32, seed=3)
+    use_cpu_kernels(lm.model)
+    lm.kernels = KernelChoice("lede", "lede")
+    fast = lm.fast_layers = FastLayers(lm.model)
+    monkeypatch.setattr(probe, "read_bandwidth", lambda mb, repeats, device: [10.0])
+
+    def fail_midway(items, *a, **k):
+        items[-1][2]()  # route to the last variant (transformers' own layers, torch's kernel), then fail
+        assert lm.fast_layers is None
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(probe, "round_robin", fail_midway)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        probe.probe_floor(lm, contexts=(8,), tokens=(1, 2), kernels=("torch",))
+    linears = [m for m in lm.model.modules() if isinstance(m, CpuLinear)]
+    assert lm.fast_layers is fast and {(m.one_token, m.many_tokens) for m in linears} == {("lede", "lede")}

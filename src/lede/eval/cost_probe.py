@@ -21,6 +21,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -298,6 +299,21 @@ def _sig(x: float, digits: int = 5) -> float:
     return float(f"{x:.{digits}g}")
 
 
+@contextmanager
+def routing_restored(lm):
+    """Run a probe that re-routes ``lm``'s CPU linears and lean layer forward; put the kernels the model chose at load
+    (``lm.kernels``) and its ``fast_layers`` back afterwards, whatever the probe raised."""
+    from lede.core.kernels import set_linear_kernels
+
+    choice, fast = getattr(lm, "kernels", None), getattr(lm, "fast_layers", None)
+    try:
+        yield
+    finally:
+        lm.fast_layers = fast
+        if choice is not None:
+            set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
+
+
 @torch.inference_mode()
 def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[int] = FLOOR_TOKENS,
                 kernels: Sequence[str] | None = None, repeats: int = 7, warmup: int = 1, bandwidth_mb: int = 2048,
@@ -343,9 +359,9 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
                     cache.crop(ctx)
                 items.append(((kernel, ctx, t), one_pass, partial(route, kernel)))
     bandwidth = read_bandwidth(bandwidth_mb, bandwidth_repeats, lm.device)
-    times = drift_corrected(round_robin(items, repeats, warmup, lm.device, warm_each=1, timed_each=3))
+    with routing_restored(lm):
+        times = drift_corrected(round_robin(items, repeats, warmup, lm.device, warm_each=1, timed_each=3))
     bandwidth += read_bandwidth(bandwidth_mb, bandwidth_repeats, lm.device)
-    route("chosen")  # the model as it was loaded
 
     def spread(xs) -> float:
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
@@ -393,12 +409,8 @@ def plain_decoding_by_kernel(lm, prompts: Sequence, kernels: Sequence[str] | Non
     configs: dict = {PLAIN: under(names[0])}  # the reference the ratios divide by
     configs |= {f"plain_{v}": under(v) for v in names[1:]}
     configs[HF_GENERATE] = HF_GENERATE
-    try:
+    with routing_restored(lm):
         records = run_bench(Decoder(lm), list(prompts), configs, max_new_tokens=max_new_tokens, repeats=repeats)
-    finally:
-        lm.fast_layers = fast
-        if choice is not None:
-            set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
     rows = summarize(records)["all"]
     name = lambda c: names[0] if c == PLAIN else c.removeprefix("plain_")
     return {"reference": f"plain decoding on {names[0]}", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
@@ -429,7 +441,7 @@ def width_agreement(lm, ids: Sequence[int], prefix: int, widths: Sequence[int] =
         return torch.cat([dec.verify(ids[p : p + width], None, cache) for p in range(prefix, len(ids), width)])
 
     out = {}
-    try:
+    with routing_restored(lm):
         for kernel in ["chosen", *kernels]:
             if ours:
                 set_linear_kernels(lm.model, *((choice.one_token, choice.many_tokens) if kernel == "chosen"
@@ -444,7 +456,4 @@ def width_agreement(lm, ids: Sequence[int], prefix: int, widths: Sequence[int] =
                     "max_abs_logit_diff": float((one - many).abs().max()),
                     "top2_margin_at_differences": [round(float(top2[i, 0] - top2[i, 1]), 6) for i in differ],
                     "median_top2_margin": round(float((top2[:, 0] - top2[:, 1]).median()), 4)}
-    finally:
-        if ours:
-            set_linear_kernels(lm.model, choice.one_token, choice.many_tokens)
     return out
