@@ -500,3 +500,26 @@ def test_policy_prompts_exclude_the_adapters_distillation_prompts() -> None:
     dev, max_new = split_prompts(p, "dev")
     assert [pr.uid for pr in dev] == [pr.uid for pr in policy_train_prompts(p, 10, extra_gsm8k=10)]
     assert max_new == 8 and not distilled & {pr.uid for pr in dev}
+
+
+def test_prompt_file_messages_and_the_shipped_generalisation_set(tmp_path):
+    """A prompt file's `messages` line is a whole chat (Prompt.messages, roles kept, the user's turn last); a malformed
+    chat is one error naming the line. The shipped generalisation set parses: 4 kinds x 5 prompts."""
+    f = tmp_path / "p.jsonl"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Tell me more."}]
+    f.write_text(json.dumps({"id": "c", "category": "chat", "messages": chat}) + "\n"
+                 + json.dumps({"prompt": "Plain one"}) + "\n")
+    got = data.load_prompt_file(f)
+    assert got[0].messages == chat and got[0].text == "Hi" and got[0].category == "chat"
+    assert got[1].messages == [{"role": "user", "content": "Plain one"}]
+    for bad in ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],  # ends with the assistant
+                [{"role": "bot", "content": "a"}], [{"role": "user", "content": " "}], []):
+        f.write_text(json.dumps({"messages": bad}) + "\n")
+        with pytest.raises(DataError, match=r"p.jsonl:1: 'messages' must be"):
+            data.load_prompt_file(f)
+    shipped = data.load_prompt_file(Path(data.__file__).parents[2] / "data" / "generalisation" / "prompts.jsonl")
+    assert collections.Counter(p.category for p in shipped) == {
+        "new_short_factual": 5, "new_long_writing": 5, "new_multi_turn": 5, "new_code": 5}
+    assert all(p.messages[-1]["role"] == "user" for p in shipped)
+    assert all(len(p.messages) >= 3 for p in shipped if p.category == "new_multi_turn")

@@ -27,6 +27,12 @@ def test_alias_loads_offline(smollm2):
     assert smollm2.dtype == torch.float32
     with pytest.raises(ValueError, match="empty prompt"):
         smollm2.encode_chat("  ")
+    # a conversation goes through the chat template whole: its encoding starts with the first turn's own
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Name a colour."}]
+    whole, first = smollm2.encode_chat(chat), smollm2.encode_chat("Hi there")
+    assert len(whole) > len(first) and smollm2.tokenizer.decode(whole).count("Name a colour.") == 1
+    assert smollm2.encode_chat(chat[:1]) == first
 
 
 def test_plain_path_equals_transformers_generate(smollm2):

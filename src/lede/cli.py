@@ -260,7 +260,7 @@ def cmd_bench(args) -> int:
         if name:
             policy.name = name
         policies[name or policy.name] = policy
-    bench_prompts = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.text))) for p in prompts]
+    bench_prompts = [BenchPrompt(p.uid, p.category, tuple(lm.encode_chat(p.messages))) for p in prompts]
     records = run_bench(dec, bench_prompts, policies, max_new_tokens=args.max_new_tokens,
                         repeats=args.repeats, warmup=args.warmup)
     overall = summarize(records)

@@ -219,8 +219,17 @@ class Prompt:
 
     @property
     def text(self) -> str:
-        """The first user turn (what the engine sends)."""
+        """The first user turn (what the engine sends for a benchmark prompt)."""
         return self.turns[0]
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The chat the engine sends: the first user turn, or for a prompt file's ``messages`` line the whole
+        conversation (``meta["roles"]``), whose last turn is the user's."""
+        roles = self.meta.get("roles")
+        if not roles:
+            return [{"role": "user", "content": self.turns[0]}]
+        return [{"role": r, "content": t} for r, t in zip(roles.split(","), self.turns)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -691,19 +700,37 @@ def prompt_pool(
     return out
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def load_prompt_file(path: str | PathLike[str]) -> list[Prompt]:
-    """A user's own prompts: JSONL, one object per line with ``prompt`` (a string) or ``turns`` (a list
-    of strings, Spec-Bench style), and optionally ``id`` and ``category``. Malformed lines raise
+    """A user's own prompts: JSONL, one object per line with ``prompt`` (a string), ``turns`` (a list of strings,
+    Spec-Bench style: the engine sends the first), or ``messages`` (a multi-turn chat: a list of ``{"role":
+    "system" | "user" | "assistant", "content": str}`` ending with a user turn, sent whole through the chat
+    template: ``Prompt.messages``), and optionally ``id`` and ``category``. Malformed lines raise
     :class:`DataError` naming the line."""
     path = _as_path(path)
     prompts = []
     for lineno, obj in _iter_jsonl(path):
+        meta = {}
         if "prompt" in obj:
             turns = (_nonempty_str(obj, "prompt", path, lineno),)
         elif "turns" in obj:
             turns = _str_list(obj["turns"], "turns", path, lineno)
+        elif "messages" in obj:
+            msgs = obj["messages"]
+            ok = isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
+                and m["content"].strip() for m in msgs)
+            if not ok or msgs[-1]["role"] != "user":
+                raise DataError(f"{path}:{lineno}: 'messages' must be a non-empty list of {{'role': "
+                                f"{'|'.join(CHAT_ROLES)}, 'content': non-empty text}} ending with a user turn")
+            turns = tuple(m["content"] for m in msgs)
+            meta["roles"] = ",".join(m["role"] for m in msgs)
         else:
-            raise DataError(f"{path}:{lineno}: needs a 'prompt' string or a 'turns' list; add one of them")
+            raise DataError(f"{path}:{lineno}: needs a 'prompt' string, a 'turns' list or a 'messages' chat; "
+                            "add one of them")
         uid = str(obj.get("id", obj.get("question_id", lineno)))
-        prompts.append(Prompt(f"file/{uid}", "file", str(obj.get("category", "file")), None, turns, (), "eval"))
+        prompts.append(Prompt(f"file/{uid}", "file", str(obj.get("category", "file")), None, turns, (), "eval",
+                              meta))
     return prompts

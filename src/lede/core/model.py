@@ -99,19 +99,20 @@ class LoadedModel:
             ids.add(int(tok_eos))
         return ids
 
-    def encode_chat(self, user_message: str) -> list[int]:
-        """Token ids of one user turn in the model's chat template (plain text if it has none)."""
-        if not user_message or not user_message.strip():
+    def encode_chat(self, user_message: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of one user turn, or of a conversation (``[{"role", "content"}, ...]`` ending with the user's
+        turn), in the model's chat template; plain text if it has none (a conversation's turns joined by blank
+        lines)."""
+        messages = [{"role": "user", "content": user_message}] if isinstance(user_message, str) else list(user_message)
+        if not messages or any(not m.get("content") or not m["content"].strip() for m in messages):
             raise ValueError("empty prompt: pass a non-empty --prompt / prompt text")
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=True
-            )
-            if not isinstance(ids, list):  # BatchEncoding in recent transformers
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in tok(user_message)["input_ids"]]
+        if not getattr(tok, "chat_template", None):
+            return [int(i) for i in tok("\n\n".join(m["content"] for m in messages))["input_ids"]]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # BatchEncoding in recent transformers
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
 
 def check_supported(config) -> None:
