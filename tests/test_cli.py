@@ -55,8 +55,31 @@ def test_bench_runs_static_cells_and_a_learned_policy(files, policy_file, capsys
     assert "mine" in capsys.readouterr().out
 
 
+def test_bench_prices_the_floor_and_dynamic_exit_with_the_cost_model(files, policy_file, capsys):
+    """--costs gives the policies that price rounds their cost model: a learned policy under the online floor and
+    dynamic exit run, exactly; a prompt file's multi-turn chat is sent whole."""
+    tmp, prompts, selection = files
+    costs = CostModel(model="tiny", dtype="float64", device="cpu", threads=1, context_len=8,
+                      draft_ms={l: 0.2 * l for l in LAYERS}, verify_ms={t: 1.0 + 0.05 * t for t in range(1, 18)},
+                      draft_plain_ms={l: 0.2 * l for l in LAYERS})
+    costs.save(tmp / "costs.json")
+    chat = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "abc abc"},
+            {"role": "user", "content": "abc abc abc"}]
+    with prompts.open("a") as f:
+        f.write(json.dumps({"id": "chat", "messages": chat}) + "\n")
+    rc = main(["bench", "--prompt-file", str(prompts), "--exit-heads", str(selection), "--costs", str(tmp / "costs.json"),
+               "--max-new-tokens", "12", "--max-draft-len", "6", "--warmup", "0", "--threads", "1",
+               "--configs", f"floored=floor:file:{policy_file},dynamic", "--out", str(tmp / "bench.json")])
+    assert rc == 0, capsys.readouterr().err
+    records = json.loads((tmp / "bench.json").read_text())["records"]
+    assert {r["config"] for r in records} == {"plain", "floored", "dynamic_exit"}
+    assert all(r["identical"] for r in records) and len({r["prompt"] for r in records}) == 3
+
+
 @pytest.mark.parametrize("configs,extra,message", [
     ("mine={policy}", [], "pass --exit-heads"),
+    ("floor:lookup:3", [], "pass --costs results/costs.json"),
+    ("dynamic", [], "pass --costs results/costs.json"),
     ("mine=/no/such/policy.pt", [], "existing policy file"),
     ("8-4", [], "the grammar is plain | static:L:K"),
     ("static:8", [], "takes 2"),

@@ -5,7 +5,7 @@ stderr, ``lede: error: <what is wrong and the fix>``, and exit status 2 (argpars
 files are checked before the model loads.
 
 Policies are named in the project's one grammar (``lede.rl.spec``): plain, static:L:K (or L:K), lookup:K,
-adaptive:L[:K0], confidence:L:T, dynamic, file:PATH.
+adaptive:L[:K0], confidence:L:T, dynamic, file:PATH, floor:SPEC.
 
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --policy static:8:4
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --autoregressive
@@ -113,8 +113,16 @@ def _check_args(args) -> None:
             from lede.core.exits import read_selection
 
             read_selection(args.exit_heads, check_adapters=True)
+        _existing_file(args.costs, "--costs", "pass the workflow's cost model (results/costs.json)")
+        if args.costs and not args.exit_heads:
+            raise CLIError("--costs prices the exit heads of a selection: pass --exit-heads (results/exits/selected.json)")
         args.parsed_configs = _parse_configs(args.configs)
         for name, spec in args.parsed_configs:
+            if not isinstance(spec, str) and spec.kind in ("floor", "dynamic") and not args.costs:
+                raise CLIError(f"--configs {name or spec.text} prices rounds with the cost model: pass --costs "
+                               "results/costs.json and --exit-heads results/exits/selected.json")
+            if not isinstance(spec, str) and spec.kind == "floor":
+                spec = spec.inner
             if not isinstance(spec, str) and spec.kind == "file":
                 from lede.rl.offline import RLPolicy
 
@@ -239,6 +247,11 @@ def cmd_bench(args) -> int:
 
         heads = load_exit_heads(lm, args.exit_heads)
     dec = Decoder(lm, exit_heads=heads, max_draft_len=args.max_draft_len)
+    costs = None
+    if args.costs:  # the cost model, each layer priced as its selected head: dynamic exit and the online floor
+        from lede.core.exits import selected_costs
+
+        costs = selected_costs(args.costs, args.exit_heads)
     from lede.core.policy import LOOKUP
     from lede.rl.spec import PolicyContext
 
@@ -247,16 +260,17 @@ def cmd_bench(args) -> int:
         if isinstance(spec, str):  # transformers' generate / prompt lookup
             policies[name] = spec
             continue
-        layers = None
-        if spec.kind == "file":
+        layers = sorted(heads) if (spec.inner or spec).kind == "dynamic" else None
+        if (spec.inner or spec).kind == "file":
             from lede.rl.offline import RLPolicy
 
             if not heads:
                 raise CLIError(f"--configs {name or spec.text} is a learned policy: pass --exit-heads with the "
                                "selection file its exit heads came from (results/exits/selected.json)")
-            blob_layers = RLPolicy.load(spec.path, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
+            path = (spec.inner or spec).path
+            blob_layers = RLPolicy.load(path, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
             layers = [LOOKUP] * (LOOKUP in blob_layers) + sorted(heads)
-        policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name, layers))
+        policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name, layers, costs))
         if name:
             policy.name = name
         policies[name or policy.name] = policy
@@ -342,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                    "NAME=SPEC; 'hf' (transformers' generate), 'pld' (transformers' prompt lookup); a learned policy "
                    "(file:PATH or NAME=PATH) needs --exit-heads")
     b.add_argument("--exit-heads", help="selection file (results/exits/selected.json): exit adapters + draft vocabulary")
-    b.add_argument("--prompt-file", help="JSONL with 'prompt' or 'turns' per line (instead of the data dir)")
+    b.add_argument("--prompt-file", help="JSONL with 'prompt', 'turns' or a 'messages' chat per line (instead of the "
+                   "data dir)")
+    b.add_argument("--costs", help="the cost model (results/costs.json) for the policies that price rounds: dynamic, "
+                   "floor:SPEC; with --exit-heads")
     b.add_argument("--data-dir", default=None, help="folder with spec_bench/, gsm8k/, nq_open/ (default: the repository's data/)")
     b.add_argument("--split", default="eval", choices=["train", "eval"])
     b.add_argument("--categories", default="", help="comma-separated categories (default: all Spec-Bench)")
