@@ -57,7 +57,7 @@ def train_fullinfo():
 
 def train_d3rlpy():
     algo, _, data = w.algo.partition("-")  # "DoubleDQN-FI": d3rlpy's DoubleDQN on full-information data
-    decision, discount = p.decision, p.discount
+    decision, discount, dev = p.decision, p.discount, None
     if data == "FI":  # every per-round action's transition at the dev replay's round starts (lede.rl.counterfactual)
         from lede.rl.counterfactual import counterfactual_data
 
@@ -90,8 +90,8 @@ def train_d3rlpy():
     if len(results) > 1:
         from lede.rl.replay import select_by_replay
 
-        dev = replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
-                             "select restarts on the dev split (training prompts) only")
+        dev = dev or replayed_split(p, inp.heads[0], inp.distill, "dev", p.max_draft_len,
+                                    "select restarts on the dev split (training prompts) only")
         prompts = [s.prompt_ids for s in dev.replayable()]
         sel = select_by_replay(dev.decoder, prompts,
                                [RLPolicy(r.policy) for r in results], load_costs(inp.heads[1], inp.heads[0]),
