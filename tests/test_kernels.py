@@ -193,3 +193,36 @@ def test_kernel_options_are_spelled_once():
     parser = argparse.ArgumentParser()
     _common(parser)
     assert tuple(next(a for a in parser._actions if a.dest == "kernels").choices) == KERNEL_OPTIONS
+
+
+def test_a_recorded_kernel_choice_is_read_back_and_loaded_untimed(monkeypatch, tmp_path):
+    """The cost model records str(KernelChoice); the study's later jobs parse it and load the model on exactly those
+    kernels, untimed (study.load_lm with costs_path), instead of letting `auto` choose again at load."""
+    import lede.drafters.loading as loading
+    import lede.study as study
+    from lede.core.costs import CostModel
+    from lede.core.kernels import KernelChoice
+
+    choice = KernelChoice("lede", "onednn")
+    assert KernelChoice.parse(str(choice)) == choice
+    for bad in ("one token fast, several lede", "lede"):
+        with pytest.raises(ValueError, match="is not a kernel choice"):
+            KernelChoice.parse(bad)
+    monkeypatch.setattr(loading, "available_kernels", lambda: ("lede", "torch"))
+    with pytest.raises(ModelError, match=r"\['onednn'\] not available"):
+        load_model("smollm2-135m", kernels=choice)
+    seen = {}
+    monkeypatch.setattr(loading, "load_model", lambda spec, **kw: seen.update(kw))
+    costs = CostModel(model="m", dtype="float32", device="cpu", threads=2, context_len=8, draft_ms={}, verify_ms={1: 1.0},
+                      kernels=str(choice))
+    costs.save(tmp_path / "costs.json")
+
+    class Params(dict):
+        model, dtype, device, kernels = "smollm2-135m", "float32", "cpu", "auto"
+
+    study.load_lm(Params(), costs_path=tmp_path / "costs.json")
+    assert seen["kernels"] == choice
+    study.load_lm(Params(), kernels="torch", costs_path=tmp_path / "costs.json")  # training's explicit choice wins
+    assert seen["kernels"] == "torch"
+    study.load_lm(Params())  # no cost model yet (the cost model's own job): auto times them
+    assert seen["kernels"] == "auto"

@@ -26,12 +26,18 @@ def setup(snakemake):
     return snakemake.params
 
 
-def load_lm(params, device=None, kernels=None, early_exit_weights=None):
+def load_lm(params, device=None, kernels=None, early_exit_weights=None, costs_path=None):
     """The studied model: the base model, or its early-exit variant when the config enables it (or when
     ``early_exit_weights`` is given: the variant of the params' base model). ``kernels``: overrides the config's
-    (training needs "torch")."""
+    (training needs "torch"). ``costs_path``: with ``kernels: auto``, a job downstream of the cost model runs on the
+    kernels the cost model was timed on instead of timing them again at load: ``auto``'s choice between kernels
+    within ~10% of each other flipped from job to job on a noisy host (measured 2026-12-07: oneDNN's one-token pass
+    kept in one job, lede's in the next, 50 vs 30 ms), and then the prices every reward and replay used were not
+    those of the engine that was timed."""
     from lede.drafters.loading import load_model
 
+    if kernels is None and params.kernels == "auto" and costs_path is not None:
+        kernels = cost_model_kernels(costs_path)
     return load_model(params.model, dtype=params.dtype, device=device or params.device,
                       kernels=kernels or params.kernels,
                       early_exit_weights=early_exit_weights or params.get("early_exit_weights"), cache_dir=MODEL_CACHE)
@@ -85,12 +91,23 @@ def greedy_sequences(params, split):
     return lm, [Sequence(i, c, pr.category, pr.uid) for i, c, pr in zip(ids, conts, prompts)], max_new
 
 
-def decoder_from_selection(params, selected_path, max_draft_len):
-    """The model and a Decoder with the selected exit heads (adapters + draft vocabulary)."""
+def cost_model_kernels(costs_path):
+    """The CPU kernels the cost model at ``costs_path`` was timed on (a ``KernelChoice``), or None where it recorded
+    none (transformers' own layers, a GPU)."""
+    from lede.core.costs import CostModel
+    from lede.core.kernels import KernelChoice
+
+    recorded = CostModel.load(costs_path).kernels
+    return KernelChoice.parse(recorded) if recorded else None
+
+
+def decoder_from_selection(params, selected_path, max_draft_len, costs_path=None):
+    """The model (on the cost model's kernels with ``costs_path``: ``load_lm``) and a Decoder with the selected exit
+    heads (adapters + draft vocabulary)."""
     from lede.core.engine import Decoder
     from lede.core.exits import load_exit_heads
 
-    lm = load_lm(params)
+    lm = load_lm(params, costs_path=costs_path)
     heads = load_exit_heads(lm, selected_path)
     return lm, Decoder(lm, exit_heads=heads, max_draft_len=max_draft_len)
 

@@ -13,7 +13,7 @@ from lede.core.policy import Static  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 cells = json.loads(open(inp.best).read())["cells"]
-lm = load_lm(p)
+lm = load_lm(p, costs_path=snakemake.input.costs)  # noqa: F821  (the kernels the cost model was timed on)
 heads = load_exit_heads(lm, inp.selected)
 dec = Decoder(lm, exit_heads=heads, max_draft_len=max(c["draft_len"] for c in cells))
 prompts = eval_bench_prompts(p, lm)

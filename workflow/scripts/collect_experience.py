@@ -11,7 +11,7 @@ from lede.rl.offline import collect_experience  # noqa: E402
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, col = p.policy, p.policy["collect"]
 kmax = pol["max_draft_len"]
-lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
+lm, dec = decoder_from_selection(p, inp.heads[0], kmax, costs_path=inp.heads[1])  # the cost model's kernels
 costs = load_costs(inp.heads[1], inp.heads[0], lm)
 space, behaviours = behaviour_policies(p, inp.sweep, costs, col["static_cells"], col["random"])
 logging.info("behaviour policies: %s", [b.name for b in behaviours])

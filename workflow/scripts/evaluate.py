@@ -23,7 +23,7 @@ from lede.rl.online import OnlineFloor  # noqa: E402
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, ev = p.policy, p.policy["evaluate"]
 kmax = pol["max_draft_len"]
-lm, dec = decoder_from_selection(p, inp.heads[0], kmax)
+lm, dec = decoder_from_selection(p, inp.heads[0], kmax, costs_path=inp.heads[1])  # the cost model's kernels
 costs = load_costs(inp.heads[1], inp.heads[0], lm)
 best_cell = best_static_cell(inp.heads[2], kmax)  # prompt lookup (layer 0) included
 best_l, best_k = best_static_cell(inp.heads[2], kmax, exits_only=True)  # the threshold heuristic's exit cell

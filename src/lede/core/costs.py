@@ -147,11 +147,12 @@ def kernels_of(lm) -> str:
 
 
 def kernels_mismatch(costs: CostModel, lm) -> str | None:
-    """Why ``costs`` may misprice ``lm``'s rounds: it was timed on other CPU kernels (with ``kernels: auto`` each job
-    chooses at load, so two jobs differ where the two kernels are within ~10%), or None."""
+    """Why ``costs`` may misprice ``lm``'s rounds: it was timed on other CPU kernels (with ``kernels: auto`` a job that
+    times its own at load can choose differently where two kernels are within ~10%), or None."""
     if costs.kernels and costs.kernels != kernels_of(lm):
         return (f"the cost model was timed on kernels ({costs.kernels}) but this job runs ({kernels_of(lm)}): its "
-                "prices may be off by up to ~10%; fix the choice with config kernels: lede or torch to remove the doubt")
+                "prices may not be this engine's (a one-token pass differed 30 vs 50 ms between kernels); load the "
+                "model on the cost model's choice (lede.study.load_lm costs_path=) or fix config kernels")
     return None
 
 

@@ -31,6 +31,8 @@ the same model.
 
 from __future__ import annotations
 
+import re
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -186,6 +188,14 @@ class KernelChoice:
 
     def __str__(self) -> str:
         return f"one token {self.one_token}, several {self.many_tokens}"
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelChoice":
+        """The choice ``str(choice)`` wrote (e.g. the cost model's record of the kernels it was timed on)."""
+        m = re.fullmatch(r"one token (\w+), several (\w+)", text.strip())
+        if m is None or not set(m.groups()) <= set(KERNELS):
+            raise ValueError(f"{text!r} is not a kernel choice ('one token K, several K' with K in {KERNELS})")
+        return cls(*m.groups())
 
 
 def set_linear_kernels(model: nn.Module, one_token: str, many_tokens: str) -> int:

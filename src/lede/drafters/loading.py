@@ -29,7 +29,7 @@ def load_model(
     spec: str = SMOLLM2_ALIAS,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    kernels: str = "lede",
+    kernels: str | KernelChoice = "lede",
     early_exit_weights: str | Path | None = None,
     cache_dir: str | os.PathLike | None = None,
     fast_layers: bool = True,
@@ -42,7 +42,8 @@ def load_model(
     on every run), ``"torch"`` transformers' layers untouched (training), ``"auto"`` (the study's and the CLI's
     default) times every available kernel for one-token and several-token passes at load and keeps oneDNN's unless
     another is faster by over 10% (~5 s; ``LoadedModel.kernels`` says which). Without oneDNN in the torch build
-    ``auto`` says so in one warning and chooses among the others; ``"onednn"`` is a ModelError.
+    ``auto`` says so in one warning and chooses among the others; ``"onednn"`` is a ModelError. A ``KernelChoice``
+    sets the two widths as given, untimed (the study's jobs take the one its cost model was timed on).
     ``early_exit_weights``: an artefact of ``lede.drafters.early_exit`` for this base model; its deltas are merged
     into the weights and the model is named ``<base>-ee``. ``spec`` may name the variant itself
     (``smollm2-135m-ee``): then the weights are required.
@@ -50,7 +51,14 @@ def load_model(
     ``fast_layers``: with lede's kernels, the engine runs the decoder layers through ``lede.core.fastpath`` (fused
     q/k/v and gate/up GEMMs, fewer ops; ``LoadedModel.fast_layers``) where the architecture allows.
     """
-    if kernels not in KERNEL_OPTIONS:
+    fixed = kernels if isinstance(kernels, KernelChoice) else None
+    if fixed is not None:
+        missing = {fixed.one_token, fixed.many_tokens} - set(available_kernels())
+        if missing:
+            raise ModelError(f"kernels ({fixed}): {sorted(missing)} not available in this torch build: use one of "
+                             f"{available_kernels()}")
+        kernels = "fixed"
+    elif kernels not in KERNEL_OPTIONS:
         raise ModelError(f"kernels={kernels!r}: expected one of {KERNEL_OPTIONS}")
     if kernels == "onednn" and "onednn" not in available_kernels():
         raise ModelError("kernels='onednn': this torch build has no oneDNN (torch.backends.mkldnn is unavailable): "
@@ -75,7 +83,8 @@ def load_model(
             log.info("the engine runs the model's own layers: %s", why)
         if kernels == "auto" and "onednn" not in available_kernels():
             log.warning("oneDNN is not in this torch build: the CPU kernels are chosen among %s", available_kernels())
-        lm.kernels = tune_cpu_kernels(lm) if kernels == "auto" else KernelChoice(kernels, kernels)
+        lm.kernels = (fixed or tune_cpu_kernels(lm) if kernels in ("auto", "fixed")
+                      else KernelChoice(kernels, kernels))
         set_linear_kernels(lm.model, lm.kernels.one_token, lm.kernels.many_tokens)
         log.info("CPU linear kernels: %s (%s)", lm.kernels,
                  ", ".join(f"{k} {v:.1f} ms" for k, v in lm.kernels.ms.items()) or "not timed")
