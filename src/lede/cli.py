@@ -121,8 +121,8 @@ def _check_args(args) -> None:
             if not isinstance(spec, str) and spec.kind in ("floor", "dynamic") and not args.costs:
                 raise CLIError(f"--configs {name or spec.text} prices rounds with the cost model: pass --costs "
                                "results/costs.json and --exit-heads results/exits/selected.json")
-            if not isinstance(spec, str) and spec.kind == "floor":
-                spec = spec.inner
+            if not isinstance(spec, str):
+                spec = spec.base
             if not isinstance(spec, str) and spec.kind == "file":
                 from lede.rl.offline import RLPolicy
 
@@ -260,14 +260,14 @@ def cmd_bench(args) -> int:
         if isinstance(spec, str):  # transformers' generate / prompt lookup
             policies[name] = spec
             continue
-        layers = sorted(heads) if (spec.inner or spec).kind == "dynamic" else None
-        if (spec.inner or spec).kind == "file":
+        layers = sorted(heads) if spec.base.kind == "dynamic" else None
+        if spec.base.kind == "file":
             from lede.rl.offline import RLPolicy
 
             if not heads:
                 raise CLIError(f"--configs {name or spec.text} is a learned policy: pass --exit-heads with the "
                                "selection file its exit heads came from (results/exits/selected.json)")
-            path = (spec.inner or spec).path
+            path = spec.base.path
             blob_layers = RLPolicy.load(path, lm_name=lm.name).space.exit_layers  # prompt lookup (0) may be one
             layers = [LOOKUP] * (LOOKUP in blob_layers) + sorted(heads)
         policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name, layers, costs))

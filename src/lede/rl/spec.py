@@ -58,6 +58,11 @@ class PolicySpec:
     inner: "PolicySpec | None" = None  # floor:SPEC
     text: str = field(default="", compare=False)
 
+    @property
+    def base(self) -> "PolicySpec":
+        """The policy that drafts: the spec itself, or for ``floor:SPEC`` the SPEC under the floor."""
+        return self.inner or self
+
     @classmethod
     def parse(cls, text: str) -> "PolicySpec":
         raw = str(text).strip()
