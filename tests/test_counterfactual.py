@@ -8,8 +8,8 @@ import pytest
 
 from lede import Autoregressive, Decoder
 from lede.core.costs import round_costs
-from lede.rl.counterfactual import _Branches, counterfactual_data
-from lede.rl.features import ActionSpace
+from lede.rl.counterfactual import CounterfactualData, _Branches, counterfactual_data
+from lede.rl.features import ActionSpace, feature_names
 from lede.rl.offline import PolicyError, RLPolicy, train_policy
 from test_fullinfo import KMAX, RSPACE, RandomRound, setup  # noqa: F401  (the module-scoped fixture)
 from test_replay import COSTS, DRAFTERS
@@ -88,3 +88,43 @@ def test_fitted_values_follow_the_rewards(setup, tmp_path):  # noqa: F811
     best = data.rewards.max(1).mean()
     print(f"greedy {got:.3f}, best fixed action {best_fixed:.3f}, best per state {best:.3f}")
     assert got > best_fixed + 0.3 * (best - best_fixed), (got, best_fixed, best)
+
+
+BANDIT_SPACE = ActionSpace((0, 2), 4, per_round=True)  # plain, lookup K1..4, L2 K1..4
+SURE, RISKY = BANDIT_SPACE.round_action(0, 1), BANDIT_SPACE.round_action(0, 4)
+
+
+def _bandit(n: int = 2000, seed: int = 0) -> CounterfactualData:
+    """n identical round starts, each its own one-round episode that ends (terminal for every action): lookup K1
+    pays a sure 0.8, lookup K4 pays 4 with probability 0.45 and −1 otherwise (mean 1.25, median −1), every other
+    action −1."""
+    rng = np.random.default_rng(seed)
+    f = len(feature_names(BANDIT_SPACE))
+    obs = np.zeros((n, f), np.float32)
+    obs[:, 0] = 1.0  # phase_start: every state is a round start
+    rewards = np.full((n, BANDIT_SPACE.size), -1.0, np.float32)
+    rewards[:, SURE] = 0.8
+    rewards[:, RISKY] = np.where(rng.random(n) < 0.45, 4.0, -1.0)
+    shape = (n, BANDIT_SPACE.size)
+    data = CounterfactualData(BANDIT_SPACE, feature_names(BANDIT_SPACE), obs, rewards,
+                              np.zeros((*shape, f), np.float32), np.ones(shape, bool), np.arange(n, dtype=np.int64),
+                              ["b"] * n,
+                              {"model": "tiny", "full_information": True, "reward_weight": 1.0})
+    data.check()
+    return data
+
+
+def test_full_information_fit_prefers_the_higher_expected_reward(tmp_path):
+    """Full-information data is fitted mean-seeking: an all-or-nothing long draft with the higher expected reward beats
+    a sure smaller one (unscaled, d3rlpy's Huber loss fitted the median and chose the sure one: the 2026-12-07 study's
+    DoubleDQN-FI drafted lookup K1 where K8 paid more; FULL_INFO_REWARD_SCALE)."""
+    data = _bandit()
+    res = train_policy(data, algo="DoubleDQN", seed=0, n_steps=1500, n_steps_per_epoch=1500, log_dir=tmp_path,
+                       fqe_steps=0, eval_episodes=2, target_update_interval=100, gamma=0.0, lr=1e-3,
+                       decision="round", discount="round")  # the workflow's call: policy.reward_scale 1 (default)
+    pol = RLPolicy(res.policy)
+    q = pol.q_values(data.obs[:1])[0]
+    assert int(pol.choose(data.obs[:1], BANDIT_SPACE.valid_mask(True))[0]) == RISKY, q  # fails before the fix: SURE
+    scale = res.policy.info["reward_scale"]
+    assert scale < 1.0  # the effective scale is recorded
+    assert q[RISKY] / scale > q[SURE] / scale  # back in reward units: ~1.25 > ~0.8
