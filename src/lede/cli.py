@@ -172,6 +172,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=KERNEL_OPTIONS, default="auto",
                    help="CPU float32 linear kernels: auto (default) times each at load and keeps oneDNN's unless another is "
                         "faster by over 10%% per pass width; onednn, lede or torch fix them (src/lede/core/kernels.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoder layers with TorchInductor at load (src/lede/core/compiled.py; minutes on "
+                        "a small CPU, needs a C++ compiler); drafts from exit layers stay eager")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-draft-len", type=int, default=16, help="the loop's hard cap on drafted tokens per round")
 
@@ -211,7 +214,8 @@ def cmd_generate(args) -> int:
 
     spec = getattr(args, "policy_spec", None) or _generate_spec(args)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
-                    cache_dir=args.model_cache or None, kernels=args.kernels)
+                    cache_dir=args.model_cache or None, kernels=args.kernels,
+                    compiled=args.compile)
     policy = spec.build(PolicyContext(lm.num_layers, args.max_draft_len, lm.name))
     dec = Decoder(lm, max_draft_len=args.max_draft_len)
     ids = lm.encode_chat(args.prompt) if not args.raw else lm.tokenizer(args.prompt)["input_ids"]
@@ -240,7 +244,8 @@ def cmd_bench(args) -> int:
         prompts = prompt_pool(args.data_dir or DEFAULT_DATA_DIR, args.split, categories=cats, per_category=args.per_category,
                               include_extra=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
-                    cache_dir=args.model_cache or None, kernels=args.kernels)
+                    cache_dir=args.model_cache or None, kernels=args.kernels,
+                    compiled=args.compile)
     heads = {}
     if args.exit_heads:  # the selection file of the workflow's exit_report (adapters + draft vocabulary)
         from lede.core.exits import load_exit_heads
@@ -302,7 +307,8 @@ def cmd_costs(args) -> int:
 
     start = time.perf_counter()
     lm = load_model(args.model, dtype=args.dtype, device=args.device, early_exit_weights=args.early_exit_weights,
-                    cache_dir=args.model_cache or None, kernels=args.kernels)
+                    cache_dir=args.model_cache or None, kernels=args.kernels,
+                    compiled=args.compile)
     load_s = time.perf_counter() - start  # with the kernels' timing (auto), the fused weights and oneDNN's packing
     limit = lm.model.config.max_position_embeddings
     if max(args.context_list) + max(args.token_list) > limit:
@@ -324,9 +330,18 @@ def cmd_costs(args) -> int:
         stream = [t for p in pool for t in lm.encode_chat(p.text)][: min(limit - 16, 32 + args.flip_positions)]
         probe.widths = width_agreement(lm, stream, prefix=32, widths=(5, 9))
     print(probe.format())
-    print(f"model load with kernel choice, fused weights and packing: {load_s:.1f} s (no compilation)")
+    compile_s = getattr(lm.fast_layers, "compile_s", None)
+    compiled = {}
+    if compile_s is not None:  # graphs beyond the warm-up's (one- and several-token per segment) are recompilations
+        from lede.core.compiled import graphs_compiled
+
+        graphs, expected = graphs_compiled(), 2 * len(lm.fast_layers.segments)
+        compiled = {"compile_s": round(compile_s, 1), "graphs": graphs, "recompilations": graphs - expected}
+    print(f"model load with kernel choice, fused weights and packing: {load_s:.1f} s "
+          + (f"(of which TorchInductor compilation {compile_s:.0f} s; {compiled['graphs']} graphs compiled in this "
+             f"process, {compiled['recompilations']} beyond the warm-up's)" if compiled else "(no compilation)"))
     if args.json:
-        write_json(args.json, probe.to_json() | {"load_s": round(load_s, 2)})
+        write_json(args.json, probe.to_json() | {"load_s": round(load_s, 2)} | compiled)
     return 0
 
 

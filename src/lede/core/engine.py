@@ -262,11 +262,13 @@ class Decoder:
 
     def _layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache) -> torch.Tensor:
         """Run layers [start, end) on h [1, T, D], at positions cache.lengths[start] .. +T-1 (through the model's
-        ``fast_layers``, ``lede.core.fastpath``, where it has them)."""
+        ``fast_layers``, ``lede.core.fastpath`` or ``lede.core.compiled``, where it has them)."""
         fast = self.lm.fast_layers
         if fast is None:
             return self._run(self.layers[start:end], h, cache, cache.lengths[start])
         mask, cos, sin = self._pass_inputs(h.shape[1], cache.lengths[start], h.device)
+        if hasattr(fast, "run_range"):  # lede.core.compiled.CompiledLayers: compiled segments of layers
+            return fast.run_range(start, end, h, cache, mask, cos, sin)
         for i in range(start, end):
             h = fast.run(i, h, cache, mask, cos, sin)
         return h

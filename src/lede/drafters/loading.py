@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ def load_model(
     early_exit_weights: str | Path | None = None,
     cache_dir: str | os.PathLike | None = None,
     fast_layers: bool = True,
+    compiled: bool = False,
+    compile_cuts: Sequence[int] = (),
 ) -> LoadedModel:
     """Load a causal LM by alias, local path or Hugging Face id; refuse unsupported architectures.
 
@@ -50,6 +54,10 @@ def load_model(
     ``cache_dir``: convert a GGUF alias there once and load the converted folder (``lede.core.model.convert_gguf``).
     ``fast_layers``: with lede's kernels, the engine runs the decoder layers through ``lede.core.fastpath`` (fused
     q/k/v and gate/up GEMMs, fewer ops; ``LoadedModel.fast_layers``) where the architecture allows.
+    ``compiled``: also compile those layers with TorchInductor (``lede.core.compiled.CompiledLayers``, frozen
+    weights, its C++ GEMM template), cut into segments at ``compile_cuts`` (the exit layers to draft from through
+    compiled graphs); compiled here, before returning (minutes on a small CPU: ``fast_layers.compile_s``). Without
+    a C++ compiler, or where the lean forward does not apply, one warning and the eager forward.
     """
     fixed = kernels if isinstance(kernels, KernelChoice) else None
     if fixed is not None:
@@ -88,4 +96,26 @@ def load_model(
         set_linear_kernels(lm.model, lm.kernels.one_token, lm.kernels.many_tokens)
         log.info("CPU linear kernels: %s (%s)", lm.kernels,
                  ", ".join(f"{k} {v:.1f} ms" for k, v in lm.kernels.ms.items()) or "not timed")
+    if compiled:
+        _compile_layers(lm, compile_cuts)
     return lm
+
+
+def _compile_layers(lm: LoadedModel, cuts: Sequence[int]) -> None:
+    """Swap ``lm.fast_layers`` for its TorchInductor-compiled segments, compiled now; warn once and stay eager where
+    that cannot be done."""
+    from lede.core.compiled import CompiledLayers, compiler_problem
+
+    problem = "the engine does not run the lean layer forward on this model (GPU, not float32, kernels='torch' or " \
+              "an unsupported architecture)" if lm.fast_layers is None else compiler_problem()
+    if problem:
+        log.warning("compiled=True: the decoder layers stay eager: %s", problem)
+        return
+    bad = [c for c in cuts if not 0 < int(c) < lm.num_layers]
+    if bad:
+        raise ModelError(f"compile_cuts {bad}: exit layers must lie in 1..{lm.num_layers - 1} for {lm.name}")
+    layers = CompiledLayers(lm.fast_layers, cuts)
+    seconds = layers.warm(lm.hidden_size, lm.dtype, lm.device)
+    log.info("decoder layers compiled by TorchInductor in %d segments (cuts %s): %.0f s", len(layers.segments),
+             layers.cuts, seconds)
+    lm.fast_layers = layers

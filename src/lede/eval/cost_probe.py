@@ -299,6 +299,11 @@ def _sig(x: float, digits: int = 5) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def eager_layers(fast):
+    """The eager lean forward of a model's ``fast_layers``: itself, or the ``FastLayers`` under compiled layers."""
+    return getattr(fast, "fast", fast)
+
+
 @contextmanager
 def routing_restored(lm):
     """Run a probe that re-routes ``lm``'s CPU linears and lean layer forward; put the kernels the model chose at load
@@ -332,11 +337,13 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
                          "positions): lower them")
     ours = any(isinstance(m, CpuLinear) for m in lm.model.modules())
     choice, fast = getattr(lm, "kernels", None), getattr(lm, "fast_layers", None)
-    # variant -> (one-token kernel, several-token kernel, lean layer forward): what lede runs ("chosen"), every
-    # kernel alone, and F.linear in transformers' own layer modules (the engine's path before lede.core.fastpath)
+    eager = eager_layers(fast)
+    # variant -> (one-token kernel, several-token kernel, lean layer forward): what lede runs ("chosen"; compiled
+    # layers where the model has them), every kernel alone in the eager lean forward, and F.linear in transformers'
+    # own layer modules (the engine's path before lede.core.fastpath)
     variants: dict = {"chosen": (choice.one_token, choice.many_tokens, fast) if ours and choice else None}
     if ours:
-        variants |= {k: (k, k, fast) for k in (kernels or available_kernels())}
+        variants |= {k: (k, k, eager) for k in (kernels or available_kernels())}
         if fast is not None:
             variants["torch_own_layers"] = ("torch", "torch", None)
     dec = Decoder(lm)
@@ -372,7 +379,8 @@ def probe_floor(lm, contexts: Sequence[int] = FLOOR_CONTEXTS, tokens: Sequence[i
     for (kernel, ctx, t), xs in times.items():
         ms.setdefault(kernel, {}).setdefault(ctx, {})[t] = statistics.median(xs)
         sp.setdefault(kernel, {}).setdefault(ctx, {})[t] = spread(xs)
-    return FloorProbe(model=lm.name, threads=torch.get_num_threads(), chosen=str(choice) if ours else "transformers",
+    chosen = (str(choice) + (", compiled layers" if fast is not eager else "")) if ours else "transformers"
+    return FloorProbe(model=lm.name, threads=torch.get_num_threads(), chosen=chosen,
                       bandwidth_gb_s=statistics.median(bandwidth), bandwidth_runs_gb_s=bandwidth,
                       weight_bytes=weight_bytes(lm), ms=ms, spread=sp)
 
@@ -390,18 +398,20 @@ def plain_decoding_by_kernel(lm, prompts: Sequence, kernels: Sequence[str] | Non
     from lede.eval.bench import HF_GENERATE, PLAIN, run_bench, summarize
 
     choice, fast = getattr(lm, "kernels", None), getattr(lm, "fast_layers", None)
+    eager = eager_layers(fast)
     if choice is None or not any(isinstance(m, CpuLinear) for m in lm.model.modules()):
         variants: dict = {"transformers": None}
-    else:
-        variants = {k: (k, fast) for k in (kernels or available_kernels())}
+    else:  # variant -> (one-token kernel, several-token kernel, layer forward)
+        variants = {"compiled": (choice.one_token, choice.many_tokens, fast)} if fast is not eager else {}
+        variants |= {k: (k, k, eager) for k in (kernels or available_kernels())}
         if fast is not None:
-            variants |= {f"{k}_own_layers": (k, None) for k in ("lede", "torch")}
+            variants |= {f"{k}_own_layers": (k, k, None) for k in ("lede", "torch")}
 
     def under(variant: str) -> Callable:
         def make(_prompt):
             if variants[variant] is not None:  # before this config's run: each config sets its own
-                kernel, lm.fast_layers = variants[variant]
-                set_linear_kernels(lm.model, kernel, kernel)
+                one, many, lm.fast_layers = variants[variant]
+                set_linear_kernels(lm.model, one, many)
             return Autoregressive()
         return make
 
@@ -429,7 +439,7 @@ def width_agreement(lm, ids: Sequence[int], prefix: int, widths: Sequence[int] =
     routing. Leaves the model on its chosen kernels."""
     from lede.core.kernels import CpuLinear, available_kernels, set_linear_kernels
 
-    choice = getattr(lm, "kernels", None)
+    choice, fast = getattr(lm, "kernels", None), getattr(lm, "fast_layers", None)
     ours = choice is not None and any(isinstance(m, CpuLinear) for m in lm.model.modules())
     kernels = list(kernels or available_kernels()) if ours else []
     dec = Decoder(lm)
@@ -446,6 +456,7 @@ def width_agreement(lm, ids: Sequence[int], prefix: int, widths: Sequence[int] =
             if ours:
                 set_linear_kernels(lm.model, *((choice.one_token, choice.many_tokens) if kernel == "chosen"
                                                else (kernel, kernel)))
+                lm.fast_layers = fast if kernel == "chosen" else eager_layers(fast)
             one = logits(1)
             top2 = one.topk(2, dim=-1).values
             for w in widths:

@@ -1,0 +1,201 @@
+"""Decoder layers compiled by TorchInductor (opt-in): the lean layer forward of ``lede.core.fastpath`` as a few
+frozen graphs whose linears run inductor's C++ GEMM template.
+
+Why: a decoding pass of a small model on a CPU should cost what reading its weights costs, but the eager lean
+forward pays ~8 ms of per-op and Python overhead per SmolLM2 pass, and no eager GEMM kernel is both at the memory
+floor for one token and flat up to nine (``docs/measurement_log.md``, 2026-12-06/07). With the weights frozen into
+the graph (``freezing``), inductor prepacks them and ``max_autotune`` lets its C++ GEMM template (the ``CPP``
+backend, autotuned against ATen's) compute the small-M products; norms, rotary, SiLU and residuals fuse into a
+handful of C++ kernels. The KV-cache write and the attention stay one opaque op (``lede::attend``, in place on the
+engine's cache): inside the graph, functionalisation turned each layer's slice write into a copy of the whole
+cache buffer (a whole SmolLM2 pass took 190 ms instead of 22 ms).
+
+The layers are cut into *segments* at ``cuts`` (the exit layers the engine drafts from; always 0 and N): each
+segment is one graph, and a pass over layers [start, end) runs the segments between two cuts. A range that does
+not start and end on a cut, and the prompt's prefill (an empty cache), go through the eager lean forward.
+``torch.compile(dynamic=True)``: one graph per segment for one token and one for 2+ tokens (any T and any context),
+compiled at the first pass of each (``CompiledLayers.warm`` does it up front and says how long it took); the
+context length never recompiles. Compiling needs a C++ compiler at run time (``compiler_problem``); without one
+``load_model`` warns once and keeps the eager forward.
+
+Exactness: the graphs compute the same maths as the eager forward in another summation order (a one-token graph
+and a several-token graph differ in the last bits as well), so greedy speculative output equals plain decoding up
+to near-ties, as with every other kernel (``lede.eval.parity`` measures it).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch._inductor import config as inductor_config
+
+from lede.core.fastpath import FastLayers
+
+log = logging.getLogger(__name__)
+
+#: inductor config while a segment compiles (``torch._inductor.config.patch``; as ``torch.compile(options=...)``,
+#: freezing was not applied and every linear became an unpacked ``mm``)
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+@torch.library.custom_op("lede::attend", mutates_args=("k_cache", "v_cache"))
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n: int,
+           mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Write k/v [1, KV, T, hd] at positions n .. n+T-1 of one layer's cache [KV, max, hd] (in place), then
+    attend q [1, H, T, hd] over positions 0 .. n+T-1 -> [1, H, T, hd] (``mask`` [T, n+T] or None for T = 1)."""
+    t = q.shape[2]
+    k_cache[:, n : n + t] = k[0]
+    v_cache[:, n : n + t] = v[0]
+    return F.scaled_dot_product_attention(q, k_cache[None, :, : n + t], v_cache[None, :, : n + t],
+                                          attn_mask=None if mask is None else mask[None, None],
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+@attend.register_fake
+def _attend_fake(q, k, v, k_cache, v_cache, n, mask):
+    return torch.empty_like(q)
+
+
+def compiler_problem() -> str | None:
+    """None if inductor can compile C++ on this machine, else why not (one line)."""
+    try:
+        from torch._inductor import cpp_builder
+
+        compiler = cpp_builder.get_cpp_compiler()
+    except Exception as err:  # inductor raises for a missing compiler; any failure means: stay eager
+        return f"no C++ compiler for TorchInductor ({err.__class__.__name__}: {str(err).splitlines()[0][:120]})"
+    if shutil.which(compiler) is None:
+        return f"TorchInductor's C++ compiler {compiler!r} is not on PATH"
+    return None
+
+
+class _Segment(nn.Module):
+    """Decoder layers [a, b) of a ``FastLayers`` as one module whose weights are buffers (freezing folds them into
+    the graph as constants; they share storage with the model's weights)."""
+
+    def __init__(self, fast: FastLayers, a: int, b: int):
+        super().__init__()
+        self.a, self.b = a, b
+        self.heads, self.kv_heads, self.head_dim = fast.heads, fast.kv_heads, fast.head_dim
+        self.eps = []
+        for i in range(a, b):
+            p = fast.layers[i]
+            for name, t in (("ln1", p.ln1), ("qkv", p.qkv.weight), ("o", p.o.weight), ("ln2", p.ln2),
+                            ("gate_up", p.gate_up.weight), ("down", p.down.weight)):
+                self.register_buffer(f"{name}_{i}", t.detach(), persistent=False)
+            for name, lin in (("qkv", p.qkv), ("o", p.o), ("gate_up", p.gate_up), ("down", p.down)):
+                bias = lin.bias.detach() if lin.bias is not None else None  # Qwen2's q/k/v biases
+                self.register_buffer(f"{name}_bias_{i}", bias, persistent=False)
+            self.eps.append((p.eps1, p.eps2))
+
+    def forward(self, h: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], n: int, cos: torch.Tensor,
+                sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Layers [a, b) on h [1, T, D] at positions n .. n+T-1; ks/vs: these layers' caches [KV, max, hd]; cos/sin
+        [T, hd]; mask [T, n+T] or None (no size-1 leading dims: dynamo would guard on their strides, which change
+        with the cache's length, and recompile)."""
+        t, hd, nq, nkv = h.shape[1], self.head_dim, self.heads, self.kv_heads
+        half = hd // 2
+        cos, sin = cos[None, None], sin[None, None]  # [1, 1, T, hd]
+        for j, i in enumerate(range(self.a, self.b)):
+            w = lambda name, i=i: getattr(self, f"{name}_{i}")
+            eps1, eps2 = self.eps[j]
+            x = F.rms_norm(h, (h.shape[-1],), w("ln1"), eps1)
+            qkv = F.linear(x, w("qkv"), w("qkv_bias")).view(1, t, nq + 2 * nkv, hd).transpose(1, 2)  # [1, H+2KV, T, hd]
+            qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv :]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # rotary
+            attn = attend(qk[:, :nq], qk[:, nq:], v, ks[j], vs[j], n, mask)  # [1, H, T, hd]; cache written
+            h = h + F.linear(attn.transpose(1, 2).reshape(1, t, nq * hd), w("o"), w("o_bias"))
+            x = F.rms_norm(h, (h.shape[-1],), w("ln2"), eps2)
+            gate, up = F.linear(x, w("gate_up"), w("gate_up_bias")).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w("down"), w("down_bias"))
+        return h
+
+
+class CompiledLayers:
+    """The decoder layers of a ``FastLayers`` compiled per segment between ``cuts`` (see the module docstring).
+
+    ``run_range(start, end, h, cache, mask, cos, sin)`` is the engine's entry (``Decoder._layers``); ``run(i, ...)``
+    is the eager lean forward of layer i (the fallback, and ``FastLayers``' interface)."""
+
+    def __init__(self, fast: FastLayers, cuts: Iterable[int] = ()):
+        n = len(fast.layers)
+        self.fast = fast
+        self.cuts = sorted({0, n} | {int(c) for c in cuts if 0 < int(c) < n})
+        self.segments = [(a, b, torch.compile(_Segment(fast, a, b), dynamic=True))
+                         for a, b in zip(self.cuts, self.cuts[1:])]
+        # every segment is the same code object to dynamo (one cache entry per segment and specialisation)
+        limit = 4 * len(self.segments) + 8
+        if torch._dynamo.config.recompile_limit < limit:
+            torch._dynamo.config.recompile_limit = limit
+        self.compile_s = 0.0  # wall time of ``warm``
+        self.eager_calls = 0  # ranges that went through the eager forward (off the cuts, or prefill)
+
+    @property
+    def layers(self):
+        return self.fast.layers
+
+    def run(self, i: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
+        return self.fast.run(i, h, cache, mask, cos, sin)
+
+    def covers(self, start: int, end: int) -> bool:
+        return start in self.cuts and end in self.cuts and start < end
+
+    def run_range(self, start: int, end: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
+        """Layers [start, end) on h [1, T, D] at positions cache.lengths[start] .. +T-1, appending their K/V."""
+        n, t = cache.lengths[start], h.shape[1]
+        if n == 0 or not self.covers(start, end) or any(cache.lengths[i] != n for i in range(start, end)):
+            self.eager_calls += 1  # prefill (an empty cache would specialise a third graph), or a range off the cuts
+            for i in range(start, end):
+                h = self.fast.run(i, h, cache, mask, cos, sin)
+            return h
+        if n + t > cache.max_len:
+            raise RuntimeError(f"KV cache overflow at layer {start}: {n}+{t} > {cache.max_len}")
+        cos, sin, mask = cos[0], sin[0], None if mask is None else mask[0, 0]  # no size-1 leading dims (_Segment)
+        with inductor_config.patch(INDUCTOR_OPTIONS):  # read only when a graph compiles (warm, or a recompilation)
+            for a, b, graph in self.segments:
+                if start <= a and b <= end:
+                    h = graph(h, [cache.k[i, 0] for i in range(a, b)], [cache.v[i, 0] for i in range(a, b)], n, cos,
+                              sin, mask)
+        for i in range(start, end):
+            cache.lengths[i] = n + t
+        return h
+
+    def warm(self, hidden_size: int, dtype: torch.dtype, device, context: int = 13, tokens: int = 2) -> float:
+        """Compile every segment's one-token and several-token graphs now, on a scratch cache; returns (and keeps in
+        ``compile_s``) the seconds it took. The several-token graph is traced at ``tokens`` (inductor sizes its GEMM
+        blocking by that hint: on SmolLM2, 2.4 GHz EPYC, traced at 2 it took 32 / 35 / 49 / 63 ms at T = 2 / 3 / 5 / 9,
+        traced at 7 52 / 45 / 56 / 57 ms; a noisy host, one run) with "duck sizing" off: dynamo would otherwise tie T
+        to a model dimension of the same size (a tiny model's 2 key/value heads) and recompile for every other T."""
+        from torch.fx.experimental import _config as fx_config
+
+        from lede.core.engine import KVCache
+
+        t0 = time.perf_counter()
+        with torch.inference_mode(), fx_config.patch(use_duck_shape=False):  # inference tensors: as the engine decodes
+            scratch = KVCache(len(self.layers), self.fast.kv_heads, self.fast.head_dim, context + tokens + 1, dtype,
+                              device)
+            for t in (1, tokens):
+                for i in range(len(self.layers)):
+                    scratch.lengths[i] = context
+                h = torch.zeros(1, t, hidden_size, dtype=dtype, device=device)
+                cos = torch.ones(1, context + tokens + 1, self.fast.head_dim, dtype=dtype, device=device)[:, :t]
+                sin = torch.zeros_like(cos)
+                mask = None if t == 1 else torch.ones(1, 1, t, context + t, dtype=torch.bool, device=device)
+                self.run_range(0, len(self.layers), h, scratch, mask, cos, sin)
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
+
+
+def graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process (to count recompilations)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
