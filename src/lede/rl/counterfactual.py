@@ -45,8 +45,8 @@ import numpy as np
 from lede.core.costs import CostModel
 from lede.core.lookup import NgramIndex
 from lede.core.policy import DecodeState, Policy, RoundRecord
-from lede.rl.features import ActionSpace, FeatureTracker, copy_signals, feature_names
-from lede.rl.fullinfo import round_outcomes
+from lede.rl.features import ActionSpace, copy_signals, feature_names
+from lede.rl.fullinfo import RoundStartProbe, round_outcomes
 from lede.rl.offline import PolicyError
 from lede.rl.replay import ReplayDecoder
 
@@ -154,23 +154,21 @@ class CounterfactualPicker:
                           terminal=float(self.data.terminal[row, a]), interval=1, rewards_to_go=reward[None])
 
 
-class _Branches:
-    """Runs ``inner`` in replay and records, at each of its round starts, the features and every action's reward,
-    next-state features and terminal flag."""
+class _Branches(RoundStartProbe):
+    """Records, at each round start of ``inner``, the features and every action's reward, next-state features and
+    terminal flag."""
+
+    kind = "branches"
 
     def __init__(self, inner: Policy, dec: ReplayDecoder, space: ActionSpace, costs: CostModel, weight: float):
-        self.inner, self.dec, self.space, self.costs, self.weight = inner, dec, space, costs, weight
-        self.name = f"branches({inner.name})"
-        self.tracker = FeatureTracker(space)
+        super().__init__(inner, dec, space, costs)
+        self.weight = weight
         self.obs: list[np.ndarray] = []
         self.rewards: list[np.ndarray] = []
         self.next_obs: list[np.ndarray] = []
         self.terminal: list[np.ndarray] = []
         self._signals: dict[tuple[int, ...], list[tuple[float, float, float, float]]] = {}
         self._eos = set(dec.lm.eos_token_ids)
-
-    def reset(self) -> None:
-        self.inner.reset()
 
     def signals(self, key: tuple[int, ...]) -> list[tuple[float, float, float, float]]:
         """Copy signals of the context prompt + c[:n], for n = 0 .. len(c) (depend on n only)."""
@@ -179,7 +177,7 @@ class _Branches:
             self._signals[key] = [copy_signals(index.sync(list(key), c[:n]), kmax) for n in range(len(c) + 1)]
         return self._signals[key]
 
-    def choose_exit(self, state: DecodeState) -> int | None:
+    def record(self, state: DecodeState) -> None:
         key = tuple(state.prompt_ids)
         table, n, space = self.dec.tables[key], len(state.tokens), self.space
         out = round_outcomes(self.dec, state, space, self.costs)
@@ -200,10 +198,6 @@ class _Branches:
         self.rewards.append(out.tokens - self.weight * out.cost)
         self.next_obs.append(nxt)
         self.terminal.append(end)
-        return self.inner.choose_exit(state)
-
-    def keep_drafting(self, state: DecodeState) -> bool:
-        return self.inner.keep_drafting(state)
 
 
 def counterfactual_data(dec: ReplayDecoder, prompts: list[list[int]], behaviours: list[Policy], space: ActionSpace,

@@ -92,26 +92,42 @@ def round_outcomes(dec: ReplayDecoder, state: DecodeState, space: ActionSpace, c
     return RoundOutcomes(tokens, cost, drafted)
 
 
-class _Probe:
-    """Runs ``inner`` and records, at each of its round starts, the features and ``round_outcomes``."""
+class RoundStartProbe:
+    """A policy that runs ``inner`` in replay and calls ``record(state)`` at each of its round starts, before
+    ``inner`` chooses (``self.tracker`` has seen every earlier round). Subclasses say what to record."""
+
+    kind = "probe"
 
     def __init__(self, inner: Policy, dec: ReplayDecoder, space: ActionSpace, costs: CostModel):
         self.inner, self.dec, self.space, self.costs = inner, dec, space, costs
-        self.name = f"probe({inner.name})"
+        self.name = f"{self.kind}({inner.name})"
         self.tracker = FeatureTracker(space)
-        self.states: list[np.ndarray] = []
-        self.outcomes: list[RoundOutcomes] = []
+
+    def record(self, state: DecodeState) -> None:
+        raise NotImplementedError
 
     def reset(self) -> None:
         self.inner.reset()
 
     def choose_exit(self, state: DecodeState) -> int | None:
-        self.states.append(self.tracker.features(state, True))
-        self.outcomes.append(round_outcomes(self.dec, state, self.space, self.costs))
+        self.record(state)
         return self.inner.choose_exit(state)
 
     def keep_drafting(self, state: DecodeState) -> bool:
         return self.inner.keep_drafting(state)
+
+
+class _Probe(RoundStartProbe):
+    """Records, at each round start of ``inner``, the features and ``round_outcomes``."""
+
+    def __init__(self, inner: Policy, dec: ReplayDecoder, space: ActionSpace, costs: CostModel):
+        super().__init__(inner, dec, space, costs)
+        self.states: list[np.ndarray] = []
+        self.outcomes: list[RoundOutcomes] = []
+
+    def record(self, state: DecodeState) -> None:
+        self.states.append(self.tracker.features(state, True))
+        self.outcomes.append(round_outcomes(self.dec, state, self.space, self.costs))
 
 
 class _EpsilonRound:
