@@ -34,7 +34,8 @@ def test_compiled_layers_compute_the_eager_forward_and_never_recompile(model_typ
     compiled = CompiledLayers(eager, cuts=[3])
     assert compiled.cuts == [0, 3, 6] and len(compiled.segments) == 2
     assert compiled.warm(lm.config.hidden_size, torch.float32, "cpu") > 0
-    assert graphs_compiled() - before == 4  # two segments x (one token, several tokens)
+    assert graphs_compiled() - before == compiled.graphs == 4  # two segments x (one token, several tokens)
+    assert compiled.recompilations == 0
     with torch.inference_mode():
         for name, layers in (("eager", eager), ("compiled", compiled)):
             lm.fast_layers = layers
@@ -57,6 +58,7 @@ def test_compiled_layers_compute_the_eager_forward_and_never_recompile(model_typ
         for policy in (Autoregressive(), Static(3, 5), Static(1, 3), Static(LOOKUP, 4)):
             assert dec.generate(prompt, policy, max_new_tokens=40).token_ids == ref, (prompt, policy.name)
     assert graphs_compiled() == warmed, "a generation recompiled a segment"
+    assert compiled.recompilations == 0
     assert compiled.eager_calls > 0  # the prefills and the L1 drafts (off the cuts)
 
 

@@ -330,16 +330,14 @@ def cmd_costs(args) -> int:
         stream = [t for p in pool for t in lm.encode_chat(p.text)][: min(limit - 16, 32 + args.flip_positions)]
         probe.widths = width_agreement(lm, stream, prefix=32, widths=(5, 9))
     print(probe.format())
-    compile_s = getattr(lm.fast_layers, "compile_s", None)
+    layers = lm.fast_layers
     compiled = {}
-    if compile_s is not None:  # graphs beyond the warm-up's (one- and several-token per segment) are recompilations
-        from lede.core.compiled import graphs_compiled
-
-        graphs, expected = graphs_compiled(), 2 * len(lm.fast_layers.segments)
-        compiled = {"compile_s": round(compile_s, 1), "graphs": graphs, "recompilations": graphs - expected}
+    if hasattr(layers, "recompilations"):  # lede.core.compiled.CompiledLayers
+        compiled = {"compile_s": round(layers.compile_s, 1), "graphs": layers.graphs,
+                    "recompilations": layers.recompilations}
     print(f"model load with kernel choice, fused weights and packing: {load_s:.1f} s "
-          + (f"(of which TorchInductor compilation {compile_s:.0f} s; {compiled['graphs']} graphs compiled in this "
-             f"process, {compiled['recompilations']} beyond the warm-up's)" if compiled else "(no compilation)"))
+          + (f"(of which TorchInductor compilation {layers.compile_s:.0f} s, {layers.graphs} graphs; "
+             f"{layers.recompilations} recompilations since)" if compiled else "(no compilation)"))
     if args.json:
         write_json(args.json, probe.to_json() | {"load_s": round(load_s, 2)} | compiled)
     return 0

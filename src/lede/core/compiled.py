@@ -136,6 +136,8 @@ class CompiledLayers:
         if torch._dynamo.config.recompile_limit < limit:
             torch._dynamo.config.recompile_limit = limit
         self.compile_s = 0.0  # wall time of ``warm``
+        self.graphs = 0  # graphs compiled by ``warm``
+        self._graphs_after_warm: int | None = None  # dynamo's process-wide graph count when ``warm`` ended
         self.eager_calls = 0  # ranges that went through the eager forward (off the cuts, or prefill)
 
     @property
@@ -178,7 +180,7 @@ class CompiledLayers:
 
         from lede.core.engine import KVCache
 
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), graphs_compiled()
         with torch.inference_mode(), fx_config.patch(use_duck_shape=False):  # inference tensors: as the engine decodes
             scratch = KVCache(len(self.layers), self.fast.kv_heads, self.fast.head_dim, context + tokens + 1, dtype,
                               device)
@@ -191,7 +193,15 @@ class CompiledLayers:
                 mask = None if t == 1 else torch.ones(1, 1, t, context + t, dtype=torch.bool, device=device)
                 self.run_range(0, len(self.layers), h, scratch, mask, cos, sin)
         self.compile_s = time.perf_counter() - t0
+        self._graphs_after_warm = graphs_compiled()
+        self.graphs = self._graphs_after_warm - before
         return self.compile_s
+
+    @property
+    def recompilations(self) -> int | None:
+        """Graphs dynamo compiled in this process since ``warm`` ended (None before ``warm``): after a warm-up every
+        pass should reuse its graphs."""
+        return None if self._graphs_after_warm is None else graphs_compiled() - self._graphs_after_warm
 
 
 def graphs_compiled() -> int:
