@@ -226,3 +226,6 @@ def test_a_recorded_kernel_choice_is_read_back_and_loaded_untimed(monkeypatch, t
     assert seen["kernels"] == "torch"
     study.load_lm(Params())  # no cost model yet (the cost model's own job): auto times them
     assert seen["kernels"] == "auto"
+    assert seen["compiled"] is False and tuple(seen["compile_cuts"]) == ()  # a job that does not time decoding
+    study.load_lm(Params(compile=True, compile_cuts=[2, 6]))  # timed_params (workflow/rules/common.smk)
+    assert seen["compiled"] is True and list(seen["compile_cuts"]) == [2, 6]

@@ -33,14 +33,17 @@ def load_lm(params, device=None, kernels=None, early_exit_weights=None, costs_pa
     kernels the cost model was timed on instead of timing them again at load: ``auto``'s choice between kernels
     within ~10% of each other flipped from job to job on a noisy host (measured 2026-12-07: oneDNN's one-token pass
     kept in one job, lede's in the next, 50 vs 30 ms), and then the prices every reward and replay used were not
-    those of the engine that was timed."""
+    those of the engine that was timed. A job that times decoding has the params ``compile`` and ``compile_cuts``
+    (``timed_params`` in workflow/rules/common.smk): its decoder layers are compiled by TorchInductor at load
+    (``lede.core.compiled``; the seconds it took are logged)."""
     from lede.drafters.loading import load_model
 
     if kernels is None and params.kernels == "auto" and costs_path is not None:
         kernels = cost_model_kernels(costs_path)
     return load_model(params.model, dtype=params.dtype, device=device or params.device,
                       kernels=kernels or params.kernels,
-                      early_exit_weights=early_exit_weights or params.get("early_exit_weights"), cache_dir=MODEL_CACHE)
+                      early_exit_weights=early_exit_weights or params.get("early_exit_weights"), cache_dir=MODEL_CACHE,
+                      compiled=bool(params.get("compile", False)), compile_cuts=params.get("compile_cuts", ()))
 
 
 def first_per_category(pool, take, exclude=frozenset()):

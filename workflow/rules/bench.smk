@@ -10,12 +10,13 @@ rule bench_eval:
         costs=rules.cost_model.output.costs,
         adapters=ADAPTERS,
         vocab=DISTILL["train"],
-        code=src("eval.bench", "core.engine", "core.exits", "core.policy", "data", "core.model"),
+        code=src("eval.bench", "core.engine", "core.exits", "core.policy", "data", "core.model", "core.compiled"),
     output:
         json=f"{R}/bench/eval.json",
         md=report(f"{R}/bench/eval.md", caption="../report/bench.rst", category="Speed"),
     params:
         **common_params(),
+        **timed_params(LAYERS),
         data_dir=config["data_dir"],
         per_category=config["bench"]["per_category"],
         max_new_tokens=config["bench"]["max_new_tokens"],

@@ -1,6 +1,7 @@
 import importlib.util
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 
@@ -106,6 +107,13 @@ def _check_config():
             f"config key exits.layers has {bad} outside 1..{depth - 1} for model {config['model']!r} "
             f"({depth} layers): choose exit layers in that range"
         )
+    if config["compile"] and not str(config["device"]).startswith("cuda"):
+        from lede.core.compiled import compiler_problem
+
+        problem = compiler_problem()
+        if problem:  # not an error: the timed jobs warn again and stay eager
+            logger.warning(f"config key compile=true: {problem}; the timed jobs will decode eagerly (install g++, "
+                           "e.g. make setup, or set compile: false)")
 
 
 _check_config()
@@ -127,6 +135,13 @@ def common_params(base=False):
                 early_exit_weights=EE_WEIGHTS if variant else None,
                 dtype=config["dtype"], device=config["device"], kernels=config["kernels"],
                 threads=config["threads"], seed=config["seed"], categories=CATEGORIES)
+
+
+def timed_params(cuts):
+    """Params of a job that times decoding: whether it compiles the decoder layers (config key compile) and the
+    segment cuts, the exit layers it drafts from (every such job compiles the same cuts, so that the engine the
+    cost model priced is the engine the evaluation times)."""
+    return dict(compile=config["compile"], compile_cuts=sorted(c for c in cuts if c > 0))
 
 
 POLICY = config["policy"]

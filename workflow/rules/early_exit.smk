@@ -85,12 +85,13 @@ rule early_exit_bench:
     prompt lookup, interleaved, on held-out prompts (median per-prompt ratios, overall and per category)."""
     input:
         weights=EE_WEIGHTS,
-        code=src("eval.bench", "core.engine", "core.exits", "core.policy", "data", "core.model", "drafters.early_exit"),
+        code=src("eval.bench", "core.engine", "core.exits", "core.policy", "data", "core.model", "drafters.early_exit", "core.compiled"),
     output:
         json=f"{R}/early_exit/bench.json",
         md=report(f"{R}/early_exit/bench.md", caption="../report/early_exit_bench.rst", category="Early-exit variant"),
     params:
         **common_params(),
+        **timed_params(EE["exit_layers"]),
         data_dir=config["data_dir"],
         exit_layers=EE["exit_layers"],
         draft_lens=EE["bench_draft_lens"],

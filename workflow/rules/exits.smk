@@ -81,12 +81,13 @@ rule cost_model:
         model_files=MODEL_FILES,
         data=DISTILL["train"],
         adapters=ADAPTERS,
-        code=src("eval.cost_probe", "core.costs", "core.engine", "core.exits", "core.model", "core.lookup"),
+        code=src("eval.cost_probe", "core.costs", "core.engine", "core.exits", "core.model", "core.lookup", "core.compiled"),
     output:
         costs=f"{R}/costs.json",
         floor=f"{R}/floor.json",
     params:
         **common_params(),
+        **timed_params(LAYERS),
         layers=DRAFTERS,
         designs=DESIGNS,
         max_draft_len=max(config["sweep"]["draft_lens"]),

@@ -144,12 +144,13 @@ rule evaluate:
         heads=HEADS,
         adapters=ADAPTERS,
         policies=expand(rules.train_policy.output.policy, algo=POLICY["algos"], seed=POLICY["seeds"]),
-        code=src("rl.offline", "rl.features", "rl.heuristics", "rl.oracle", "rl.online", "eval.bench", "core.engine", "core.policy", "core.costs", "data", "core.lookup"),
+        code=src("rl.offline", "rl.features", "rl.heuristics", "rl.oracle", "rl.online", "eval.bench", "core.engine", "core.policy", "core.costs", "data", "core.lookup", "core.compiled"),
     output:
         json=f"{R}/eval/records.json",
         md=report(f"{R}/eval/summary.md", caption="../report/eval.rst", category="Speed"),
     params:
         **common_params(),
+        **timed_params(LAYERS),
         data_dir=config["data_dir"],
         layers=DRAFTERS,
         policy=policy_params("max_draft_len", "evaluate"),
