@@ -332,7 +332,7 @@ def cmd_costs(args) -> int:
     print(probe.format())
     layers = lm.fast_layers
     compiled = {}
-    if hasattr(layers, "recompilations"):  # lede.core.compiled.CompiledLayers
+    if layers is not None and layers.eager is not layers:  # lede.core.compiled.CompiledLayers
         compiled = {"compile_s": round(layers.compile_s, 1), "graphs": layers.graphs,
                     "recompilations": layers.recompilations}
     print(f"model load with kernel choice, fused weights and packing: {load_s:.1f} s "

@@ -120,7 +120,8 @@ class _Segment(nn.Module):
 
 
 class CompiledLayers:
-    """The decoder layers of a ``FastLayers`` compiled per segment between ``cuts`` (see the module docstring).
+    """The decoder layers of a ``FastLayers`` compiled per segment between ``cuts`` (see the module docstring); a
+    ``lede.core.fastpath.LayerStack``.
 
     ``run_range(start, end, h, cache, mask, cos, sin)`` is the engine's entry (``Decoder._layers``); ``run(i, ...)``
     is the eager lean forward of layer i (the fallback, and ``FastLayers``' interface)."""
@@ -143,6 +144,10 @@ class CompiledLayers:
     @property
     def layers(self):
         return self.fast.layers
+
+    @property
+    def eager(self) -> FastLayers:
+        return self.fast
 
     def run(self, i: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
         return self.fast.run(i, h, cache, mask, cos, sin)

@@ -267,11 +267,7 @@ class Decoder:
         if fast is None:
             return self._run(self.layers[start:end], h, cache, cache.lengths[start])
         mask, cos, sin = self._pass_inputs(h.shape[1], cache.lengths[start], h.device)
-        if hasattr(fast, "run_range"):  # lede.core.compiled.CompiledLayers: compiled segments of layers
-            return fast.run_range(start, end, h, cache, mask, cos, sin)
-        for i in range(start, end):
-            h = fast.run(i, h, cache, mask, cos, sin)
-        return h
+        return fast.run_range(start, end, h, cache, mask, cos, sin)
 
     def _context(self, context: nn.Module, ctx: ContextCache, h: torch.Tensor) -> torch.Tensor:
         """A context adapter on h [1, T, D] (the next positions), consuming its backlog in the same pass (one

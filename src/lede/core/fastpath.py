@@ -17,6 +17,7 @@ shorter than the model's positions, Qwen2; not Qwen3's q/k norms) when the model
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,26 @@ class _Layer:
     down: CpuLinear
 
 
+class LayerStack(Protocol):
+    """What the engine runs the decoder layers through (``LoadedModel.fast_layers``): ``FastLayers`` (eager) or
+    ``lede.core.compiled.CompiledLayers`` (compiled segments over a ``FastLayers``)."""
+
+    layers: list
+
+    def run(self, i: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
+        """Layer i on h [1, T, D], appending its K/V to ``cache``."""
+
+    def run_range(self, start: int, end: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
+        """Layers [start, end) on h [1, T, D] at positions cache.lengths[start] .. +T-1, appending their K/V."""
+
+    @property
+    def eager(self) -> "FastLayers":
+        """The eager lean forward underneath (itself for ``FastLayers``): the probes time kernels on it."""
+
+
 class FastLayers:
-    """The lean forward of every decoder layer of ``model``; ``run(i, h, cache, mask, cos, sin)`` is layer i."""
+    """The lean forward of every decoder layer of ``model``; ``run(i, h, cache, mask, cos, sin)`` is layer i
+    (a ``LayerStack``)."""
 
     def __init__(self, model: nn.Module):
         why = supports(model)
@@ -100,3 +119,13 @@ class FastLayers:
         x = F.rms_norm(h, (h.shape[-1],), p.ln2, p.eps2)
         gate, up = p.gate_up(x).chunk(2, dim=-1)
         return h + p.down(F.silu(gate) * up)
+
+    def run_range(self, start: int, end: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
+        """Layers [start, end) on h [1, T, D], one ``run`` each."""
+        for i in range(start, end):
+            h = self.run(i, h, cache, mask, cos, sin)
+        return h
+
+    @property
+    def eager(self) -> FastLayers:
+        return self

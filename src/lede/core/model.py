@@ -63,7 +63,8 @@ class LoadedModel:
     name: str  # the spec it was loaded from (alias, hub id or path); "<base>-ee" for an early-exit variant
     draft_vocab: list[int] | None = None  # an early-exit variant's draft vocabulary (its exits were trained on it)
     kernels: object = None  # lede.core.kernels.KernelChoice on CPU float32; None: transformers' layers untouched
-    fast_layers: object = None  # lede.core.fastpath.FastLayers: the engine's lean layer forward; None: the layers' own
+    fast_layers: object = None  # a lede.core.fastpath.LayerStack (FastLayers, or CompiledLayers over one): the engine's
+                                # lean layer forward; None: the layers' own
 
     @property
     def config(self):

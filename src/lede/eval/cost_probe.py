@@ -300,8 +300,8 @@ def _sig(x: float, digits: int = 5) -> float:
 
 
 def eager_layers(fast):
-    """The eager lean forward of a model's ``fast_layers``: itself, or the ``FastLayers`` under compiled layers."""
-    return getattr(fast, "fast", fast)
+    """The eager lean forward of a model's ``fast_layers`` (``LayerStack.eager``), or None where it has none."""
+    return None if fast is None else fast.eager
 
 
 @contextmanager
