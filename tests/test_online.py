@@ -1,16 +1,21 @@
-"""The online floor (lede.rl.online): drafters suspended while they lose against plain decoding; exact output."""
+"""lede.rl.online: the online floor (drafters suspended while they lose against plain decoding) and the per-prompt
+correction of a FullInfo policy; both keep the output exact."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from lede import Autoregressive, Decoder, Static
-from lede.core.policy import DecodeState, RoundRecord
-from lede.rl.online import OnlineFloor
+from lede.core.policy import LOOKUP, DecodeState, RoundRecord
+from lede.rl.features import ActionSpace, feature_names
+from lede.rl.offline import PolicyError, PolicyFile, RLPolicy, _mlp
+from lede.rl.online import OnlineFloor, PromptCorrection
 from lede.rl.replay import replay_speed
 from lede.rl.spec import PolicyContext, PolicySpec, PolicySpecError
 from test_fullinfo import KMAX, setup  # noqa: F401  (the module-scoped fixture)
-from test_replay import COSTS
+from test_replay import COSTS, DRAFTERS
 
 
 class Always:
@@ -93,3 +98,79 @@ def test_floor_spec():
     for bad in ("floor:", "floor:plain", "floor:floor:3:2", "floor:9:x"):
         with pytest.raises(PolicySpecError):
             PolicySpec.parse(bad)
+
+
+# ---- the per-prompt correction (PromptCorrection) -----------------------------------------------------------------
+
+def constant_fullinfo(predicted: dict, k_max: int = 4, rho: float = 1.0) -> RLPolicy:
+    """A FullInfo policy whose Q is the same in every state: plain 1 − ρ; (d, K) for d in ``predicted``
+    1 + predicted[d](K) − ρ · cost(d, K) at the cost model's base context; every other action −10."""
+    space = ActionSpace(DRAFTERS, k_max, per_round=True)
+    cm = COSTS.at(8)
+    q = np.full(space.size, -10.0, dtype=np.float32)
+    q[0] = 1.0 - rho
+    for d, accepted in predicted.items():
+        for k in range(1, k_max + 1):
+            q[space.round_action(d, k)] = 1.0 + accepted(k) - rho * cm.round_ms(d, k) / cm.plain_ms
+    n = len(feature_names(space))
+    net = _mlp([n, 4, space.size])
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.zero_()
+                m.bias.zero_()
+        net[-1].bias.copy_(torch.from_numpy(q))
+    return RLPolicy(PolicyFile(model="tiny-llama-s0", exit_layers=list(DRAFTERS), max_draft_len=k_max,
+                               features=feature_names(space), mean=[0.0] * n, std=[1.0] * n, algo="FullInfo", seed=0,
+                               q_net=net, decision="round"))
+
+
+def test_correction_starts_as_the_prior_and_prices_out_a_drafter_that_fails_on_this_prompt():
+    """Predicted: layer 3 accepts every draft (the prior drafts K = 4). It accepts none here: after the first round
+    m = κ / (κ + 4) = 0.5 and K = 4 still pays (1 + 2 − 2.44 > 0); after the second m = 1/3, every (3, K) is worth
+    less than a plain step (1 + K/3 < cost(3, K)), so the rest of the generation decodes plainly."""
+    inner = constant_fullinfo({3: lambda k: k})
+    corr = PromptCorrection(inner, COSTS, prior_tokens=4.0)
+    choices = run(corr, [0] * 10)
+    assert choices[:2] == [3, 3] and set(choices[2:]) == {None} and len(choices) > 10
+    assert corr.multipliers()[DRAFTERS.index(3)] == pytest.approx(4.0 / (4.0 + 8.0))
+    # a drafter that delivers what was predicted is left as the prior chose it
+    corr = PromptCorrection(constant_fullinfo({3: lambda k: k}), COSTS)
+    assert run(corr, [4] * 8) == [3] * 9 and corr.multipliers()[DRAFTERS.index(3)] == pytest.approx(1.0)
+    # the correction is per drafter: layer 3 failing moves the policy to lookup, predicted a little lower
+    # (lookup: 1 + 0.3·4 − 1.19 = 1.01 at K = 4, below layer 3's 2.56 until layer 3 has failed once: 0.56)
+    corr = PromptCorrection(constant_fullinfo({3: lambda k: k, LOOKUP: lambda k: 0.3 * k}), COSTS)
+    cycle = [5, 6, 7] * 40  # a repetitive text: lookup always has a proposal
+    state = DecodeState(6, 9, 1000, tokens=cycle[:1], prompt_ids=cycle[1:10])
+    picks = []
+    for _ in range(4):
+        layer = corr.choose_exit(state)
+        picks.append(layer)
+        state.rounds.append(RoundRecord(layer, 4, 0 if layer == 3 else 4, 0.0, 0.0, 0.0))
+        state.tokens = cycle[: len(state.tokens) + state.rounds[-1].emitted]
+    assert picks == [3, LOOKUP, LOOKUP, LOOKUP]
+
+
+def test_correction_is_exact_in_the_engine_and_its_spec(setup, tmp_path):  # noqa: F811
+    lm, dec, seqs, replay = setup
+    from lede.rl.fullinfo import train_full_information
+
+    prompts = [s.prompt_ids for s in seqs if s.continuation]
+    res = train_full_information(replay, prompts, [Static(LOOKUP, 2), Static(1, 1), Autoregressive()],
+                                 ActionSpace(DRAFTERS, KMAX), COSTS, lm.name, rate_iterations=0, epochs=3,
+                                 max_new_tokens=30)
+    res.policy.save(tmp_path / "fi.pt")
+    engine = Decoder(lm, exit_heads=dec.exit_heads, max_draft_len=KMAX)
+    ctx = PolicyContext(num_layers=6, max_draft_len=KMAX, lm_name=lm.name, exit_layers=list(DRAFTERS), costs=COSTS)
+    corr = PolicySpec.parse(f"correct:file:{tmp_path / 'fi.pt'}").build(ctx)
+    assert isinstance(corr, PromptCorrection) and corr.name == "correct(lede_FullInfo_s0)"
+    for ids in prompts:
+        want = engine.generate(ids, Autoregressive(), max_new_tokens=30).token_ids
+        assert engine.generate(ids, corr, max_new_tokens=30).token_ids == want
+    with pytest.raises(PolicySpecError, match="cost model"):
+        PolicySpec.parse(f"correct:file:{tmp_path / 'fi.pt'}").build(PolicyContext(num_layers=6))
+    for bad in ("correct:", "correct:lookup:3", "correct:floor:file:x.pt"):
+        with pytest.raises(PolicySpecError, match="correct:file:PATH"):
+            PolicySpec.parse(bad)
+    with pytest.raises(PolicyError, match="FullInfo"):
+        PromptCorrection(Static(1, 2), COSTS)

@@ -137,6 +137,7 @@ def test_test_config_runs_the_whole_dag():
     summary = (out / "eval/summary.md").read_text()
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
     assert "## floor(lede_FullInfo_s0)" in summary and "## lede_DoubleDQN-FI_s0" in summary
+    assert "## correct(lede_FullInfo_s0)" in summary
     # policy.restarts: 2 -> two training runs, the one that replays fastest on the dev sequences kept
     from lede.rl.offline import RLPolicy
 
@@ -170,8 +171,8 @@ def test_test_config_runs_the_whole_dag():
         set(ablation)
     records = json.loads((out / "eval/records.json").read_text())["records"]
     plain = {r["prompt"] for r in records if r["config"] == "plain"}
-    assert plain and all(r["identical"] for r in records if r["config"].startswith(("lede", "floor(")))
-    assert {"floor(lede_FullInfo_s0)", "lede_DoubleDQN-FI_s0"} <= {r["config"] for r in records}
+    assert plain and all(r["identical"] for r in records if r["config"].startswith(("lede", "floor(", "correct(")))
+    assert {"floor(lede_FullInfo_s0)", "correct(lede_FullInfo_s0)", "lede_DoubleDQN-FI_s0"} <= {r["config"] for r in records}
     # quality parity: plain decoding and every configured method on each task of the suite
     import csv
 

@@ -5,7 +5,7 @@ stderr, ``lede: error: <what is wrong and the fix>``, and exit status 2 (argpars
 files are checked before the model loads.
 
 Policies are named in the project's one grammar (``lede.rl.spec``): plain, static:L:K (or L:K), lookup:K,
-adaptive:L[:K0], confidence:L:T, dynamic, file:PATH, floor:SPEC.
+adaptive:L[:K0], confidence:L:T, dynamic, file:PATH, floor:SPEC, correct:file:PATH.
 
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --policy static:8:4
     lede generate --model smollm2-135m --prompt "Why is the sky blue?" --autoregressive
@@ -118,7 +118,7 @@ def _check_args(args) -> None:
             raise CLIError("--costs prices the exit heads of a selection: pass --exit-heads (results/exits/selected.json)")
         args.parsed_configs = _parse_configs(args.configs)
         for name, spec in args.parsed_configs:
-            if not isinstance(spec, str) and spec.kind in ("floor", "dynamic") and not args.costs:
+            if not isinstance(spec, str) and spec.kind in ("floor", "correct", "dynamic") and not args.costs:
                 raise CLIError(f"--configs {name or spec.text} prices rounds with the cost model: pass --costs "
                                "results/costs.json and --exit-heads results/exits/selected.json")
             if not isinstance(spec, str):
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prompt-file", help="JSONL with 'prompt', 'turns' or a 'messages' chat per line (instead of the "
                    "data dir)")
     b.add_argument("--costs", help="the cost model (results/costs.json) for the policies that price rounds: dynamic, "
-                   "floor:SPEC; with --exit-heads")
+                   "floor:SPEC, correct:file:PATH; with --exit-heads")
     b.add_argument("--data-dir", default=None, help="folder with spec_bench/, gsm8k/, nq_open/ (default: the repository's data/)")
     b.add_argument("--split", default="eval", choices=["train", "eval"])
     b.add_argument("--categories", default="", help="comma-separated categories (default: all Spec-Bench)")

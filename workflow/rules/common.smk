@@ -97,10 +97,11 @@ def _check_config():
     if tui > steps:
         raise WorkflowError(f"config key policy.target_update_interval={tui} exceeds policy.n_steps={steps}: the "
                             "Q-learning target network would never be updated; lower it (e.g. n_steps / 10)")
-    online = [a for a in config["policy"]["evaluate"].get("online", []) if a not in config["policy"]["algos"]]
-    if online:
-        raise WorkflowError(f"config key policy.evaluate.online has {online}, which policy.algos does not train: "
-                            f"add them to policy.algos or drop them from policy.evaluate.online")
+    for key in ("online", "correct"):
+        extra = [a for a in config["policy"]["evaluate"].get(key, []) if a not in config["policy"]["algos"]]
+        if extra:
+            raise WorkflowError(f"config key policy.evaluate.{key} has {extra}, which policy.algos does not train: "
+                                f"add them to policy.algos or drop them from policy.evaluate.{key}")
     bad = [l for l in LAYERS if not 1 <= l <= depth - 1]
     if bad:
         raise WorkflowError(

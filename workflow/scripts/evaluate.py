@@ -18,7 +18,7 @@ from lede.rl.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.rl.oracle import Oracle, oracle_runs  # noqa: E402
 from lede.core.policy import Autoregressive, drafter_name  # noqa: E402
 from lede.rl.offline import RLPolicy  # noqa: E402
-from lede.rl.online import OnlineFloor  # noqa: E402
+from lede.rl.online import OnlineFloor, PromptCorrection  # noqa: E402
 
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 pol, ev = p.policy, p.policy["evaluate"]
@@ -56,6 +56,9 @@ for path in inp.policies:
     if policy.pf.algo in ev.get("online", []):  # the online floor as an ablation (src/lede/rl/online.py)
         floored = OnlineFloor(policy, costs)
         lede[floored.name] = floored
+    if policy.pf.algo in ev.get("correct", []):  # the per-prompt correction as an ablation (FullInfo only)
+        corrected = PromptCorrection(policy, costs)
+        lede[corrected.name] = corrected
 oracle_layers = list(p.layers)
 
 

@@ -18,7 +18,8 @@ action's transition at the round starts the FullInfo behaviours visit along the 
 ``lede.rl.counterfactual``, instead of the logged experience; implies ``decision=round``). ``FullInfo[,epochs=E][,iters=N]``
 is the full-information learner (``lede.rl.fullinfo``), fitted on the training half's replayed sequences from the
 round starts of a fixed set of behaviours (static lookup K 1 / 3 / 6, K 1 at the shallowest exit, three random
-schedules, plain decoding, the oracle).
+schedules, plain decoding, the oracle). ``--floor`` and ``--correct KAPPA ...`` replay each learned policy also
+under the online floor and (FullInfo) the per-prompt correction (``lede.rl.online``).
 Each setting and seed trains for ~1.5–2.5 min on 2 CPU threads (10k steps); the replay tables take ~1.5 min, once.
 It runs on the base model's exit heads (not the early-exit variant).
 """
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--floor", action="store_true",
                     help="also replay every learned policy under the online floor (lede.rl.online)")
+    ap.add_argument("--correct", type=float, nargs="+", default=None, metavar="KAPPA",
+                    help="also replay every FullInfo policy under the per-prompt correction (lede.rl.online."
+                         "PromptCorrection) with each prior weight KAPPA (accepted tokens)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "lede_learner_validation")
     a = ap.parse_args(argv)
@@ -191,6 +195,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({**row, "policy": row["policy"] + " + online floor", "floor": True,
                          **score(OnlineFloor(policy, costs))})
             print(rows[-1], flush=True)
+        if a.correct and isinstance(policy, RLPolicy) and policy.pf.algo == "FullInfo":
+            from lede.rl.online import PromptCorrection
+
+            for kappa in a.correct:
+                rows.append({**row, "policy": f"{row['policy']} + correction (kappa {kappa:g})", "correct": kappa,
+                             **score(PromptCorrection(policy, costs, prior_tokens=kappa))})
+                print(rows[-1], flush=True)
 
     rows = []
     print(f"train: {len(sub)} decisions, {len(sub.behaviour)} episodes on {len(train)} dev prompts; "

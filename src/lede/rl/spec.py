@@ -10,6 +10,9 @@
     file:PATH              a learned LEDE policy (``lede.rl.offline.RLPolicy``; FullInfo files too)
     floor:SPEC             SPEC with the online floor: a drafter whose rounds lose against plain decoding is suspended
                            for the rest of a back-off (``lede.rl.online.OnlineFloor``; needs the cost model)
+    correct:file:PATH      a FullInfo policy with the per-prompt correction: each drafter's predicted accepted drafts
+                           rescaled by what its rounds delivered on this prompt (``lede.rl.online.PromptCorrection``;
+                           needs the cost model)
 
 Parsing is in two steps, so that a command fails on a malformed spec before any model loads:
 ``PolicySpec.parse(text)`` checks the syntax and the numbers that need no model; ``spec.build(context)`` checks
@@ -27,7 +30,8 @@ from lede.core.costs import CostModel
 from lede.core.policy import LOOKUP, Autoregressive, Policy, Static
 from lede.rl.heuristics import AdaptiveDraftLength, ConfidenceThreshold, DynamicExit
 
-GRAMMAR = "plain | static:L:K | lookup:K | adaptive:L[:K0] | confidence:L:T | dynamic | file:PATH | floor:SPEC"
+GRAMMAR = ("plain | static:L:K | lookup:K | adaptive:L[:K0] | confidence:L:T | dynamic | file:PATH | floor:SPEC | "
+           "correct:file:PATH")
 
 
 class PolicySpecError(ValueError):
@@ -55,12 +59,12 @@ class PolicySpec:
     draft_len: int | None = None
     threshold: float | None = None
     path: Path | None = None
-    inner: "PolicySpec | None" = None  # floor:SPEC
+    inner: "PolicySpec | None" = None  # floor:SPEC, correct:file:PATH
     text: str = field(default="", compare=False)
 
     @property
     def base(self) -> "PolicySpec":
-        """The policy that drafts: the spec itself, or for ``floor:SPEC`` the SPEC under the floor."""
+        """The policy that drafts: the spec itself, or for ``floor:SPEC`` / ``correct:SPEC`` the SPEC inside."""
         return self.inner or self
 
     @classmethod
@@ -91,6 +95,11 @@ class PolicySpec:
             if inner.kind in ("plain", "floor"):
                 raise fail(f"the floor needs a drafting policy, not {inner.kind!r}")
             return cls("floor", inner=inner, text=raw)
+        if kind == "correct":
+            inner = cls.parse(rest) if rest else None
+            if inner is None or inner.kind != "file":
+                raise fail("the per-prompt correction wraps a learned FullInfo policy: correct:file:PATH")
+            return cls("correct", inner=inner, text=raw)
         if kind == "file":
             if not rest:
                 raise fail("give the policy file: file:PATH")
@@ -143,6 +152,17 @@ class PolicySpec:
                 raise PolicySpecError(f"policy {self.text!r}: the online floor prices rounds with the cost model "
                                       "(the workflow's cost_model output); none was given")
             return OnlineFloor(self.inner.build(ctx), ctx.costs)
+        if self.kind == "correct":
+            from lede.rl.offline import PolicyError
+            from lede.rl.online import PromptCorrection
+
+            if ctx.costs is None:
+                raise PolicySpecError(f"policy {self.text!r}: the per-prompt correction prices rounds with the cost "
+                                      "model (the workflow's cost_model output); none was given")
+            try:
+                return PromptCorrection(self.inner.build(ctx), ctx.costs)
+            except PolicyError as err:
+                raise PolicySpecError(f"policy {self.text!r}: {err}") from None
         if self.kind == "plain":
             return Autoregressive()
         if self.kind in ("static", "lookup"):
