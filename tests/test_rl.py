@@ -13,7 +13,7 @@ from lede.rl.features import COPY_RUN_CAP, ActionSpace, FeatureTracker, decision
 from lede.rl.oracle import Oracle, oracle_runs
 from lede.core.policy import RoundRecord
 from lede.rl.offline import (EpochFQE, EpsilonPerturbed, Experience, PolicyError, Recorder, RLPolicy, TrainResult, collect_experience,
-                     off_policy_value, train_policy)
+                     off_policy_value, train_policy, valid_action_impls)
 
 LAYERS = (1, 3, 5)
 SPACE = ActionSpace(LAYERS, 6)
@@ -235,8 +235,9 @@ def test_learner_bootstraps_from_valid_actions_only(experience, tmp_path, algo):
         assert float(impl._compute_conservative_loss(x, act).detach()) == pytest.approx(float(want), rel=1e-5)
     # d3rlpy as shipped (valid_only=False) takes the argmax over every action: the restriction is what differs
     plain = train_policy(experience, log_dir=tmp_path / "b", valid_only=False, **kw)
-    assert "inner_predict_best_action" not in vars(plain.fitted.impl) and plain.policy.info["valid_only"] is False
-    assert res.policy.info["valid_only"] is True
+    assert type(res.fitted.impl) is valid_action_impls()[algo] and res.policy.info["valid_only"] is True
+    assert type(plain.fitted.impl) is valid_action_impls()[algo].__mro__[2]  # d3rlpy's own class
+    assert plain.policy.info["valid_only"] is False
 
 
 def test_round_discount_intervals(experience):

@@ -16,6 +16,7 @@ forward over all actions, and takes the argmax over the actions valid in that ph
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -587,49 +589,68 @@ def _algo_config(algo: str, batch_size: int, gamma: float, lr: float, hidden_uni
     return cls(learning_rate=lr, gamma=gamma, target_update_interval=target_update_interval, **common)
 
 
-def _restrict_to_valid_actions(model, algo: str, space: ActionSpace, phase_threshold: float) -> None:
-    """Make d3rlpy's learner see only the actions valid in each state's phase (``ActionSpace.valid_mask``).
+@functools.cache
+def valid_action_impls() -> dict[str, type]:
+    """lede's subclasses of d3rlpy's implementation classes, per algorithm: the learner sees only the actions valid
+    in each state's phase (``ActionSpace.valid_mask``).
 
     d3rlpy has no state-dependent action sets: its Double-DQN target bootstraps from the argmax of Q over *all*
     actions at the next state, and DiscreteCQL's penalty takes its logsumexp over all of them. After a drafted
     token only "stop" and "one more" are possible, yet the target's argmax there could pick a round-start
     action whose Q-value no transition ever constrains (and the reverse at a round start): a bootstrap from
     untrained outputs, which let DoubleDQN's value estimates drift upward (measured: initial-state value 0.4
-    -> 3.7 over 10k steps, replayed speed 1.05x / 1.30x over two seeds). Here the greedy action (the target's
-    and ``predict``'s) and CQL's logsumexp are taken over the valid actions only; ``RLPolicy`` already acts so.
-    The phase is the first feature (``phase_start``), read from the standardised observations by
-    ``phase_threshold`` (its raw 0.5). Patched on this instance's d3rlpy implementation object (no subclass
-    hook exists for it); ``train_policy`` checks the exported policy acts like the patched one."""
-    import torch.nn.functional as F
+    -> 3.7 over 10k steps, replayed speed 1.05x / 1.30x over two seeds). The subclasses take the greedy action (the
+    target's and ``predict``'s; DiscreteBCQ's imitator-filtered rule) and CQL's logsumexp over the valid actions
+    only; ``RLPolicy`` already acts so. The phase is the first feature (``phase_start``), read from the standardised
+    observations above ``phase_threshold`` (its raw 0.5). Built on first use (d3rlpy is imported lazily)."""
+    from d3rlpy.algos.qlearning.torch import DiscreteBCQImpl, DiscreteCQLImpl, DoubleDQNImpl
 
-    impl = model.impl
-    masks = torch.from_numpy(space.valid_masks(np.array([False, True]))).to(impl.device)  # [2, A]: mid, start
+    class ValidActions:
+        _valid_masks: torch.Tensor  # [2, A] bool: the actions valid in a draft, at a round start
+        _phase_threshold: float
 
-    def valid(x: torch.Tensor) -> torch.Tensor:  # [B, A] bool
-        return masks[(x[:, 0] > phase_threshold).long()]
+        def restrict(self, masks: np.ndarray, phase_threshold: float) -> None:
+            self._valid_masks = torch.from_numpy(masks).to(self.device)
+            self._phase_threshold = phase_threshold
 
-    q_of = impl._q_func_forwarder.compute_expected_q
+        def valid(self, x: torch.Tensor) -> torch.Tensor:  # [B, F] standardised -> [B, A] bool
+            return self._valid_masks[(x[:, 0] > self._phase_threshold).long()]
 
-    if algo == "DiscreteBCQ":  # d3rlpy's rule (imitator filter, shifted Q), over the valid actions
-        def best(x: torch.Tensor) -> torch.Tensor:
-            ok = valid(x)
-            lp = F.log_softmax(impl._modules.imitator(x).logits.masked_fill(~ok, -math.inf), dim=1)
-            keep = ok & (lp - lp.max(dim=1, keepdim=True).values > math.log(impl._action_flexibility))
-            q = q_of(x)
+        def inner_predict_best_action(self, x: torch.Tensor) -> torch.Tensor:
+            return self._q_func_forwarder.compute_expected_q(x).masked_fill(~self.valid(x), -math.inf).argmax(dim=1)
+
+    class ValidDoubleDQNImpl(ValidActions, DoubleDQNImpl):
+        pass
+
+    class ValidDiscreteCQLImpl(ValidActions, DiscreteCQLImpl):
+        def _compute_conservative_loss(self, obs_t: torch.Tensor, act_t: torch.Tensor) -> torch.Tensor:
+            q = self._q_func_forwarder.compute_expected_q(obs_t)
+            lse = torch.logsumexp(q.masked_fill(~self.valid(obs_t), -math.inf), dim=1)
+            return (lse - q.gather(1, act_t.view(-1, 1)).squeeze(1)).mean()
+
+    class ValidDiscreteBCQImpl(ValidActions, DiscreteBCQImpl):
+        def inner_predict_best_action(self, x: torch.Tensor) -> torch.Tensor:
+            # d3rlpy's rule (imitator filter, shifted Q), over the valid actions
+            ok = self.valid(x)
+            lp = F.log_softmax(self._modules.imitator(x).logits.masked_fill(~ok, -math.inf), dim=1)
+            keep = ok & (lp - lp.max(dim=1, keepdim=True).values > math.log(self._action_flexibility))
+            q = self._q_func_forwarder.compute_expected_q(x)
             q = q - q.masked_fill(~keep, math.inf).min(dim=1, keepdim=True).values + 1e-5
             return (q * keep).argmax(dim=1)
-    else:
-        def best(x: torch.Tensor) -> torch.Tensor:
-            return q_of(x).masked_fill(~valid(x), -math.inf).argmax(dim=1)
 
-    impl.inner_predict_best_action = best
-    if algo == "DiscreteCQL":
-        def conservative(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-            q = q_of(obs)
-            lse = torch.logsumexp(q.masked_fill(~valid(obs), -math.inf), dim=1)
-            return (lse - q.gather(1, act.view(-1, 1)).squeeze(1)).mean()
+    return {"DoubleDQN": ValidDoubleDQNImpl, "DiscreteCQL": ValidDiscreteCQLImpl, "DiscreteBCQ": ValidDiscreteBCQImpl}
 
-        impl._compute_conservative_loss = conservative
+
+def _restrict_to_valid_actions(model, algo: str, space: ActionSpace, phase_threshold: float) -> None:
+    """Make the built d3rlpy learner an instance of lede's subclass of its implementation class
+    (``valid_action_impls``): the same state, the subclass's methods. The config builds d3rlpy's own class and d3rlpy
+    has no hook to choose another, hence the class change right after ``build_with_dataset``."""
+    cls = valid_action_impls()[algo]
+    if type(model.impl) is not cls.__mro__[2]:  # [cls, ValidActions, d3rlpy's class, ...]
+        raise PolicyError(f"d3rlpy built a {type(model.impl).__name__} for {algo}, not the {cls.__mro__[2].__name__} "
+                          "lede's valid-action subclass extends: check the d3rlpy version (pyproject.toml)")
+    model.impl.__class__ = cls
+    model.impl.restrict(space.valid_masks(np.array([False, True])), phase_threshold)
 
 
 def train_policy(
@@ -669,7 +690,7 @@ def train_policy(
     ``exp.per_round()`` — one decision per round, (drafter, K) together — and ``gamma`` is then per round.
 
     ``valid_only``: the Bellman target's greedy action and DiscreteCQL's penalty range over the actions valid in
-    the state's phase (``_restrict_to_valid_actions``); False is d3rlpy as shipped (every action everywhere),
+    the state's phase (``valid_action_impls``); False is d3rlpy as shipped (every action everywhere),
     an ablation.
 
     ``discount``: ``"decision"`` discounts every decision by ``gamma``; ``"round"`` only the decision that ends a
