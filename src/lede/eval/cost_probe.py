@@ -33,6 +33,7 @@ from lede.core.costs import CostModel, kernels_of
 from lede.core.engine import Decoder, KVCache
 from lede.core.lookup import NgramIndex
 from lede.core.policy import LOOKUP
+from lede.core.tuning import round_robin
 
 SPREAD_WARN = 0.25  # drift-corrected IQR / median of an item above which the measurement is distrusted
 log = logging.getLogger(__name__)
@@ -133,31 +134,6 @@ def measure_costs(
                     "the machine is busy: measure again when it is quieter, or raise costs.repeats",
                     len(wide), len(times), 100 * SPREAD_WARN, wide)
     return base
-
-
-def round_robin(items: Sequence[tuple], repeats: int, warmup: int, device: torch.device | str = "cpu",
-                warm_each: int = 0, timed_each: int = 1) -> dict:
-    """{key: [ms per repetition]} of ``items`` ([(key, fn)] or [(key, fn, prepare)]): ``warmup`` untimed passes over
-    all items, then ``repeats`` passes in which each item runs ``prepare()`` (untimed), ``warm_each`` untimed calls
-    of ``fn`` and ``timed_each`` timed ones (their median is the repetition's time), in turn."""
-    times: dict = {item[0]: [] for item in items}
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for rep in range(warmup + repeats):
-        for key, fn, *prepare in items:
-            for p in prepare:
-                p()
-            for _ in range(warm_each):
-                fn()
-            block = []
-            for _ in range(timed_each):
-                sync()
-                t = time.perf_counter()
-                fn()
-                sync()
-                block.append((time.perf_counter() - t) * 1000)
-            if rep >= warmup:
-                times[key].append(statistics.median(block))
-    return times
 
 
 def drift_corrected(times: dict) -> dict:
