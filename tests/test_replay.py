@@ -133,7 +133,17 @@ def test_lookup_drafts_replay_exactly_and_the_oracle_takes_them():
             [(r.exit_layer, r.drafted, r.accepted) for r in eng.rounds]
         assert all(r.accepted == r.drafted for r in eng.rounds if r.exit_layer == LOOKUP)  # hindsight: no waste
         took += sum(r.exit_layer == LOOKUP for r in eng.rounds)
+        # the oracle of lookup alone: the engine's oracle with only the lookup runs
+        alone = replay.generate(s.prompt_ids, ReplayOracle(replay.tables, COSTS, 6, lookup=True, exits=False),
+                                max_new_tokens=len(s.continuation))
+        eng = dec.generate(s.prompt_ids, Oracle({LOOKUP: runs[LOOKUP]}, COSTS, 6), max_new_tokens=len(s.continuation))
+        assert [(r.exit_layer, r.drafted, r.accepted) for r in alone.rounds] == \
+            [(r.exit_layer, r.drafted, r.accepted) for r in eng.rounds]
+        assert {r.exit_layer for r in alone.rounds} <= {None, LOOKUP}
     assert outcome[0] > 0 and outcome[1] > 0 and took > 0
+    assert ReplayOracle(replay.tables, COSTS, 6, lookup=True, exits=False).name == "oracle_lookup"
+    with pytest.raises(ValueError, match="no drafter"):
+        ReplayOracle(replay.tables, COSTS, 6, lookup=False, exits=False)
     # the exit report's lookup rows (the static sweep's layer-0 cells) are the replay of Static(LOOKUP, K)
     from lede.drafters.report import lookup_rows
 

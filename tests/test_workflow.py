@@ -138,6 +138,7 @@ def test_test_config_runs_the_whole_dag():
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
     assert "## floor(lede_FullInfo_s0)" in summary and "## lede_DoubleDQN-FI_s0" in summary
     assert "## correct(lede_FullInfo_s0)" in summary
+    assert "| oracle_lookup |" in (out / "rl/replay_eval.md").read_text()  # lookup alone, next to the full oracle
     # policy.restarts: 2 -> two training runs, the one that replays fastest on the dev sequences kept
     from lede.rl.offline import RLPolicy
 

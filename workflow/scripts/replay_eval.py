@@ -1,4 +1,5 @@
-"""Rule replay_eval: every trained LEDE policy, the baselines and the oracle replayed along the held-out
+"""Rule replay_eval: every trained LEDE policy, the baselines and the oracle (and, with lookup among the drafters, the
+oracle of lookup alone, ``oracle_lookup``) replayed along the held-out
 distillation sequences and timed by the cost model (lede.rl.replay.replay_speed): seconds per policy, so that
 ablations (algorithms, seeds, reward) are compared on the same sequences before the engine's evaluation."""
 
@@ -29,6 +30,8 @@ policies += [ConfidenceThreshold(best_exit[0], t, kmax) for t in (0.3, 0.5, 0.7,
 for path in inp.policies:
     policies.append(RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers))
 policies.append(ReplayOracle(split.tables, costs, kmax, lookup=lookup))
+if lookup:  # the best schedule of lookup alone: how much of the oracle's lead is in the exit drafts
+    policies.append(ReplayOracle(split.tables, costs, kmax, lookup=True, exits=False))
 replayable = split.replayable()
 cats = sorted({s.category for s in replayable})
 rows = []

@@ -189,12 +189,19 @@ class _TableSource:
 
 class ReplayOracle(Oracle):
     """The hindsight oracle (``lede.rl.oracle.Oracle``) on replayed sequences: each prompt's accepted run lengths
-    come from its replay table (draft token == continuation token, row by row) instead of a model pass."""
+    come from its replay table (draft token == continuation token, row by row) instead of a model pass.
+
+    ``lookup``: the LOOKUP drafter is a candidate too; ``exits=False`` leaves the exit layers out (``oracle_lookup``,
+    with ``lookup``): the best any schedule of prompt lookup alone can do, to read how much of the oracle's lead
+    over the static cells is in knowing when an exit draft will be right."""
 
     def __init__(self, tables: dict[tuple[int, ...], SequenceTable], costs: CostModel, max_draft_len: int = 8,
-                 lookup: bool = False):
+                 lookup: bool = False, exits: bool = True):
+        if not (lookup or exits):
+            raise ValueError("ReplayOracle with neither exit layers nor lookup has no drafter: pass lookup=True")
         super().__init__({}, costs, max_draft_len)
-        self.tables, self.lookup = tables, lookup  # lookup: the LOOKUP drafter is a candidate too
+        self.tables, self.lookup, self.exits = tables, lookup, exits
+        self.name = "oracle" if exits else "oracle_lookup"
         self._runs: dict[tuple[int, ...], dict[int, list[int]]] = {}
 
     def choose_exit(self, state: DecodeState) -> int | None:
@@ -204,7 +211,7 @@ class ReplayOracle(Oracle):
             c = torch.tensor(table.continuation)
             one_seq = torch.zeros_like(c)
             self._runs[key] = {layer: accepted_runs(torch.tensor(drafts) == c, one_seq, max_k=len(c)).tolist()
-                               for layer, drafts in table.draft_token.items()}
+                               for layer, drafts in table.draft_token.items() if self.exits}
             if self.lookup:
                 runs = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len)
                 self._runs[key][LOOKUP] = runs.run
