@@ -17,11 +17,11 @@ plain steps and lookup drafts alone reaches 1.508x, what static lookup K4 replay
 free drafts and flat verification up to 5 tokens, choosing K per round for lookup gains nothing, and all of the
 oracle's lead over the best static cell (1.855 vs 1.505) comes from knowing when an exit draft will be right.
 """
-import json, statistics, sys
+import statistics, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(2)
-from lede.drafters.distill import load_distill
+from lede.drafters.distill import accepted_runs, load_distill
 from lede.core.engine import Decoder
 from lede.core.exits import load_exit_heads, selected_costs
 from lede.drafters.loading import load_model
@@ -37,15 +37,9 @@ costs = selected_costs(R / "costs.json", selected)
 layers = sorted(l for l in costs.draft_ms if l != 0)
 tables = replay_tables(lm, {l: dec.head(l) for l in layers}, seqs, data, progress=False)
 
-def runs_of(table, L):
-    c, d = table.continuation, table.draft_token[L]
-    out = []
-    for j in range(len(c)):
-        r = 0
-        while j + r < len(c) and r < 16 and d[j + r] == c[j + r]:
-            r += 1
-        out.append(r)
-    return out
+def runs_of(table, L):  # accepted run length of exit-layer-L drafts from each row (as ReplayOracle computes them)
+    c = torch.tensor(table.continuation)
+    return accepted_runs(torch.tensor(table.draft_token[L]) == c, torch.zeros_like(c), max_k=16).tolist()
 
 def simulate(table, hybrid, exits=True):
     c = table.continuation

@@ -211,7 +211,7 @@ class ReplayOracle(Oracle):
             c = torch.tensor(table.continuation)
             one_seq = torch.zeros_like(c)
             self._runs[key] = {layer: accepted_runs(torch.tensor(drafts) == c, one_seq, max_k=len(c)).tolist()
-                               for layer, drafts in table.draft_token.items() if self.exits}
+                               for layer, drafts in table.draft_token.items()} if self.exits else {}
             if self.lookup:
                 runs = lookup_runs(table.prompt_ids, table.continuation, max_len=self.max_draft_len)
                 self._runs[key][LOOKUP] = runs.run
