@@ -10,7 +10,8 @@ import torch
 from conftest import tiny
 from lede import Autoregressive, Decoder, RandomSchedule, Static
 from lede.drafters.adapters import exit_agreement, train_adapter
-from lede.drafters.distill import Sequence, accepted_runs, collect, greedy_continuations, replay_static, top_vocab
+from lede.drafters.distill import (Sequence, accepted_runs, collect, greedy_continuations, replay_static,
+                                   sampled_continuations, top_vocab)
 from lede.core.exits import AdapterError, AdapterFile, build_exit_heads, load_adapter, load_exit_heads, save_adapter
 
 PROMPTS = [[5, 17, 33, 2, 9], [1], [40, 41, 42, 43, 44, 45, 46, 47], [7, 7, 7, 90]]
@@ -30,6 +31,28 @@ def test_batched_continuations_equal_plain_decoding(setup):
     dec = Decoder(lm)
     for s in seqs:
         assert dec.generate(s.prompt_ids, Autoregressive(), max_new_tokens=40).token_ids == s.continuation
+
+
+def test_sampled_continuations_are_reproducible_and_the_models_own(setup):
+    """The extra distillation text: reproducible by seed, whatever the global generator's state, which it leaves as it
+    found it; it differs from greedy decoding (and between seeds); every token is one the model gives probability at the
+    sampling temperature (a near-zero temperature gives the greedy continuation back)."""
+    lm, seqs, _ = setup
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = sampled_continuations(lm, PROMPTS, 40, temperature=1.0, seed=7, batch_size=3, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator untouched
+    torch.rand(5)  # another global state
+    assert sampled_continuations(lm, PROMPTS, 40, temperature=1.0, seed=7, batch_size=3, progress=False) == a
+    assert sampled_continuations(lm, PROMPTS, 40, temperature=1.0, seed=8, batch_size=3, progress=False) != a
+    assert a != [s.continuation for s in seqs]
+    assert all(len(c) == 40 or c[-1] in lm.eos_token_ids for c in a)  # full length, or cut after the EOS
+    cold = sampled_continuations(lm, PROMPTS, 40, temperature=1e-4, seed=0, batch_size=3, progress=False)
+    assert cold == [s.continuation for s in seqs]
+    with pytest.raises(ValueError, match="temperature=0"):
+        sampled_continuations(lm, PROMPTS, 4, temperature=0)
+    with pytest.raises(ValueError, match="top_p=0"):
+        sampled_continuations(lm, PROMPTS, 4, temperature=1.0, top_p=0)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -177,3 +200,10 @@ def test_transformers_prompt_lookup_on_the_cpu_kernels_is_exact():
     records = run_bench(Decoder(lm), prompts, {HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP}, max_new_tokens=24, warmup=0,
                         progress=False)
     assert [r.identical for r in records if r.config == HF_PROMPT_LOOKUP] == [True, True]
+
+
+def test_draft_vocabulary_counts_greedy_text_only():
+    """Sampled distillation text trains the adapters but does not widen the draft vocabulary."""
+    seqs = [Sequence([1], [5, 6, 6, 7]), Sequence([1], [9, 9, 9, 9, 8], sampled=True), Sequence([2], [6, 7, 7])]
+    assert top_vocab(seqs, 2).tolist() == [6, 7]
+    assert top_vocab(seqs, 10).tolist() == [5, 6, 7]

@@ -139,6 +139,13 @@ def test_test_config_runs_the_whole_dag():
     assert "## floor(lede_FullInfo_s0)" in summary and "## lede_DoubleDQN-FI_s0" in summary
     assert "## correct(lede_FullInfo_s0)" in summary
     assert "| oracle_lookup |" in (out / "rl/replay_eval.md").read_text()  # lookup alone, next to the full oracle
+    from lede.drafters.distill import load_distill
+
+    seqs, _, meta = load_distill(out / "exits/distill_train.pt")  # exits.train.samples: 1 -> greedy + 1 sampled each
+    greedy = [s for s in seqs if not s.sampled]
+    assert meta["samples"] == 1 and sorted(s.uid for s in seqs) == sorted([s.uid for s in greedy] +
+                                                                          [f"{s.uid}#s1" for s in greedy])
+    assert load_distill(out / "exits/distill_dev.pt")[2]["samples"] == 0  # the replayed splits stay greedy
     # policy.restarts: 2 -> two training runs, the one that replays fastest on the dev sequences kept
     from lede.rl.offline import RLPolicy
 

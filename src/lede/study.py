@@ -83,15 +83,22 @@ def split_prompts(params, split):
     return prompts, cfg["max_new_tokens"]
 
 
-def greedy_sequences(params, split):
-    """The loaded model and its greedy continuations (``lede.drafters.distill.Sequence``) of the split's prompts."""
-    from lede.drafters.distill import Sequence, greedy_continuations
+def greedy_sequences(params, split, samples: int = 0, temperature: float = 0.8, top_p: float = 0.95):
+    """The loaded model and its greedy continuations (``lede.drafters.distill.Sequence``) of the split's prompts,
+    then ``samples`` sampled continuations of each prompt (uid ``<prompt uid>#s<j>``, j = 1..samples; more
+    distillation text for the adapters, ``lede.drafters.distill.sampled_continuations``)."""
+    from lede.drafters.distill import Sequence, greedy_continuations, sampled_continuations
 
     prompts, max_new = split_prompts(params, split)
     lm = load_lm(params)
     ids = [lm.encode_chat(pr.text) for pr in prompts]
     conts = greedy_continuations(lm, ids, max_new, batch_size=params.batch_size)
-    return lm, [Sequence(i, c, pr.category, pr.uid) for i, c, pr in zip(ids, conts, prompts)], max_new
+    seqs = [Sequence(i, c, pr.category, pr.uid) for i, c, pr in zip(ids, conts, prompts)]
+    for j in range(1, samples + 1):  # one pass over the prompts per sample: each seeded apart, reproducible
+        conts = sampled_continuations(lm, ids, max_new, temperature, top_p, seed=params.seed + 1000 * j,
+                                      batch_size=params.batch_size)
+        seqs += [Sequence(i, c, pr.category, f"{pr.uid}#s{j}", sampled=True) for i, c, pr in zip(ids, conts, prompts)]
+    return lm, seqs, max_new
 
 
 def cost_model_kernels(costs_path):

@@ -3,7 +3,8 @@
 
 rule distill_data:
     """The model's own greedy continuations of the {split} prompts, teacher-forced, with the hidden
-    state after every candidate exit layer. split=train: the adapters' distillation prompts (training
+    state after every candidate exit layer (split=train: and exits.train.samples sampled continuations of each
+    prompt, more text for the adapters). split=train: the adapters' distillation prompts (training
     half + GSM8K train + NQ-open); split=dev: the policy's prompts, training prompts never distilled on
     (the same as collect_experience's; head selection, static sweep, replayed experience); split=eval:
     the evaluation half of Spec-Bench."""
@@ -18,6 +19,9 @@ rule distill_data:
         layers=LAYERS,
         prompts=lambda wc: EXITS["eval" if wc.split == "eval" else "train"],  # only the settings this split reads
         dev_per_category=lambda wc: POLICY["dev_per_category"] if wc.split == "dev" else 0,
+        # sampled continuations besides the greedy ones (train only: dev and eval replay greedy decoding)
+        sampling=lambda wc: {k: EXITS["train"][k] for k in ("samples", "temperature", "top_p")}
+        if wc.split == "train" else {"samples": 0},
         batch_size=EXITS["train"]["batch_size"],
     wildcard_constraints:
         split="train|dev|eval",
