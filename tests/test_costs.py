@@ -8,7 +8,7 @@ import pytest
 
 from lede.eval.bench import BenchRecord
 from lede.core.costs import CostModel, modelled_ms, pricing_ratios, round_costs
-from lede.eval.cost_probe import drift_corrected, measure_costs
+from lede.eval.cost_probe import FloorProbe, drift_corrected, measure_costs, price_check
 from lede.core.engine import Decoder
 from lede.rl.features import ActionSpace, decision_rewards
 from lede.rl.heuristics import DynamicExit
@@ -199,3 +199,26 @@ def test_probe_puts_the_model_back_after_an_error(monkeypatch):
         probe.probe_floor(lm, contexts=(8,), tokens=(1, 2), kernels=("torch",))
     linears = [m for m in lm.model.modules() if isinstance(m, CpuLinear)]
     assert lm.fast_layers is fast and {(m.one_token, m.many_tokens) for m in linears} == {("lede", "lede")}
+
+
+def test_price_check_flags_verification_prices_the_floor_probe_does_not_confirm() -> None:
+    """The cost model and the floor probe time the same passes in one job; where their price of a T-token pass (relative
+    to one token) differs by more than the tolerance at a context both measured, the check names it; within it, or at a
+    context or width only one of them measured, nothing."""
+    def cm(ctx: int, verify: dict) -> CostModel:
+        return CostModel("m", "float32", "cpu", 2, ctx, {2: 3.0}, verify)
+
+    costs = cm(256, {1: 25.0, 2: 27.0, 5: 37.0, 9: 55.0})  # 5 tokens at 1.48, 9 at 2.20 plain steps
+    costs.by_context = {2048: cm(2048, {1: 32.0, 5: 47.0})}  # 1.47
+    floor = FloorProbe("m", 2, "chosen", 35.0, [35.0], 538_000_000,
+                       ms={"chosen": {256: {1: 24.5, 2: 26.1, 3: 25.7, 5: 30.2, 9: 42.2}, 1024: {1: 27.0, 5: 37.0},
+                                      2048: {1: 31.9, 5: 46.7}}},
+                       spread={})
+    off = price_check(costs, floor)
+    assert set(off) == {"256/5", "256/9"}  # 2 tokens within 15%; 3 not in the cost model; 1024 not in it; 2048 agrees
+    probe = 30.2 / 24.5
+    assert off["256/5"] == {"cost_model": 1.48, "floor_probe": round(probe, 3), "ratio": round(1.48 / probe, 3)}
+    assert price_check(costs, floor, tolerance=0.5) == {}
+    quiet = cm(256, {1: 25.4, 2: 27.5, 5: 29.3, 9: 41.7})  # the quiet study's cost model against its own probe
+    assert price_check(quiet, floor) == {}
+    assert price_check(quiet, FloorProbe("m", 2, "c", 35.0, [35.0], 1, ms={}, spread={})) == {}  # no probe: no check

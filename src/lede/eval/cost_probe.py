@@ -271,6 +271,32 @@ class FloorProbe:
         return "\n".join(lines)
 
 
+PRICE_CHECK_TOLERANCE = 0.15  # cost model vs floor probe: how far their relative price of a T-token pass may differ
+
+
+def price_check(costs: CostModel, floor: FloorProbe, tolerance: float = PRICE_CHECK_TOLERANCE) -> dict[str, dict]:
+    """The cost model's price of verifying T tokens (``verify_ms[T] / verify_ms[1]``) against the floor probe's ratio of
+    a T-token pass to a one-token pass on the model as it runs (``"chosen"``), at every context both measured and every
+    T both timed: ``{"<ctx>/<T>": {"cost_model", "floor_probe", "ratio"}}`` for those that differ by more than
+    ``tolerance`` (relative). Two timings of the same passes, minutes apart in one job: where they disagree the host was
+    busy during one of them, and every reward, replay and policy is priced by the cost model (on 2026-12-07 a
+    run's cost model priced 5 and 9 tokens at 1.48 / 2.15 plain steps, its floor probe at 1.23 / 1.72, its spreads 2-4x
+    the quiet run's, which had agreed within 7%: 1.15 / 1.64 vs 1.19 / 1.64; the same job rerun agreed within 12%)."""
+    out = {}
+    for cm in [costs, *costs.by_context.values()]:
+        probed = floor.ms.get("chosen", {}).get(cm.context_len)
+        if not probed or 1 not in probed:
+            continue
+        for t, ms in probed.items():
+            if t == 1 or t not in cm.verify_ms:
+                continue
+            model, probe = cm.verify_ms[t] / cm.verify_ms[1], ms / probed[1]
+            if abs(model / probe - 1) > tolerance:
+                out[f"{cm.context_len}/{t}"] = {"cost_model": round(model, 3), "floor_probe": round(probe, 3),
+                                                "ratio": round(model / probe, 3)}
+    return out
+
+
 def _sig(x: float, digits: int = 5) -> float:
     return float(f"{x:.{digits}g}")
 
