@@ -24,7 +24,7 @@ dec = Decoder(lm, exit_heads=build_exit_heads(lm, adapters[p.designs[0]], vocab)
 costs = measure_costs(dec, p.layers, p.max_draft_len, context_len=p.context_len, repeats=p.repeats,
                       long_contexts=p.long_contexts,
                       designs={d: build_exit_heads(lm, adapters[d], vocab) for d in p.designs[1:]})
-for c in [costs, *costs.by_context.values()]:
+for c in costs.each_context():
     logging.info("context %d: plain step %.2f ms; draft %s; by design %s; verify %s; spread %s", c.context_len,
                  c.plain_ms, c.draft_ms, c.draft_design_ms, c.verify_ms, c.spread)
 floor = probe_floor(lm, [p.context_len, *p.long_contexts], [t for t in FLOOR_TOKENS if t <= p.max_draft_len + 1],

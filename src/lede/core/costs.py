@@ -89,6 +89,10 @@ class CostModel:
                 best, best_d = cm, d
         return best
 
+    def each_context(self) -> list["CostModel"]:
+        """This model (the base context) and the one of every measured long context, base first."""
+        return [self, *self.by_context.values()]
+
     def head_draft_ms(self, head: str, layer: int) -> float:
         """The draft step at ``layer`` of the exit head named as the exit report names them (``plain``,
         ``plain_V<size>``, ``<design>[_V<size>]``): ``plain`` (full vocabulary) has its own measurement, a design
@@ -104,7 +108,7 @@ class CostModel:
         import copy
 
         out = copy.deepcopy(self)
-        for cm in [out, *out.by_context.values()]:
+        for cm in out.each_context():
             cm.draft_ms.update({layer: cm.head_draft_ms(head, layer) for layer, head in heads.items()})
         return out
 

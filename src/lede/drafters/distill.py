@@ -113,6 +113,7 @@ def _continuations(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
     how = {"do_sample": False} if sample is None else {"do_sample": True, "temperature": sample["temperature"],
                                                      "top_p": sample["top_p"], "top_k": 0}
     desc = "greedy continuations" if sample is None else "sampled continuations"
+    device = torch.device(lm.device)
     for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, mininterval=10):
         idx = order[b : b + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -121,7 +122,6 @@ def _continuations(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
         for row, i in enumerate(idx):
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
-        device = torch.device(lm.device)
         # generate() draws from the global generator: seed it per batch, inside a fork that restores it afterwards
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if sample is not None:

@@ -127,7 +127,7 @@ def measure_costs(
 
     base = model_at(context_len)
     base.by_context = {c: model_at(c) for c in contexts[1:]}
-    wide = {f"{name}@{cm.context_len}": round(x, 2) for cm in [base, *base.by_context.values()]
+    wide = {f"{name}@{cm.context_len}": round(x, 2) for cm in base.each_context()
             for name, x in cm.spread.items() if x > SPREAD_WARN}
     if wide:
         log.warning("cost model: %d of %d items scatter more than %.0f%% (IQR / median after drift correction: %s); "
@@ -283,7 +283,7 @@ def price_check(costs: CostModel, floor: FloorProbe, tolerance: float = PRICE_CH
     run's cost model priced 5 and 9 tokens at 1.48 / 2.15 plain steps, its floor probe at 1.23 / 1.72, its spreads 2-4x
     the quiet run's, which had agreed within 7%: 1.15 / 1.64 vs 1.19 / 1.64; the same job rerun agreed within 12%)."""
     out = {}
-    for cm in [costs, *costs.by_context.values()]:
+    for cm in costs.each_context():
         probed = floor.ms.get("chosen", {}).get(cm.context_len)
         if not probed or 1 not in probed:
             continue
