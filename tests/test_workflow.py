@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,11 @@ def test_test_config_runs_the_whole_dag():
     full = RLPolicy.load(out / "rl/policy_DoubleDQN-FI_s0.pt").pf  # d3rlpy on every action's replayed transition
     assert full.algo == "DoubleDQN-FI" and full.decision == "round" and full.info["full_information"]
     assert full.info["transitions"] == full.info["round_starts"] * (1 + len(full.exit_layers) * full.max_draft_len)
+    # policy.full_information's defaults: every action fitted, γ 0.5, w the best static cell's replayed rate
+    assert full.info["all_actions"] and full.info["gamma"] == 0.5
+    rate = re.search(r"reward weight: ([0-9.]+), the replayed rate of static", (out / "rl/train_DoubleDQN-FI_s0.log")
+                     .read_text())
+    assert rate and full.info["reward_weight"] == pytest.approx(float(rate.group(1)), abs=1e-4)
     info = RLPolicy.load(out / "rl/policy_DiscreteCQL_s0.pt").pf.info
     restarts = info["restarts"]
     assert isinstance(info["fqe_initial_state_value"], float)  # FQE on the kept restart only

@@ -90,6 +90,7 @@ rule train_policy:
         target_update_interval=POLICY["target_update_interval"],
         restarts=POLICY["restarts"],
         fullinfo=POLICY["fullinfo"],
+        full_information=POLICY["full_information"],
         policy=policy_params(*BEHAVIOUR, "replay", collect=["epsilon"]),  # FullInfo's behaviour policies
         layers=DRAFTERS,
         max_draft_len=POLICY["max_draft_len"],

@@ -1,6 +1,7 @@
 """Rule train_policy: one d3rlpy algorithm and seed on the logged experience (engine + replayed), or, for
 ``<algo>-FI``, on full-information data (every per-round action's transition at the dev replay's round starts,
-src/lede/rl/counterfactual.py; one decision per round, γ per round). With
+src/lede/rl/counterfactual.py; one decision per round, γ per round; ``policy.full_information`` sets its γ, the
+reward weight (by default the best static cell's replayed rate) and whether every action's transition is fitted). With
 ``policy.restarts`` > 1 it trains that many candidates (d3rlpy seeds seed, seed + 1000, ...) and keeps the one
 with the highest median replayed speedup on the dev split's sequences (training prompts; src/lede/rl/replay.py,
 select_by_replay); with one, that replayed speedup is still measured, logged and kept in the policy's info.
@@ -59,13 +60,21 @@ def train_fullinfo():
 def train_d3rlpy():
     algo, _, data = w.algo.partition("-")  # "DoubleDQN-FI": d3rlpy's DoubleDQN on full-information data
     decision, discount, dev = p.decision, p.discount, None
+    gamma, all_actions = p.gamma, True
     if data == "FI":  # every per-round action's transition at the dev replay's round starts (lede.rl.counterfactual)
         from lede.rl.counterfactual import counterfactual_data
+        from lede.rl.replay import replay_speed
 
+        fi = p.full_information
         dev, costs, space, behaviours = fullinfo_states(p.max_draft_len, "full-information data: the dev split only")
-        exp = counterfactual_data(dev.decoder, [s.prompt_ids for s in dev.replayable()], behaviours, space, costs,
-                                  p.model, reward_weight=p.policy["reward_weight"], max_new_tokens=p.max_new_tokens)
-        decision, discount = "round", "round"
+        prompts = [s.prompt_ids for s in dev.replayable()]
+        weight = fi["reward_weight"]
+        if weight == "rate":  # behaviours[0]: the replayed sweep's best static cell
+            weight = replay_speed(dev.decoder, prompts, behaviours[0], costs, p.max_new_tokens).aggregate
+            logging.info("reward weight: %.4f, the replayed rate of %s on the dev split", weight, behaviours[0].name)
+        exp = counterfactual_data(dev.decoder, prompts, behaviours, space, costs, p.model, reward_weight=weight,
+                                  max_new_tokens=p.max_new_tokens)
+        decision, discount, gamma, all_actions = "round", "round", fi["gamma"], fi["all_actions"]
         logging.info("training on full-information data: %d round starts x %d actions = %d transitions",
                      len(exp), exp.space.size, exp.transitions)
     else:
@@ -80,10 +89,10 @@ def train_d3rlpy():
     for i, seed in enumerate(seeds):
         res = train_policy(exp, algo=algo, seed=seed, n_steps=p.n_steps, n_steps_per_epoch=max(p.n_steps // 10, 1),
                            log_dir=p.logs, run_name=f"{w.algo}_s{w.seed}" + (f"_r{i}" if i else ""),
-                           eval_episodes=p.eval_episodes, gamma=p.gamma, cql_alpha=p.cql_alpha, hidden_units=p.hidden_units,
+                           eval_episodes=p.eval_episodes, gamma=gamma, cql_alpha=p.cql_alpha, hidden_units=p.hidden_units,
                            target_update_interval=p.target_update_interval, fqe_steps=0,
                            fqe_epoch_steps=p.fqe_epoch_steps, decision=decision,
-                           discount=discount, reward_scale=p.reward_scale)
+                           discount=discount, reward_scale=p.reward_scale, all_actions=all_actions)
         res.policy.algo = w.algo  # names the policy (lede_<algo>_s<seed>): "-FI" marks full-information data
         logging.info("seed %d: history %s", seed, res.history)
         results.append(res)

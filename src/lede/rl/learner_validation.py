@@ -15,7 +15,9 @@ A setting is the algorithm and key=value overrides: ``gamma``, ``alpha``, ``n_st
 over every action, not the phase's valid ones), ``discount=round`` (γ per round, ``lede.rl.offline.RoundDiscount``),
 ``scale=0.1`` (rewards multiplied before fitting, ``train_policy``'s ``reward_scale``), ``data=full`` (every per-round
 action's transition at the round starts the FullInfo behaviours visit along the training half's replay,
-``lede.rl.counterfactual``, instead of the logged experience; implies ``decision=round``). ``FullInfo[,epochs=E][,iters=N]``
+``lede.rl.counterfactual``, instead of the logged experience; implies ``decision=round``), ``weight=1.5`` (with
+``data=full``: the w of its rewards tokens − w · cost), ``every=0`` (with ``data=full``: fit the one action d3rlpy's
+sampler draws per round start, not all of them; ``train_policy``'s ``all_actions``). ``FullInfo[,epochs=E][,iters=N]``
 is the full-information learner (``lede.rl.fullinfo``), fitted on the training half's replayed sequences from the
 round starts of a fixed set of behaviours (static lookup K 1 / 3 / 6, K 1 at the shallowest exit, three random
 schedules, plain decoding, the oracle). ``--floor`` and ``--correct KAPPA ...`` replay each learned policy also
@@ -54,6 +56,8 @@ class Setting:
     data: str = "experience"  # or "full": every action's transition at the replayed round starts (lede.rl.counterfactual)
     epochs: int = 30  # FullInfo only (lede.rl.fullinfo): passes per fit
     iters: int = 2  # FullInfo only: refits (rate_iterations)
+    weight: float = 1.0  # data=full only: w of the rewards tokens − w · cost (counterfactual_data's reward_weight)
+    every: bool = True  # data=full only: fit every action's transition of a round start (train_policy's all_actions)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -66,11 +70,11 @@ class Setting:
         for pair in pairs:
             key, _, value = pair.partition("=")
             if key not in ("gamma", "alpha", "n_steps", "target_update_interval", "decision", "timeouts", "valid",
-                           "discount", "scale", "data", "epochs", "iters") or not value:
+                           "discount", "scale", "data", "epochs", "iters", "weight", "every") or not value:
                 raise ValueError(f"setting {text!r}: {pair!r} is not one of gamma=, alpha=, n_steps=, "
                                  "target_update_interval=, decision=, timeouts=, valid=, discount=, scale=, data=, "
-                                 "epochs=, iters=")
-            if key in ("timeouts", "valid"):
+                                 "epochs=, iters=, weight=, every=")
+            if key in ("timeouts", "valid", "every"):
                 if value not in ("0", "1"):
                     raise ValueError(f"setting {text!r}: {key}={value!r} must be 0 or 1")
                 kw[key] = value == "1"
@@ -98,7 +102,8 @@ class Setting:
         disc = " γ per round" if self.discount == "round" and self.decision == "token" else ""
         tui = f" target copy every {self.target_update_interval}" if self.target_update_interval != 1000 else ""
         scale = f" rewards ×{self.scale:g}" if self.scale != 1.0 else ""
-        full = " full-information data" if self.data == "full" else ""
+        full = (f" full-information data{f' w{self.weight:g}' if self.weight != 1.0 else ''}"
+                f"{'' if self.every else ' one drawn action per sample'}" if self.data == "full" else "")
         return f"{self.algo}{per} γ{self.gamma:g}{alpha} {self.n_steps} steps{tui}{cut}{every}{disc}{scale}{full}"
 
 
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # the full-information learners' states: the round starts these visit along the training half's replay
     behaviours = [Static(LOOKUP, 3), Static(LOOKUP, 1), Static(LOOKUP, 6), Static(layers[0], 1),
                   *[RandomSchedule(drafters, kmax, seed=s, p_plain=0.2) for s in range(3)], Autoregressive(), refs[-1]]
-    full_data = None
+    full_data: dict[float, object] = {}  # by reward weight
     for st in settings:
         for seed in a.seeds:
             if st.algo == "FullInfo":  # every action's outcome along the training half's replay (lede.rl.fullinfo)
@@ -233,19 +238,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             data = sub if st.timeouts else replace(sub, truncated=None)
             if st.data == "full":  # every action's transition at the replayed round starts (lede.rl.counterfactual)
-                if full_data is None:
+                if st.weight not in full_data:
                     from lede.rl.counterfactual import counterfactual_data
 
-                    full_data = counterfactual_data(replay, train_seqs, behaviours, exp.space, costs, a.model,
-                                                    max_new_tokens=a.max_new_tokens)
-                    print(f"full-information data: {len(full_data)} round starts, {full_data.transitions} "
-                          "transitions", flush=True)
-                data = full_data
+                    full_data[st.weight] = counterfactual_data(replay, train_seqs, behaviours, exp.space, costs,
+                                                               a.model, reward_weight=st.weight,
+                                                               max_new_tokens=a.max_new_tokens)
+                    print(f"full-information data (w {st.weight:g}): {len(full_data[st.weight])} round starts, "
+                          f"{full_data[st.weight].transitions} transitions", flush=True)
+                data = full_data[st.weight]
             res = train_policy(data, algo=st.algo, seed=seed, n_steps=st.n_steps, n_steps_per_epoch=max(st.n_steps // 5, 1),
                                log_dir=a.log_dir, gamma=st.gamma, cql_alpha=st.alpha,
                                target_update_interval=st.target_update_interval, fqe_steps=0, eval_episodes=64,
                                decision=st.decision, valid_only=st.valid, discount=st.discount,
-                               reward_scale=st.scale)
+                               reward_scale=st.scale, all_actions=st.every)
             report({"policy": st.name, "setting": asdict(st), "seed": seed, **score(RLPolicy(res.policy))},
                    RLPolicy(res.policy))
     if a.out:

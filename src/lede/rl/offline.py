@@ -641,6 +641,68 @@ def valid_action_impls() -> dict[str, type]:
     return {"DoubleDQN": ValidDoubleDQNImpl, "DiscreteCQL": ValidDiscreteCQLImpl, "DiscreteBCQ": ValidDiscreteBCQImpl}
 
 
+@functools.cache
+def all_action_impls() -> dict[str, type]:
+    """lede's subclasses of the valid-action learners (``valid_action_impls``) for full-information data
+    (``lede.rl.counterfactual``): each sampled round start is fitted on the transitions of *every* action there,
+    not only of the one action the transition picker drew.
+
+    Why. d3rlpy's loss reads one (s, a, r, s') per sampled transition, so on full-information data a minibatch of B
+    round starts constrains B of the B × A action values it could; over a 10k-step run of batch 256 on 33k round
+    starts × 57 actions each action value was fitted ~1.4 times, where FullInfo (least squares on the whole vector)
+    fits each 30 times. Here the Double-DQN target y_a = r_a + γ · (1 − done_a) · Q_targ(s'_a, argmax_a' Q(s'_a, a'))
+    is computed for every a (B × A next states through the target network) and the Huber loss averages over all of
+    them; DiscreteCQL adds its conservative term on the drawn action as before. The picker
+    (``CounterfactualPicker``) carries the round start's row in the transition's ``next_action``, which d3rlpy's
+    discrete Q-learners never read; ``attach`` gives the impl the data's rewards (scaled as d3rlpy scales the
+    minibatch's), next states and terminal flags, indexed by that row."""
+    from d3rlpy.algos.qlearning.torch.cql_impl import DiscreteCQLLoss
+    from d3rlpy.algos.qlearning.torch.dqn_impl import DQNLoss
+
+    valid = valid_action_impls()
+
+    class AllActions:
+        _all_rewards: torch.Tensor  # [R, A] scaled
+        _all_next: torch.Tensor  # [R, A, F] standardised next states
+        _all_done: torch.Tensor  # [R, A] float: 1 where action a ends the generation
+
+        def attach(self, rewards: np.ndarray, next_obs: np.ndarray, terminal: np.ndarray) -> None:
+            self._all_rewards = torch.from_numpy(np.ascontiguousarray(rewards, dtype=np.float32)).to(self.device)
+            self._all_next = torch.from_numpy(np.ascontiguousarray(next_obs, dtype=np.float32)).to(self.device)
+            self._all_done = torch.from_numpy(terminal.astype(np.float32)).to(self.device)
+
+        def _rows(self, batch) -> torch.Tensor:
+            return batch.next_actions.view(-1).long()
+
+        def compute_target(self, batch) -> torch.Tensor:  # [B, A]: Q_targ(s'_a, argmax Q(s'_a)) for every a
+            with torch.no_grad():
+                nxt = self._all_next[self._rows(batch)]  # [B, A, F]
+                flat = nxt.reshape(-1, nxt.shape[-1])  # [B·A, F]
+                best = self.inner_predict_best_action(flat)
+                q = self._targ_q_func_forwarder.compute_target(flat, best, reduction="min")  # [B·A, 1]
+                return q.view(nxt.shape[0], nxt.shape[1])
+
+        def _td_loss(self, batch, q_tpn: torch.Tensor) -> torch.Tensor:
+            rows = self._rows(batch)
+            q = self._q_func_forwarder.compute_expected_q(batch.observations)  # [B, A]
+            y = self._all_rewards[rows] + self._gamma * (1.0 - self._all_done[rows]) * q_tpn
+            return F.huber_loss(q, y, delta=1.0)  # d3rlpy's compute_huber_loss, averaged over every (s, a)
+
+        def compute_loss(self, batch, q_tpn: torch.Tensor):
+            return DQNLoss(loss=self._td_loss(batch, q_tpn))
+
+    class AllActionsDoubleDQNImpl(AllActions, valid["DoubleDQN"]):
+        pass
+
+    class AllActionsDiscreteCQLImpl(AllActions, valid["DiscreteCQL"]):
+        def compute_loss(self, batch, q_tpn: torch.Tensor):
+            td = self._td_loss(batch, q_tpn)
+            conservative = self._compute_conservative_loss(batch.observations, batch.actions.long())
+            return DiscreteCQLLoss(loss=td + self._alpha * conservative, td_loss=td, conservative_loss=conservative)
+
+    return {"DoubleDQN": AllActionsDoubleDQNImpl, "DiscreteCQL": AllActionsDiscreteCQLImpl}
+
+
 def _restrict_to_valid_actions(model, algo: str, space: ActionSpace, phase_threshold: float) -> None:
     """Make the built d3rlpy learner an instance of lede's subclass of its implementation class
     (``valid_action_impls``): the same state, the subclass's methods. The config builds d3rlpy's own class and d3rlpy
@@ -659,6 +721,7 @@ def train_policy(
     lr: float = 3e-4, fqe_steps: int = 5000, fqe_epoch_steps: int = 0, eval_episodes: int = 256, progress: bool = False,
     hidden_units: Sequence[int] = (64, 64), target_update_interval: int = 1000, cql_alpha: float = 0.3,
     decision: str = "token", valid_only: bool = True, discount: str = "decision", reward_scale: float = 1.0,
+    all_actions: bool = True,
 ) -> TrainResult:
     """Fit ``algo`` on the logged experience (features standardised with the dataset's mean/std);
     evaluate TD error and the estimated initial-state value per epoch, and the final policy's value
@@ -709,7 +772,11 @@ def train_policy(
     steps, two seeds) 1.268× / 1.333× unscaled, 1.246× / 1.247× with 0.1, 1.249× / 1.218× with 0.25 (static lookup
     K3 1.349×), so the default stays 1 (``policy.reward_scale``). Full-information data (``lede.rl.counterfactual``,
     ``<algo>-FI``) is the exception: there every long draft's outcome is at every state, and unscaled DoubleDQN-FI
-    chose lookup K1 over K8 (replayed 1.16×); its rewards are multiplied by ``FULL_INFO_REWARD_SCALE`` (0.1) as well."""
+    chose lookup K1 over K8 (replayed 1.16×); its rewards are multiplied by ``FULL_INFO_REWARD_SCALE`` (0.1) as well.
+
+    ``all_actions`` (full-information data, DoubleDQN and DiscreteCQL): fit every action's transition of each
+    sampled round start (``all_action_impls``); False fits the one action the picker draws, d3rlpy's loss as
+    shipped (an ablation). Needs ``valid_only``."""
     import d3rlpy
     from d3rlpy.metrics import InitialStateValueEstimationEvaluator, TDErrorEvaluator
 
@@ -742,6 +809,13 @@ def train_policy(
     model.build_with_dataset(dataset)
     if valid_only and algo != "DiscreteBC":
         _restrict_to_valid_actions(model, algo, exp.space, phase)
+    all_actions = bool(all_actions and full_info and algo in ("DoubleDQN", "DiscreteCQL"))
+    if all_actions:
+        if not valid_only:
+            raise PolicyError("all_actions (every action's transition of full-information data) extends the "
+                              "valid-action learners: use valid_only=True or all_actions=False")
+        model.impl.__class__ = all_action_impls()[algo]
+        model.impl.attach(scaled.rewards * reward_scale, scaled.next_obs, scaled.terminal)
     logger = d3rlpy.logging.FileAdapterFactory(root_dir=str(log_dir))
     sample = dataset.episodes[:: max(1, math.ceil(len(dataset.episodes) / eval_episodes))]
     evaluators = {"td_error": TDErrorEvaluator(sample),
@@ -761,7 +835,7 @@ def train_policy(
             "gamma": gamma, "target_update_interval": target_update_interval, "hidden_units": [int(h) for h in hidden_units],
             "cql_alpha": cql_alpha if algo == "DiscreteCQL" else None, "reward_weight": exp.meta.get("reward_weight"),
             "reward_credit": exp.meta.get("reward_credit"), "decision": decision, "valid_only": valid_only,
-            "discount": discount, "reward_scale": reward_scale, "fqe_epoch_steps": fqe_epoch_steps,
+            "discount": discount, "reward_scale": reward_scale, "all_actions": all_actions, "fqe_epoch_steps": fqe_epoch_steps,
             "fqe_initial_state_value": None}
     if imitator is not None:
         info["action_flexibility"] = float(model.config.action_flexibility)
