@@ -194,3 +194,16 @@ def test_all_actions_fit_every_action_value_from_fewer_steps(setup, tmp_path):  
           f"best per state {data.rewards.max(1).mean():.3f}")
     assert got[True][0] < 0.8 * got[False][0]  # measured: 0.20 against 0.31
     assert got[True][1] > got[False][1] + 0.05  # measured: 0.21 against 0.05 (0.50 the best per state)
+
+
+def test_all_actions_needs_the_valid_action_learners(tmp_path):
+    """The all-action learners extend the valid-action ones: asking for d3rlpy's all-action targets as shipped is
+    refused before any training, and the ablation (one drawn action) runs with either."""
+    data = _bandit(50)
+    with pytest.raises(PolicyError, match="all_actions.*valid_only=True or all_actions=False"):
+        train_policy(data, algo="DoubleDQN", n_steps=10, target_update_interval=5, decision="round", valid_only=False,
+                     log_dir=tmp_path)
+    res = train_policy(data, algo="DoubleDQN", n_steps=10, n_steps_per_epoch=10, target_update_interval=5,
+                       fqe_steps=0, eval_episodes=2, decision="round", valid_only=False, all_actions=False,
+                       log_dir=tmp_path)
+    assert res.policy.info["all_actions"] is False

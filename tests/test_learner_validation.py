@@ -44,8 +44,13 @@ def test_setting_parse_names_the_bad_part():
     assert Setting.parse("DoubleDQN,valid=0").valid is False and "all actions" in Setting.parse("DoubleDQN,valid=0").name
     assert Setting.parse("FullInfo,epochs=5,iters=1") == Setting("FullInfo", epochs=5, iters=1)
     assert Setting.parse("DoubleDQN,scale=0.1").scale == 0.1 and "×0.1" in Setting.parse("DoubleDQN,scale=0.1").name
+    full = Setting.parse("DoubleDQN,data=full,weight=1.5,every=0")
+    assert (full.weight, full.every, full.decision) == (1.5, False, "round")
+    assert "w1.5" in full.name and "one drawn action" in full.name and Setting().every is True
     with pytest.raises(ValueError, match="valid='2' must be 0 or 1"):
         Setting.parse("DoubleDQN,valid=2")
+    with pytest.raises(ValueError, match="every='yes' must be 0 or 1"):
+        Setting.parse("DoubleDQN,data=full,every=yes")
     with pytest.raises(ValueError, match="decision='rounds'"):
         Setting.parse("DiscreteCQL,decision=rounds")
     with pytest.raises(ValueError, match="unknown algorithm"):
