@@ -83,6 +83,7 @@ def test_lint_and_dry_runs():
     ("costs={'long_contexts': [100000]}", "costs.long_contexts/context_len has [100000]"),
     ("costs={'context_len': 9000}", "costs.long_contexts/context_len has [9000]"),
     ("device=cuda:0", "config key device='cuda:0': CUDA is not available"),
+    ("policy={'full_information': {'reward_weight': 'fast'}}", "On instance['policy']['full_information']['reward_weight']"),
 ])
 def test_config_errors_stop_before_any_job(tmp_path, override, needle):
     if override.startswith("device=cuda"):
