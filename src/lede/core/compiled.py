@@ -6,13 +6,28 @@ forward pays ~8 ms of per-op and Python overhead per SmolLM2 pass, and no eager 
 floor for one token and flat up to nine (``docs/measurement_log.md``, 2026-12-06/07). With the weights frozen into
 the graph (``freezing``), inductor prepacks them and ``max_autotune`` lets its C++ GEMM template (the ``CPP``
 backend, autotuned against ATen's) compute the small-M products; norms, rotary, SiLU and residuals fuse into a
-handful of C++ kernels. The KV-cache write and the attention stay one opaque op (``lede::attend``, in place on the
-engine's cache): inside the graph, functionalisation turned each layer's slice write into a copy of the whole
-cache buffer (a whole SmolLM2 pass took 190 ms instead of 22 ms).
+handful of C++ kernels. The graph only *reads* the KV cache: each layer attends over its cached keys (a read-only
+slice of the engine's buffer) and over the pass's own new keys, one softmax merged over both (below), and the graph
+returns the new keys and values, which ``run_range`` writes into the cache in one copy per segment. Why: with the
+cache write inside the graph, functionalisation turned each layer's slice write into a copy of the whole cache
+buffer (a SmolLM2 pass took 190 ms instead of 22 ms); with the write and attention as one opaque custom op, that
+op's dispatch cost ~75 us per layer, on top of SDPA's own ~55 us for a one-token query (measured 2026-12-07,
+``docs/measurement_log.md``).
+
+The attention of a pass of T tokens at positions n .. n+T-1, per key/value head (the G = H / KV query heads that
+share it stacked as G*T rows, q [KV, G*T, hd]):
+
+    s_c = q K[:n]^T / sqrt(hd)             [KV, G*T, n]   cached keys, all visible
+    s_t = q k_new^T / sqrt(hd), causal     [KV, G*T, T]   row g*T+i sees new keys 0..i
+    m   = max(rowmax s_c, rowmax s_t)
+    out = (exp(s_c - m) V[:n] + exp(s_t - m) v_new) / (sum exp(s_c - m) + sum exp(s_t - m))
+
+which is softmax over the concatenated keys, without materialising the concatenation.
 
 The layers are cut into *segments* at ``cuts`` (the exit layers the engine drafts from; always 0 and N): each
 segment is one graph, and a pass over layers [start, end) runs the segments between two cuts. A range that does
-not start and end on a cut, and the prompt's prefill (an empty cache), go through the eager lean forward.
+not start and end on a cut, the prompt's prefill (an empty cache) and a pass over a one-token cache go through the
+eager lean forward.
 ``torch.compile(dynamic=True)``: one graph per segment for one token and one for 2+ tokens (any T and any context),
 compiled at the first pass of each (``CompiledLayers.warm`` does it up front and says how long it took); the
 context length never recompiles. Compiling needs a C++ compiler at run time (``compiler_problem``); without one
@@ -29,7 +44,6 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,24 +58,6 @@ log = logging.getLogger(__name__)
 #: inductor config while a segment compiles (``torch._inductor.config.patch``; as ``torch.compile(options=...)``,
 #: freezing was not applied and every linear became an unpacked ``mm``)
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-
-
-@torch.library.custom_op("lede::attend", mutates_args=("k_cache", "v_cache"))
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n: int,
-           mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Write k/v [1, KV, T, hd] at positions n .. n+T-1 of one layer's cache [KV, max, hd] (in place), then
-    attend q [1, H, T, hd] over positions 0 .. n+T-1 -> [1, H, T, hd] (``mask`` [T, n+T] or None for T = 1)."""
-    t = q.shape[2]
-    k_cache[:, n : n + t] = k[0]
-    v_cache[:, n : n + t] = v[0]
-    return F.scaled_dot_product_attention(q, k_cache[None, :, : n + t], v_cache[None, :, : n + t],
-                                          attn_mask=None if mask is None else mask[None, None],
-                                          enable_gqa=k.shape[1] != q.shape[1])
-
-
-@attend.register_fake
-def _attend_fake(q, k, v, k_cache, v_cache, n, mask):
-    return torch.empty_like(q)
 
 
 def compiler_problem() -> str | None:
@@ -96,27 +92,40 @@ class _Segment(nn.Module):
                 self.register_buffer(f"{name}_bias_{i}", bias, persistent=False)
             self.eps.append((p.eps1, p.eps2))
 
-    def forward(self, h: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], n: int, cos: torch.Tensor,
-                sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Layers [a, b) on h [1, T, D] at positions n .. n+T-1; ks/vs: these layers' caches [KV, max, hd]; cos/sin
-        [T, hd]; mask [T, n+T] or None (no size-1 leading dims: dynamo would guard on their strides, which change
-        with the cache's length, and recompile)."""
+    def forward(self, h: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, n: int, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layers [a, b) on h [1, T, D] at positions n .. n+T-1 over the cache k_all/v_all [N, KV, max, hd] (every
+        layer's, read only: positions < n) -> (h [1, T, D], these layers' new keys and values [b-a, KV, T, hd]).
+        cos/sin [T, hd] (no size-1 leading dims: dynamo would guard on their strides, which change with the cache's
+        length, and recompile)."""
         t, hd, nq, nkv = h.shape[1], self.head_dim, self.heads, self.kv_heads
-        half = hd // 2
-        cos, sin = cos[None, None], sin[None, None]  # [1, 1, T, hd]
+        g, half, scale = nq // nkv, hd // 2, hd**-0.5
+        cos, sin = cos[None], sin[None]  # [1, T, hd]
+        new = torch.arange(t, device=h.device)
+        causal = new[None, :] <= new.repeat(g)[:, None]  # [G*T, T]: query row g*T+i sees new keys 0..i
+        ks, vs = [], []
         for j, i in enumerate(range(self.a, self.b)):
             w = lambda name, i=i: getattr(self, f"{name}_{i}")
             eps1, eps2 = self.eps[j]
             x = F.rms_norm(h, (h.shape[-1],), w("ln1"), eps1)
             qkv = F.linear(x, w("qkv"), w("qkv_bias")).view(1, t, nq + 2 * nkv, hd).transpose(1, 2)  # [1, H+2KV, T, hd]
-            qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv :]
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # rotary
-            attn = attend(qk[:, :nq], qk[:, nq:], v, ks[j], vs[j], n, mask)  # [1, H, T, hd]; cache written
-            h = h + F.linear(attn.transpose(1, 2).reshape(1, t, nq * hd), w("o"), w("o_bias"))
+            qk, v = qkv[0, : nq + nkv], qkv[0, nq + nkv :]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # rotary, [H+KV, T, hd]
+            q, k = qk[:nq].reshape(nkv, g * t, hd), qk[nq:]  # q [KV, G*T, hd] (head kv*G+g -> kv), k/v [KV, T, hd]
+            s_c = torch.matmul(q, k_all[i, :, :n].transpose(1, 2)) * scale  # [KV, G*T, n]
+            s_t = (torch.matmul(q, k.transpose(1, 2)) * scale).masked_fill(~causal, float("-inf"))  # [KV, G*T, T]
+            m = torch.maximum(s_c.amax(-1, keepdim=True), s_t.amax(-1, keepdim=True))
+            p_c, p_t = torch.exp(s_c - m), torch.exp(s_t - m)
+            attn = (torch.matmul(p_c, v_all[i, :, :n]) + torch.matmul(p_t, v)) / (
+                p_c.sum(-1, keepdim=True) + p_t.sum(-1, keepdim=True))  # [KV, G*T, hd]
+            attn = attn.view(nq, t, hd).transpose(0, 1).reshape(1, t, nq * hd)
+            h = h + F.linear(attn, w("o"), w("o_bias"))
             x = F.rms_norm(h, (h.shape[-1],), w("ln2"), eps2)
             gate, up = F.linear(x, w("gate_up"), w("gate_up_bias")).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, w("down"), w("down_bias"))
-        return h
+            ks.append(k)
+            vs.append(v)
+        return h, torch.stack(ks), torch.stack(vs)
 
 
 class CompiledLayers:
@@ -156,21 +165,26 @@ class CompiledLayers:
         return start in self.cuts and end in self.cuts and start < end
 
     def run_range(self, start: int, end: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
-        """Layers [start, end) on h [1, T, D] at positions cache.lengths[start] .. +T-1, appending their K/V."""
+        """Layers [start, end) on h [1, T, D] at positions cache.lengths[start] .. +T-1, appending their K/V (``mask``:
+        the eager forward's; the graphs build their causal mask themselves)."""
         n, t = cache.lengths[start], h.shape[1]
-        if n == 0 or not self.covers(start, end) or any(cache.lengths[i] != n for i in range(start, end)):
-            self.eager_calls += 1  # prefill (an empty cache would specialise a third graph), or a range off the cuts
+        if n < 2 or not self.covers(start, end) or any(cache.lengths[i] != n for i in range(start, end)):
+            # prefill, or a pass over one cached token (dynamo specialises sizes 0 and 1: each would compile another
+            # graph), or a range off the cuts
+            self.eager_calls += 1
             for i in range(start, end):
                 h = self.fast.run(i, h, cache, mask, cos, sin)
             return h
         if n + t > cache.max_len:
             raise RuntimeError(f"KV cache overflow at layer {start}: {n}+{t} > {cache.max_len}")
-        cos, sin, mask = cos[0], sin[0], None if mask is None else mask[0, 0]  # no size-1 leading dims (_Segment)
+        cos, sin = cos[0], sin[0]  # no size-1 leading dims (_Segment); the graphs build the causal mask themselves
+        k_all, v_all = cache.k[:, 0], cache.v[:, 0]  # [N, KV, max, hd] views of the engine's buffers
         with inductor_config.patch(INDUCTOR_OPTIONS):  # read only when a graph compiles (warm, or a recompilation)
             for a, b, graph in self.segments:
                 if start <= a and b <= end:
-                    h = graph(h, [cache.k[i, 0] for i in range(a, b)], [cache.v[i, 0] for i in range(a, b)], n, cos,
-                              sin, mask)
+                    h, k_new, v_new = graph(h, k_all, v_all, n, cos, sin)
+                    k_all[a:b, :, n : n + t] = k_new  # one copy per segment (the graph only read the cache)
+                    v_all[a:b, :, n : n + t] = v_new
         for i in range(start, end):
             cache.lengths[i] = n + t
         return h
