@@ -83,11 +83,16 @@ def split_prompts(params, split):
     return prompts, cfg["max_new_tokens"]
 
 
-def greedy_sequences(params, split, samples: int = 0, temperature: float = 0.8, top_p: float = 0.95):
+def distillation_sequences(params, split, samples: int = 0, temperature: float | None = None,
+                           top_p: float | None = None):
     """The loaded model and its greedy continuations (``lede.drafters.distill.Sequence``) of the split's prompts,
-    then ``samples`` sampled continuations of each prompt (uid ``<prompt uid>#s<j>``, j = 1..samples; more
-    distillation text for the adapters, ``lede.drafters.distill.sampled_continuations``)."""
+    then ``samples`` sampled continuations of each prompt at ``temperature`` / ``top_p`` (the config's
+    ``exits.train``; uid ``<prompt uid>#s<j>``, j = 1..samples; more distillation text for the adapters,
+    ``lede.drafters.distill.sampled_continuations``)."""
     from lede.drafters.distill import Sequence, greedy_continuations, sampled_continuations
+
+    if samples and (temperature is None or top_p is None):
+        raise ValueError(f"samples={samples}: sampled continuations need a temperature and a top_p")
 
     prompts, max_new = split_prompts(params, split)
     lm = load_lm(params)

@@ -3,13 +3,13 @@ states."""
 
 import logging
 
-from lede.study import greedy_sequences, setup
+from lede.study import distillation_sequences, setup
 
 p = setup(snakemake)  # noqa: F821
 from lede.drafters.distill import collect, data_hash, save_distill  # noqa: E402
 
 split = snakemake.wildcards.split  # noqa: F821
-lm, seqs, max_new = greedy_sequences(p, split, **p.sampling)
+lm, seqs, max_new = distillation_sequences(p, split, **p.sampling)
 data = collect(lm, seqs, p.layers)
 logging.info("%d positions from %d sequences", len(data), len(seqs))
 save_distill(snakemake.output[0], seqs, data, {  # noqa: F821

@@ -30,6 +30,7 @@ policies += [ConfidenceThreshold(best_exit[0], t, kmax) for t in (0.3, 0.5, 0.7,
 for path in inp.policies:
     policies.append(RLPolicy.load(path, lm_name=lm.name, exit_layers=p.layers))
 policies.append(ReplayOracle(split.tables, costs, kmax, lookup=lookup))
+policies = list({pol.name: pol for pol in policies}.values())  # the best static cell may be a listed lookup cell too
 if lookup:  # the best schedule of lookup alone: how much of the oracle's lead is in the exit drafts
     policies.append(ReplayOracle(split.tables, costs, kmax, lookup=True, exits=False))
 replayable = split.replayable()
