@@ -198,3 +198,21 @@ def test_stop_strings_end_generation_at_the_completing_token():
         assert out.token_ids == ref.token_ids[: first + len(stop)]
         assert out.text_until(lm.tokenizer, [stop]) == ref.text[:first]
     assert dec.generate([4, 5, 6], Static(2, 5), max_new_tokens=40, stop_strings=["never-there"]).token_ids == ref.token_ids
+
+
+def test_kv_cache_appends_a_range_of_layers_in_one_copy_and_refuses_overflow_and_uneven_layers():
+    from lede.core.engine import KVCache
+
+    cache = KVCache(num_layers=4, kv_heads=2, head_dim=3, max_len=5, dtype=torch.float32, device="cpu")
+    keys, values = torch.randn(2, 1, 2, 3, 3), torch.randn(2, 1, 2, 3, 3)  # layers 1-2, 3 positions
+    assert cache.append(1, keys, values) == 3
+    assert cache.lengths == [0, 3, 3, 0]
+    torch.testing.assert_close(cache.k[1:3, :, :, :3], keys, rtol=0, atol=0)
+    torch.testing.assert_close(cache.v[1:3, :, :, :3], values, rtol=0, atol=0)
+    k, v = cache.update(torch.randn(1, 2, 2, 3), torch.randn(1, 2, 2, 3), 3)  # transformers' per-layer call
+    assert k.shape == (1, 2, 2, 3) and cache.lengths == [0, 3, 3, 2]
+    with pytest.raises(RuntimeError, match="overflow at layer 1: 3\\+3 > 5"):
+        cache.append(1, keys, values)
+    with pytest.raises(RuntimeError, match="layers 2..3 hold different lengths \\[3, 2\\]"):
+        cache.append(2, keys[:, :, :, :1], values[:, :, :, :1])
+    assert cache.lengths == [0, 3, 3, 2]  # nothing written by a refused call

@@ -33,6 +33,10 @@ compiled at the first pass of each (``CompiledLayers.warm`` does it up front and
 context length never recompiles. Compiling needs a C++ compiler at run time (``compiler_problem``); without one
 ``load_model`` warns once and keeps the eager forward.
 
+The LM head gets a graph as well (``LinearGraph``, for products of up to ``HEAD_ROWS`` rows: plain decoding, a
+round's drafts through the full head, verification of up to two tokens); the engine takes it from the layer stack
+(``Decoder._lm_head``), so the probes' eager variants keep the head on their own kernel.
+
 Exactness: the graphs compute the same maths as the eager forward in another summation order (a one-token graph
 and a several-token graph differ in the last bits as well), so greedy speculative output equals plain decoding up
 to near-ties, as with every other kernel (``lede.eval.parity`` measures it).
@@ -58,6 +62,13 @@ log = logging.getLogger(__name__)
 #: inductor config while a segment compiles (``torch._inductor.config.patch``; as ``torch.compile(options=...)``,
 #: freezing was not applied and every linear became an unpacked ``mm``)
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+#: the most rows the compiled LM head takes; wider products go to the model's own kernel (oneDNN's is flat in the
+#: rows). SmolLM2's head alone in the graph took 0.79 / 0.82 / 0.94 / 1.9 / 2.0x oneDNN's time at 1 / 2 / 3 / 5 / 9
+#: rows (the template's micro-kernel of 5+ rows runs far below the FMA peak); whole passes with it took 0.95 / 0.97 /
+#: 1.02x at 1 / 2 / 3 tokens and a draft step from L4 0.86x (paired medians of 25 interleaved repetitions, 2026-12-08).
+HEAD_ROWS = 2
 
 
 def compiler_problem() -> str | None:
@@ -128,16 +139,72 @@ class _Segment(nn.Module):
         return h, torch.stack(ks), torch.stack(vs)
 
 
+class _Product(nn.Module):
+    """x W^T (+ b) with W (and b) as buffers, folded into the graph by freezing (prepacked for the GEMM template)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
+        return F.linear(x, self.weight, self.bias)
+
+
+class LinearGraph:
+    """A linear layer (the LM head) as a frozen inductor graph for products of up to ``rows`` rows in inference mode:
+    one graph for one row, one for 2..``rows`` (compiled by ``warm``). ``takes(x)`` says whether a call goes here;
+    it refuses once the layer's weight has changed (the graph holds a prepacked copy of the weight it was made from).
+    Why the head: its 113 MB (SmolLM2) through the template cost 3.0 ms a row against oneDNN's 3.9 (``HEAD_ROWS``)."""
+
+    def __init__(self, linear: nn.Module, rows: int = HEAD_ROWS):
+        if rows < 1:
+            raise ValueError(f"rows={rows} must be >= 1")
+        self.linear, self.rows = linear, rows
+        self._made_from = _weight_key(linear.weight)
+        self._graph = torch.compile(_Product(linear.weight, linear.bias), dynamic=True)
+        self.calls = 0  # products computed here since ``warm``
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return (x.shape[:-1].numel() <= self.rows and x.dtype == self.linear.weight.dtype
+                and torch.is_inference_mode_enabled() and _weight_key(self.linear.weight) == self._made_from)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        self.calls += 1
+        with inductor_config.patch(INDUCTOR_OPTIONS):
+            y = self._graph(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def warm(self) -> None:
+        """Compile the one-row graph and the several-row graph (traced at 2 rows, as the layers' are)."""
+        w = self.linear.weight
+        with torch.inference_mode():
+            for rows in sorted({1, min(2, self.rows)}):
+                self(torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device))
+        self.calls = 0
+
+
+def _weight_key(w: torch.Tensor) -> tuple[int, int]:
+    """(version, storage address) of a weight: changes when it is modified in place or replaced."""
+    try:
+        version = w._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change in place)
+        version = 0
+    return version, w.data_ptr()
+
+
 class CompiledLayers:
     """The decoder layers of a ``FastLayers`` compiled per segment between ``cuts`` (see the module docstring); a
     ``lede.core.fastpath.LayerStack``.
 
     ``run_range(start, end, h, cache, mask, cos, sin)`` is the engine's entry (``Decoder._layers``); ``run(i, ...)``
-    is the eager lean forward of layer i (the fallback, and ``FastLayers``' interface)."""
+    is the eager lean forward of layer i (the fallback, and ``FastLayers``' interface). ``head`` (given the model's LM
+    head): its ``LinearGraph``, which the engine uses while this stack is the model's."""
 
-    def __init__(self, fast: FastLayers, cuts: Iterable[int] = ()):
+    def __init__(self, fast: FastLayers, cuts: Iterable[int] = (), head: nn.Module | None = None):
         n = len(fast.layers)
         self.fast = fast
+        self.head = LinearGraph(head) if head is not None else None
         self.cuts = sorted({0, n} | {int(c) for c in cuts if 0 < int(c) < n})
         self.segments = [(a, b, torch.compile(_Segment(fast, a, b), dynamic=True))
                          for a, b in zip(self.cuts, self.cuts[1:])]
@@ -175,7 +242,7 @@ class CompiledLayers:
             for i in range(start, end):
                 h = self.fast.run(i, h, cache, mask, cos, sin)
             return h
-        if n + t > cache.max_len:
+        if n + t > cache.max_len:  # before any layer runs
             raise RuntimeError(f"KV cache overflow at layer {start}: {n}+{t} > {cache.max_len}")
         cos, sin = cos[0], sin[0]  # no size-1 leading dims (_Segment); the graphs build the causal mask themselves
         k_all, v_all = cache.k[:, 0], cache.v[:, 0]  # [N, KV, max, hd] views of the engine's buffers
@@ -183,15 +250,12 @@ class CompiledLayers:
             for a, b, graph in self.segments:
                 if start <= a and b <= end:
                     h, k_new, v_new = graph(h, k_all, v_all, n, cos, sin)
-                    k_all[a:b, :, n : n + t] = k_new  # one copy per segment (the graph only read the cache)
-                    v_all[a:b, :, n : n + t] = v_new
-        for i in range(start, end):
-            cache.lengths[i] = n + t
+                    cache.append(a, k_new[:, None], v_new[:, None])  # one copy per segment (the graph only read)
         return h
 
     def warm(self, hidden_size: int, dtype: torch.dtype, device, context: int = 13, tokens: int = 2) -> float:
-        """Compile every segment's one-token and several-token graphs now, on a scratch cache; returns (and keeps in
-        ``compile_s``) the seconds it took. The several-token graph is traced at ``tokens`` (inductor sizes its GEMM
+        """Compile every segment's one-token and several-token graphs (and the head's) now, on a scratch cache; returns
+        (and keeps in ``compile_s``) the seconds it took. The several-token graph is traced at ``tokens`` (inductor sizes its GEMM
         blocking by that hint: on SmolLM2, 2.4 GHz EPYC, traced at 2 it took 32 / 35 / 49 / 63 ms at T = 2 / 3 / 5 / 9,
         traced at 7 52 / 45 / 56 / 57 ms; a noisy host, one run) with "duck sizing" off: dynamo would otherwise tie T
         to a model dimension of the same size (a tiny model's 2 key/value heads) and recompile for every other T."""
@@ -211,6 +275,8 @@ class CompiledLayers:
                 sin = torch.zeros_like(cos)
                 mask = None if t == 1 else torch.ones(1, 1, t, context + t, dtype=torch.bool, device=device)
                 self.run_range(0, len(self.layers), h, scratch, mask, cos, sin)
+            if self.head is not None:
+                self.head.warm()
         self.compile_s = time.perf_counter() - t0
         self._graphs_after_warm = graphs_compiled()
         self.graphs = self._graphs_after_warm - before

@@ -90,13 +90,25 @@ class KVCache:
         self.context: dict[int, ContextCache] = {}  # exit layer -> its context adapter's cache
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        n, t = self.lengths[layer_idx], key_states.shape[-2]
+        n = self.append(layer_idx, key_states[None], value_states[None])
+        return self.k[layer_idx, :, :, :n], self.v[layer_idx, :, :, :n]
+
+    def append(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Write keys/values [L, 1, KV, T, hd] of layers start .. start+L-1 after their cached positions (one copy
+        for all L: the compiled segments' path) and advance those layers; returns their new length. The layers must
+        hold the same number of positions."""
+        layers, t = range(start, start + keys.shape[0]), keys.shape[-2]
+        n = self.lengths[start]
+        if any(self.lengths[i] != n for i in layers):
+            raise RuntimeError(f"KV cache layers {layers.start}..{layers.stop - 1} hold different lengths "
+                               f"{self.lengths[layers.start:layers.stop]}")
         if n + t > self.max_len:
-            raise RuntimeError(f"KV cache overflow at layer {layer_idx}: {n}+{t} > {self.max_len}")
-        self.k[layer_idx, :, :, n : n + t] = key_states
-        self.v[layer_idx, :, :, n : n + t] = value_states
-        self.lengths[layer_idx] = n + t
-        return self.k[layer_idx, :, :, : n + t], self.v[layer_idx, :, :, : n + t]
+            raise RuntimeError(f"KV cache overflow at layer {start}: {n}+{t} > {self.max_len}")
+        self.k[layers.start : layers.stop, :, :, n : n + t] = keys
+        self.v[layers.start : layers.stop, :, :, n : n + t] = values
+        for i in layers:
+            self.lengths[i] = n + t
+        return n + t
 
     def crop(self, length: int, layers: range | None = None) -> None:
         """Crop the given layers (default: every layer and every context adapter's cache) to ``length``."""
@@ -253,6 +265,12 @@ class Decoder:
             mask = (torch.arange(pos0 + t, device=device)[None, :] <= q_pos)[None, None]  # [1,1,T,pos0+T]
         return mask, cos[:, pos0 : pos0 + t], sin[:, pos0 : pos0 + t]
 
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on normed states x [..., D] -> logits [..., V]: through the layer stack's compiled head where
+        it takes the call (``LayerStack.head``: a compiled stack, few rows), else the model's own."""
+        graph = getattr(self.lm.fast_layers, "head", None)
+        return graph(x) if graph is not None and graph.takes(x) else self.lm_head(x)
+
     def _run(self, blocks, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
         """Run decoder layers ``blocks`` (modules) on h [1, T, D] at positions pos0 .. pos0+T-1 of ``cache``."""
         mask, cos, sin = self._pass_inputs(h.shape[1], pos0, h.device)
@@ -287,7 +305,7 @@ class Decoder:
         h = self._layers(h, 0, layer, cache)
         if head.context is not None:
             h = self._context(head.context, cache.context[layer], h)
-        return head(h[0, -1])
+        return head(h[0, -1], lm_head=self._lm_head if head.lm_head is self.lm_head else None)
 
     def _all_layers(self, h: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """All N layers on h [1, T, D]; also returns the state after L layers for every context adapter's L."""
@@ -319,7 +337,7 @@ class Decoder:
         h, captured = self._all_layers(h, cache)
         if states is not None:
             states.update(captured)
-        return self.lm_head(self.norm(h[0]))
+        return self._lm_head(self.norm(h[0]))
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty cache for sequences up to ``max_len`` tokens (also sets up the rotary table), with a
@@ -364,7 +382,7 @@ class Decoder:
 
         t0 = time.perf_counter()
         h = self.prefill(prompt_ids, cache)
-        first_logits = self.lm_head(self.norm(h[0, -1]))
+        first_logits = self._lm_head(self.norm(h[0, -1]))
         first = self._pick(first_logits, sampling, gen)
         state = DecodeState(self.n_layers, len(prompt_ids), max_new_tokens, tokens=[first], prompt_ids=list(prompt_ids),
                             lookup=NgramIndex(*self.lookup_ngram))

@@ -186,12 +186,14 @@ class ExitHead(nn.Module):
             else:  # transformers' own linear: the rows as a plain matrix
                 self.register_buffer("sub_weight", lm_head.weight[vocab].detach().clone(), persistent=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+    def forward(self, h: torch.Tensor, lm_head=None) -> torch.Tensor:  # [..., D] -> [..., V]
+        """``lm_head``: computes this head's LM head where the whole vocabulary is drafted (the engine passes its
+        route to a compiled head, ``Decoder._lm_head``)."""
         if self.adapter is not None:
             h = self.adapter(h)
         h = self.norm(h)
         if self.vocab is None:
-            return self.lm_head(h)
+            return (lm_head or self.lm_head)(h)
         sub = self._sub(h) if self._sub is not None else h @ self.sub_weight.T  # [..., |vocab|]
         full = sub.new_full((*sub.shape[:-1], self.lm_head.weight.shape[0]), float("-inf"))
         return full.index_copy_(-1, self.vocab, sub)

@@ -67,6 +67,8 @@ class LayerStack(Protocol):
     ``lede.core.compiled.CompiledLayers`` (compiled segments over a ``FastLayers``)."""
 
     layers: list
+    #: the LM head's compiled product (``lede.core.compiled.LinearGraph``: ``takes(x)``, ``__call__(x)``), or None
+    head: object
 
     def run(self, i: int, h: torch.Tensor, cache, mask, cos, sin) -> torch.Tensor:
         """Layer i on h [1, T, D], appending its K/V to ``cache``."""
@@ -92,6 +94,7 @@ class FastLayers:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = []
+        self.head = None  # the LM head stays on its CpuLinear kernel
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm

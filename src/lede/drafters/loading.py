@@ -56,8 +56,9 @@ def load_model(
     q/k/v and gate/up GEMMs, fewer ops; ``LoadedModel.fast_layers``) where the architecture allows.
     ``compiled``: also compile those layers with TorchInductor (``lede.core.compiled.CompiledLayers``, frozen
     weights, its C++ GEMM template), cut into segments at ``compile_cuts`` (the exit layers to draft from through
-    compiled graphs); compiled here, before returning (minutes on a small CPU: ``fast_layers.compile_s``). Without
-    a C++ compiler, or where the lean forward does not apply, one warning and the eager forward.
+    compiled graphs), and the LM head for products of a few rows (``LinearGraph``); compiled here, before returning
+    (minutes on a small CPU: ``fast_layers.compile_s``). Without a C++ compiler, or where the lean forward does not
+    apply, one warning and the eager forward.
     """
     fixed = kernels if isinstance(kernels, KernelChoice) else None
     if fixed is not None:
@@ -114,7 +115,7 @@ def _compile_layers(lm: LoadedModel, cuts: Sequence[int]) -> None:
     bad = [c for c in cuts if not 0 < int(c) < lm.num_layers]
     if bad:
         raise ModelError(f"compile_cuts {bad}: exit layers must lie in 1..{lm.num_layers - 1} for {lm.name}")
-    layers = CompiledLayers(lm.fast_layers, cuts)
+    layers = CompiledLayers(lm.fast_layers, cuts, head=lm.model.lm_head)
     seconds = layers.warm(lm.hidden_size, lm.dtype, lm.device)
     log.info("decoder layers compiled by TorchInductor in %d segments (cuts %s): %.0f s", len(layers.segments),
              layers.cuts, seconds)
