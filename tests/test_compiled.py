@@ -34,8 +34,8 @@ def test_compiled_layers_compute_the_eager_forward_and_never_recompile(model_typ
     compiled = CompiledLayers(eager, cuts=[3], head=lm.model.lm_head)
     assert compiled.cuts == [0, 3, 6] and len(compiled.segments) == 2
     assert compiled.warm(lm.config.hidden_size, torch.float32, "cpu") > 0
-    # two segments x (one token, several tokens), and the LM head's one-row and several-row graphs
-    assert graphs_compiled() - before == compiled.graphs == 6
+    # (two segments and all layers as one) x (one token, several tokens), and the LM head's one-row and several-row
+    assert graphs_compiled() - before == compiled.graphs == 8
     assert compiled.recompilations == 0
     with torch.inference_mode():
         for name, layers in (("eager", eager), ("compiled", compiled)):
@@ -51,6 +51,7 @@ def test_compiled_layers_compute_the_eager_forward_and_never_recompile(model_typ
             assert cache.lengths == [42, 42, 41, 40, 40, 40]  # each draft appended to layers [0, L)
     torch.testing.assert_close(out["compiled"], out["eager"], rtol=1e-4, atol=1e-4)
     assert compiled.head.calls == 4  # verification at widths 1 and 2, both drafts (the plain head: every token)
+    assert compiled.whole_calls == 3  # the verifications (the drafts ran the first segment, or eager off the cuts)
 
     lm.fast_layers = eager
     prompts = ([5, 17, 33, 2, 9], [40, 41, 42, 43, 40, 41, 42, 43, 40], [7])  # [7]: a pass over one cached token

@@ -25,8 +25,10 @@ share it stacked as G*T rows, q [KV, G*T, hd]):
 which is softmax over the concatenated keys, without materialising the concatenation.
 
 The layers are cut into *segments* at ``cuts`` (the exit layers the engine drafts from; always 0 and N): each
-segment is one graph, and a pass over layers [start, end) runs the segments between two cuts. A range that does
-not start and end on a cut, the prompt's prefill (an empty cache) and a pass over a one-token cache go through the
+segment is one graph, and a pass over layers [start, end) runs the segments between two cuts. A pass over every
+layer (verification, plain decoding) runs one more graph over all of them (``whole``): each segment boundary cost
+~0.4 ms a pass (SmolLM2 at the study's seven segments: verification 1.15-1.18x one segment's time, plain decoding
+1.09x; 2026-12-08), for one more graph pair to compile. A range that does not start and end on a cut, the prompt's prefill (an empty cache) and a pass over a one-token cache go through the
 eager lean forward.
 ``torch.compile(dynamic=True)``: one graph per segment for one token and one for 2+ tokens (any T and any context),
 compiled at the first pass of each (``CompiledLayers.warm`` does it up front and says how long it took); the
@@ -201,15 +203,19 @@ class CompiledLayers:
     is the eager lean forward of layer i (the fallback, and ``FastLayers``' interface). ``head`` (given the model's LM
     head): its ``LinearGraph``, which the engine uses while this stack is the model's."""
 
-    def __init__(self, fast: FastLayers, cuts: Iterable[int] = (), head: nn.Module | None = None):
+    def __init__(self, fast: FastLayers, cuts: Iterable[int] = (), head: nn.Module | None = None, whole: bool = True):
         n = len(fast.layers)
         self.fast = fast
         self.head = LinearGraph(head) if head is not None else None
         self.cuts = sorted({0, n} | {int(c) for c in cuts if 0 < int(c) < n})
         self.segments = [(a, b, torch.compile(_Segment(fast, a, b), dynamic=True))
                          for a, b in zip(self.cuts, self.cuts[1:])]
+        # all layers in one graph for passes over all of them, where there are several segments (``whole``=True)
+        self.whole = ((0, n, torch.compile(_Segment(fast, 0, n), dynamic=True))
+                      if whole and len(self.segments) > 1 else None)
+        self.whole_calls = 0  # passes that went through ``whole``
         # every segment is the same code object to dynamo (one cache entry per segment and specialisation)
-        limit = 4 * len(self.segments) + 8
+        limit = 4 * (len(self.segments) + 1) + 8
         if torch._dynamo.config.recompile_limit < limit:
             torch._dynamo.config.recompile_limit = limit
         self.compile_s = 0.0  # wall time of ``warm``
@@ -246,16 +252,20 @@ class CompiledLayers:
             raise RuntimeError(f"KV cache overflow at layer {start}: {n}+{t} > {cache.max_len}")
         cos, sin = cos[0], sin[0]  # no size-1 leading dims (_Segment); the graphs build the causal mask themselves
         k_all, v_all = cache.k[:, 0], cache.v[:, 0]  # [N, KV, max, hd] views of the engine's buffers
+        if self.whole is not None and (start, end) == self.whole[:2]:
+            self.whole_calls += 1
+            graphs = [self.whole]
+        else:
+            graphs = [seg for seg in self.segments if start <= seg[0] and seg[1] <= end]
         with inductor_config.patch(INDUCTOR_OPTIONS):  # read only when a graph compiles (warm, or a recompilation)
-            for a, b, graph in self.segments:
-                if start <= a and b <= end:
-                    h, k_new, v_new = graph(h, k_all, v_all, n, cos, sin)
-                    cache.append(a, k_new[:, None], v_new[:, None])  # one copy per segment (the graph only read)
+            for a, b, graph in graphs:
+                h, k_new, v_new = graph(h, k_all, v_all, n, cos, sin)
+                cache.append(a, k_new[:, None], v_new[:, None])  # one copy per graph (the graph only read the cache)
         return h
 
     def warm(self, hidden_size: int, dtype: torch.dtype, device, context: int = 13, tokens: int = 2) -> float:
-        """Compile every segment's one-token and several-token graphs (and the head's) now, on a scratch cache; returns
-        (and keeps in ``compile_s``) the seconds it took. The several-token graph is traced at ``tokens`` (inductor sizes its GEMM
+        """Compile every segment's one-token and several-token graphs (and ``whole``'s and the head's) now, on a scratch
+        cache; returns (and keeps in ``compile_s``) the seconds it took. The several-token graph is traced at ``tokens`` (inductor sizes its GEMM
         blocking by that hint: on SmolLM2, 2.4 GHz EPYC, traced at 2 it took 32 / 35 / 49 / 63 ms at T = 2 / 3 / 5 / 9,
         traced at 7 52 / 45 / 56 / 57 ms; a noisy host, one run) with "duck sizing" off: dynamo would otherwise tie T
         to a model dimension of the same size (a tiny model's 2 key/value heads) and recompile for every other T."""
@@ -267,14 +277,17 @@ class CompiledLayers:
         with torch.inference_mode(), fx_config.patch(use_duck_shape=False):  # inference tensors: as the engine decodes
             scratch = KVCache(len(self.layers), self.fast.kv_heads, self.fast.head_dim, context + tokens + 1, dtype,
                               device)
+            ranges = [(a, b) for a, b, _ in self.segments] + ([self.whole[:2]] if self.whole is not None else [])
             for t in (1, tokens):
-                for i in range(len(self.layers)):
-                    scratch.lengths[i] = context
                 h = torch.zeros(1, t, hidden_size, dtype=dtype, device=device)
                 cos = torch.ones(1, context + tokens + 1, self.fast.head_dim, dtype=dtype, device=device)[:, :t]
                 sin = torch.zeros_like(cos)
                 mask = None if t == 1 else torch.ones(1, 1, t, context + t, dtype=torch.bool, device=device)
-                self.run_range(0, len(self.layers), h, scratch, mask, cos, sin)
+                for a, b in ranges:  # each graph on its own (a segment's range is not (0, N) when there are several)
+                    for i in range(len(self.layers)):
+                        scratch.lengths[i] = context
+                    self.run_range(a, b, h, scratch, mask, cos, sin)
+            self.whole_calls = 0
             if self.head is not None:
                 self.head.warm()
         self.compile_s = time.perf_counter() - t0

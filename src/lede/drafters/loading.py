@@ -117,6 +117,6 @@ def _compile_layers(lm: LoadedModel, cuts: Sequence[int]) -> None:
         raise ModelError(f"compile_cuts {bad}: exit layers must lie in 1..{lm.num_layers - 1} for {lm.name}")
     layers = CompiledLayers(lm.fast_layers, cuts, head=lm.model.lm_head)
     seconds = layers.warm(lm.hidden_size, lm.dtype, lm.device)
-    log.info("decoder layers compiled by TorchInductor in %d segments (cuts %s): %.0f s", len(layers.segments),
-             layers.cuts, seconds)
+    log.info("decoder layers compiled by TorchInductor in %d segments (cuts %s)%s: %.0f s", len(layers.segments),
+             layers.cuts, " and one graph over all layers" if layers.whole is not None else "", seconds)
     lm.fast_layers = layers
