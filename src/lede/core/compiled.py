@@ -28,8 +28,8 @@ The layers are cut into *segments* at ``cuts`` (the exit layers the engine draft
 segment is one graph, and a pass over layers [start, end) runs the segments between two cuts. A pass over every
 layer (verification, plain decoding) runs one more graph over all of them (``whole``): each segment boundary cost
 ~0.4 ms a pass (SmolLM2 at the study's seven segments: verification 1.15-1.18x one segment's time, plain decoding
-1.09x; 2026-12-08), for one more graph pair to compile. A range that does not start and end on a cut, the prompt's prefill (an empty cache) and a pass over a one-token cache go through the
-eager lean forward.
+1.09x; 2026-12-08), for one more graph pair to compile. A range that does not start and end on a cut, the prompt's
+prefill (an empty cache) and a pass over a one-token cache go through the eager lean forward.
 ``torch.compile(dynamic=True)``: one graph per segment for one token and one for 2+ tokens (any T and any context),
 compiled at the first pass of each (``CompiledLayers.warm`` does it up front and says how long it took); the
 context length never recompiles. Compiling needs a C++ compiler at run time (``compiler_problem``); without one
@@ -58,6 +58,7 @@ from torch import nn
 from torch._inductor import config as inductor_config
 
 from lede.core.fastpath import FastLayers
+from lede.core.kernels import tensor_version
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,7 @@ class LinearGraph:
 
 def _weight_key(w: torch.Tensor) -> tuple[int, int]:
     """(version, storage address) of a weight: changes when it is modified in place or replaced."""
-    try:
-        version = w._version
-    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change in place)
-        version = 0
-    return version, w.data_ptr()
+    return tensor_version(w), w.data_ptr()
 
 
 class CompiledLayers:
@@ -265,10 +262,11 @@ class CompiledLayers:
 
     def warm(self, hidden_size: int, dtype: torch.dtype, device, context: int = 13, tokens: int = 2) -> float:
         """Compile every segment's one-token and several-token graphs (and ``whole``'s and the head's) now, on a scratch
-        cache; returns (and keeps in ``compile_s``) the seconds it took. The several-token graph is traced at ``tokens`` (inductor sizes its GEMM
-        blocking by that hint: on SmolLM2, 2.4 GHz EPYC, traced at 2 it took 32 / 35 / 49 / 63 ms at T = 2 / 3 / 5 / 9,
-        traced at 7 52 / 45 / 56 / 57 ms; a noisy host, one run) with "duck sizing" off: dynamo would otherwise tie T
-        to a model dimension of the same size (a tiny model's 2 key/value heads) and recompile for every other T."""
+        cache; returns (and keeps in ``compile_s``) the seconds it took. The several-token graph is traced at
+        ``tokens`` (inductor sizes its GEMM blocking by that hint: on SmolLM2, 2.4 GHz EPYC, traced at 2 it took 32 /
+        35 / 49 / 63 ms at T = 2 / 3 / 5 / 9, traced at 7 52 / 45 / 56 / 57 ms; a noisy host, one run; static widths
+        per bucket did not help either, 2026-12-08) with "duck sizing" off: dynamo would otherwise tie T to a model
+        dimension of the same size (a tiny model's 2 key/value heads) and recompile for every other T."""
         from torch.fx.experimental import _config as fx_config
 
         from lede.core.engine import KVCache

@@ -75,7 +75,7 @@ class CpuLinear(nn.Module):
 
     def packed(self) -> torch.Tensor:
         """The weight in oneDNN's layout, made at the first ``onednn`` call and again if the weight changed."""
-        version = (_version(self.weight), self.weight.data_ptr())  # changed in place, or replaced
+        version = (tensor_version(self.weight), self.weight.data_ptr())  # changed in place, or replaced
         if self._packed is None or self._packed[0] != version:
             with torch.no_grad():
                 self._packed = (version, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), None))
@@ -111,10 +111,11 @@ class CpuLinear(nn.Module):
         return _Follower(parts, torch.cat)
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter (0 for an inference-mode tensor, which cannot change in place)."""
     try:
         return t._version
-    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change in place)
+    except RuntimeError:  # an inference-mode tensor has no version counter
         return 0
 
 
@@ -135,11 +136,11 @@ class _Follower(CpuLinear):
             self.weight = self._make([m.weight.detach() for m in src]).contiguous()
             self.bias = self._make([m.bias.detach() for m in src]).contiguous() if src[0].bias is not None else None
         self.out_features, self.in_features = self.weight.shape
-        self._made = [_version(m.weight) for m in src]
+        self._made = [tensor_version(m.weight) for m in src]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self._sources
-        if self._made != [_version(m.weight) for m in src]:
+        if self._made != [tensor_version(m.weight) for m in src]:
             self._remake()
         self.one_token, self.many_tokens = src[0].one_token, src[0].many_tokens
         return super().forward(x)
