@@ -58,7 +58,7 @@ from torch import nn
 from torch._inductor import config as inductor_config
 
 from lede.core.fastpath import FastLayers
-from lede.core.kernels import tensor_version
+from lede.core.kernels import weight_key
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,13 @@ class LinearGraph:
         if rows < 1:
             raise ValueError(f"rows={rows} must be >= 1")
         self.linear, self.rows = linear, rows
-        self._made_from = _weight_key(linear.weight)
+        self._made_from = weight_key(linear.weight)
         self._graph = torch.compile(_Product(linear.weight, linear.bias), dynamic=True)
         self.calls = 0  # products computed here since ``warm``
 
     def takes(self, x: torch.Tensor) -> bool:
         return (x.shape[:-1].numel() <= self.rows and x.dtype == self.linear.weight.dtype
-                and torch.is_inference_mode_enabled() and _weight_key(self.linear.weight) == self._made_from)
+                and torch.is_inference_mode_enabled() and weight_key(self.linear.weight) == self._made_from)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         self.calls += 1
@@ -185,11 +185,6 @@ class LinearGraph:
             for rows in sorted({1, min(2, self.rows)}):
                 self(torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device))
         self.calls = 0
-
-
-def _weight_key(w: torch.Tensor) -> tuple[int, int]:
-    """(version, storage address) of a weight: changes when it is modified in place or replaced."""
-    return tensor_version(w), w.data_ptr()
 
 
 class CompiledLayers:

@@ -75,7 +75,7 @@ class CpuLinear(nn.Module):
 
     def packed(self) -> torch.Tensor:
         """The weight in oneDNN's layout, made at the first ``onednn`` call and again if the weight changed."""
-        version = (tensor_version(self.weight), self.weight.data_ptr())  # changed in place, or replaced
+        version = weight_key(self.weight)
         if self._packed is None or self._packed[0] != version:
             with torch.no_grad():
                 self._packed = (version, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), None))
@@ -109,6 +109,12 @@ class CpuLinear(nn.Module):
         """One CpuLinear computing ``parts`` side by side (their output rows stacked: q/k/v, gate/up), in one GEMM that
         reads each weight once; it follows ``parts[0]``'s kernel routing and re-stacks if a part's weight changes."""
         return _Follower(parts, torch.cat)
+
+
+def weight_key(w: torch.Tensor) -> tuple[int, int]:
+    """(version, storage address) of a weight: changes when it is modified in place or replaced (what a packed or
+    compiled copy of it was made from)."""
+    return tensor_version(w), w.data_ptr()
 
 
 def tensor_version(t: torch.Tensor) -> int:
