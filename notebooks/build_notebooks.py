@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 from lede.core.io import atomic_path, atomic_write_text  # noqa: E402  (every output: whole or not at all)
+from lede.data import GENERALISATION_CATEGORIES  # noqa: E402
 
 NAME = "__NAME__"  # this notebook's outputs: figures/NAME.{png,pdf}, tables/NAME.{md,tex}
 R = Path(results_dir)
@@ -55,7 +56,10 @@ METHOD_LABELS = {"plain": "Plain decoding", "hf_generate": "HF generate", "hf_pr
 METHOD_ORDER = ["plain", "hf_generate", "hf_prompt_lookup", "best_static", "adaptive_k", "confidence", "dynamic_exit"]
 CATEGORY_LABELS = {"all": "All", "mt_bench": "MT-Bench", "translation": "Translation",
                    "summarization": "Summarization", "qa": "QA", "math_reasoning": "Math reasoning", "rag": "RAG",
-                   "coding_humaneval": "HumanEval (code)"}
+                   "coding_humaneval": "HumanEval (code)", "new sources": "New sources",
+                   "new_short_factual": "New: short factual", "new_long_writing": "New: long writing",
+                   "new_multi_turn": "New: multi-turn", "new_code": "New: code"}
+NEW_SOURCES = "new sources"  # the generalisation set pooled (lede.data.GENERALISATION_CATEGORIES)
 ALL_ALGOS = ("DiscreteCQL", "DiscreteBCQ", "DoubleDQN", "DiscreteBC")
 LEDE_RE = re.compile(r"lede_(?P<algo>.+)_s(?P<seed>\d+)")
 
@@ -90,6 +94,19 @@ def category_order(cats):
     order = list(CATEGORY_LABELS)
     cats = list(dict.fromkeys(cats))
     return sorted(cats, key=lambda c: (order.index(c) if c in order else len(order), c))
+
+
+def in_group(category, group):
+    """Rows of a category column in a table row: "all" pools the held-out Spec-Bench and HumanEval prompts (as every
+    earlier table did), "new sources" the generalisation set's (sources no training split holds), else one category."""
+    new = category.isin(GENERALISATION_CATEGORIES)
+    return ~new if group == "all" else new if group == NEW_SOURCES else category == group
+
+
+def groups(categories):
+    """A table's rows or columns: "all", "new sources" where the evaluation has such prompts, then each category."""
+    cats = category_order(categories)
+    return ["all"] + ([NEW_SOURCES] if any(c in GENERALISATION_CATEGORIES for c in cats) else []) + cats
 
 
 def head_label(head):
@@ -243,17 +260,17 @@ boot_seed = 0''',
 payload, rec = load_records()
 pp = per_prompt(rec)
 configs = method_order(rec.config.unique())
-cats = ["all"] + category_order(rec.category.unique())
-n_prompts = {c: pp[(pp.config == "plain") & ((pp.category == c) | (c == "all"))].prompt.nunique() for c in cats}
+cats = groups(rec.category.unique())
+n_prompts = {c: pp[(pp.config == "plain") & in_group(pp.category, c)].prompt.nunique() for c in cats}
 best_l, best_k = payload.get("best_static", [None, None])
 print(f"{len(configs)} methods, {n_prompts['all']} prompts, categories {cats[1:]}; best static L={best_l} K={best_k}")
 
 rows = []
 for cfg in configs:
     for cat in cats:
-        sub = pp[(pp.config == cfg) & ((pp.category == cat) | (cat == "all"))]
+        sub = pp[(pp.config == cfg) & in_group(pp.category, cat)]
         med, lo, hi = median_ci(sub.speedup, n_boot, ci_level, boot_seed)
-        r = rec[(rec.config == cfg) & ((rec.category == cat) | (cat == "all"))]
+        r = rec[(rec.config == cfg) & in_group(rec.category, cat)]
         rows.append(dict(config=cfg, category=cat, median=med, lo=lo, hi=hi, prompts=sub.prompt.nunique(),
                          tokens_per_round=r.mean_accepted.mean(), identical=100 * r.identical.mean()))
 stats = pd.DataFrame(rows)
@@ -264,7 +281,7 @@ gains = []
 for cfg in [c for c in configs if LEDE_RE.fullmatch(c)]:
     for cat in cats:
         ratio = (tps[cfg] / tps["best_static"]).reset_index()
-        ratio = ratio[(ratio.category == cat) | (cat == "all")].tokens_per_s
+        ratio = ratio[in_group(ratio.category, cat)].tokens_per_s
         med, lo, hi = median_ci(ratio, n_boot, ci_level, boot_seed)
         gains.append(dict(config=cfg, category=cat, gain=100 * (med - 1), lo=100 * (lo - 1), hi=100 * (hi - 1)))
 gains = pd.DataFrame(gains, columns=["config", "category", "gain", "lo", "hi"])
@@ -477,12 +494,13 @@ exit_names = ["plain step"] + [f"L{l}" for l in layers]
 rounds["exit"] = pd.Categorical([("plain step" if pd.isna(l) else f"L{int(l)}") for l in rounds.layer],
                                 categories=exit_names, ordered=True)
 kmax = int(payload.get("settings", {}).get("policy", {}).get("max_draft_len") or rounds.drafted.max())
-cats = ["all"] + category_order(rounds.category.unique())
+cats = groups(rounds.category.unique())
 print(f"{policy}: {len(rounds[rounds.config == policy])} rounds over "
       f"{rounds[rounds.config == policy].prompt.nunique()} prompts; candidate layers {layers}, max draft {kmax}")'''),
         ("code", r'''
 mine = rounds[rounds.config == policy]
-with_all = pd.concat([mine.assign(category="all"), mine])
+pools = [mine[in_group(mine.category, g)].assign(category=g) for g in cats if g in ("all", NEW_SOURCES)]
+with_all = pd.concat([*pools, mine])  # the pooled rows, then each category
 order = [category_label(c) for c in cats]
 with_all["category_label"] = pd.Categorical(with_all.category.map(category_label), categories=order, ordered=True)
 
@@ -585,7 +603,7 @@ for cfg in lede_cfgs:
     rs = rounds[rounds.config == cfg]
     rows = {}
     for cat in cats:
-        r = rs if cat == "all" else rs[rs.category == cat]
+        r = rs[in_group(rs.category, cat)]
         share = r.exit.value_counts(normalize=True).reindex(exit_names, fill_value=0) * 100
         drafting = r[r.drafted > 0]
         rows[category_label(cat)] = {"rounds": str(len(r)), **{f"{e} (%)": fmt(share[e], 1) for e in exit_names},
@@ -680,16 +698,16 @@ pp = per_prompt(rec)
 lede_cfgs = lede_order(c for c in pp.config.unique() if LEDE_RE.fullmatch(c))
 if not lede_cfgs:
     raise ValueError(f"no LEDE policy (lede_*) in {R / 'eval' / 'records.json'}")
-cats = ["all"] + category_order(pp.category.unique())
+cats = groups(pp.category.unique())
 tps = rec.groupby(["config", "category", "prompt"]).tokens_per_s.median()
 rows = []
 for cfg in lede_cfgs + ["best_static", "oracle"]:
     m = LEDE_RE.fullmatch(cfg)
     for cat in cats:
-        sub = pp[(pp.config == cfg) & ((pp.category == cat) | (cat == "all"))]
-        r = rec[(rec.config == cfg) & ((rec.category == cat) | (cat == "all"))]
+        sub = pp[(pp.config == cfg) & in_group(pp.category, cat)]
+        r = rec[(rec.config == cfg) & in_group(rec.category, cat)]
         vs = (tps[cfg] / tps["best_static"]).reset_index() if cfg in tps and "best_static" in tps else None
-        gain = (100 * (vs[(vs.category == cat) | (cat == "all")].tokens_per_s.median() - 1)) if vs is not None else np.nan
+        gain = (100 * (vs[in_group(vs.category, cat)].tokens_per_s.median() - 1)) if vs is not None else np.nan
         rows.append(dict(config=cfg, algo=m["algo"] if m else cfg, seed=int(m["seed"]) if m else -1, category=cat,
                          speedup=sub.speedup.median(), tokens_per_round=r.mean_accepted.mean(), gain=gain))
 per_run = pd.DataFrame(rows)

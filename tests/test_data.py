@@ -523,3 +523,26 @@ def test_prompt_file_messages_and_the_shipped_generalisation_set(tmp_path):
         "new_short_factual": 5, "new_long_writing": 5, "new_multi_turn": 5, "new_code": 5}
     assert all(p.messages[-1]["role"] == "user" for p in shipped)
     assert all(len(p.messages) >= 3 for p in shipped if p.category == "new_multi_turn")
+
+
+def test_generalisation_prompts_per_kind_for_the_evaluation(tmp_path):
+    """The evaluation's generalisation rows: the first N of each kind in file order, chats kept whole; only for the
+    evaluation split; a missing file or too few prompts of a kind is one error naming the file and the fix."""
+    import types
+
+    from lede.study import prompts_for
+
+    got = data.generalisation_prompts(DATA_DIR, 2)
+    assert [p.category for p in got] == [c for c in data.GENERALISATION_CATEGORIES for _ in range(2)]
+    assert [p.uid for p in got[:2]] == ["file/new_short_factual_0", "file/new_short_factual_1"]
+    assert all(len(p.messages) >= 3 for p in got if p.category == "new_multi_turn")
+    assert data.generalisation_prompts(DATA_DIR, 0) == []
+    p = types.SimpleNamespace(categories=["qa"], data_dir=DATA_DIR)
+    both = prompts_for(p, "eval", 1, generalisation=1)
+    assert [pr.category for pr in both] == ["qa", *data.GENERALISATION_CATEGORIES]
+    with pytest.raises(ValueError, match="evaluation-only"):
+        prompts_for(p, "train", 1, generalisation=1)
+    with pytest.raises(DataError, match=r"fewer than the 6 asked for; ask for at most 5"):
+        data.generalisation_prompts(DATA_DIR, 6)
+    with pytest.raises(DataError, match=r"prompts.jsonl is missing.*generalisation count to 0"):
+        data.generalisation_prompts(tmp_path, 1)

@@ -156,3 +156,24 @@ def test_policy_behaviour_draws_a_generation_token_by_token(tmp_path):
     outputs = json.dumps([o for c in nb["cells"] for o in c.get("outputs", [])])
     assert "Error" not in outputs and "token by token (first" in outputs  # the panel's title, printed below
     assert (out / "figures" / "policy_behaviour.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["speedup_table", "ablations", "policy_behaviour"])
+def test_generalisation_prompts_get_their_own_rows(name, tmp_path):
+    """Evaluation records of the generalisation set (categories new_*): pooled as "new sources", never in "all"."""
+    payload = json.loads((FIXTURE / "eval" / "records.json").read_text())
+    for r in payload["records"]:
+        if r["category"] == "qa":  # the fixture's QA prompt, relabelled as one of the generalisation set's kinds
+            r["category"] = "new_code"
+    results = tmp_path / "results"
+    (results / "eval").mkdir(parents=True)
+    (results / "eval" / "records.json").write_text(json.dumps(payload))
+    out = tmp_path / "out"
+    papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(tmp_path / "x.ipynb"), kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path),
+                               parameters={"results_dir": str(results), "out_dir": str(out)})
+    table = (out / "tables" / f"{name}.md").read_text()
+    if name != "ablations":  # its table is the pooled "all" per learner; its per-category panel draws every group
+        assert "New sources" in table and "New: code" in table
+    if name == "speedup_table":  # 3 prompts: "all" holds the two held-out ones, "new sources" the third
+        assert "All (n=2)" in table and "New sources (n=1)" in table and "QA" not in table

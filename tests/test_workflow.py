@@ -140,6 +140,8 @@ def test_test_config_runs_the_whole_dag():
     assert "lede_DiscreteCQL_s0" in summary and "fraction of oracle" in summary
     assert "## floor(lede_FullInfo_s0)" in summary and "## lede_DoubleDQN-FI_s0" in summary
     assert "## correct(lede_FullInfo_s0)" in summary
+    # policy.evaluate.generalisation: 1 -> one prompt of each kind of data/generalisation/, pooled in its own rows
+    assert "| new sources |" in summary and "| new_multi_turn |" in summary and "== new sources" in summary
     assert "| oracle_lookup |" in (out / "rl/replay_eval.md").read_text()  # lookup alone, next to the full oracle
     from lede.drafters.distill import load_distill
 

