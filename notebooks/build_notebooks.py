@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 from lede.core.io import atomic_path, atomic_write_text  # noqa: E402  (every output: whole or not at all)
-from lede.data import GENERALISATION_CATEGORIES  # noqa: E402
+from lede.data import GENERALISATION_CATEGORIES, NEW_SOURCES, in_report_group  # noqa: E402
 
 NAME = "__NAME__"  # this notebook's outputs: figures/NAME.{png,pdf}, tables/NAME.{md,tex}
 R = Path(results_dir)
@@ -59,7 +59,6 @@ CATEGORY_LABELS = {"all": "All", "mt_bench": "MT-Bench", "translation": "Transla
                    "coding_humaneval": "HumanEval (code)", "new sources": "New sources",
                    "new_short_factual": "New: short factual", "new_long_writing": "New: long writing",
                    "new_multi_turn": "New: multi-turn", "new_code": "New: code"}
-NEW_SOURCES = "new sources"  # the generalisation set pooled (lede.data.GENERALISATION_CATEGORIES)
 ALL_ALGOS = ("DiscreteCQL", "DiscreteBCQ", "DoubleDQN", "DiscreteBC")
 LEDE_RE = re.compile(r"lede_(?P<algo>.+)_s(?P<seed>\d+)")
 
@@ -97,10 +96,9 @@ def category_order(cats):
 
 
 def in_group(category, group):
-    """Rows of a category column in a table row: "all" pools the held-out Spec-Bench and HumanEval prompts (as every
-    earlier table did), "new sources" the generalisation set's (sources no training split holds), else one category."""
-    new = category.isin(GENERALISATION_CATEGORIES)
-    return ~new if group == "all" else new if group == NEW_SOURCES else category == group
+    """The rows of a category column in a table's row or column ``group`` (``lede.data.in_report_group``: "all" is
+    the held-out Spec-Bench and HumanEval prompts, "new sources" the generalisation set's, else one category)."""
+    return category.map(lambda c: in_report_group(c, group)).astype(bool)
 
 
 def groups(categories):

